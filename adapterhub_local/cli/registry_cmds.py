@@ -1,0 +1,196 @@
+"""Registry commands: ``base add/list/show/remove``, ``list``, ``show``, ``tag``, ``untag``, ``delete``,
+``verify``, ``gc``, ``index rebuild``, ``import``, ``export``, ``push``, ``pull``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from adapterhub_local.cli.common import app, console, get_registry, print_json, table
+from adapterhub_local.errors import IntegrityError
+from adapterhub_local.registry import maintenance, remote
+from adapterhub_local.registry.cards import CardInfo
+
+base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
+index_app = typer.Typer(help="Maintain the SQLite index.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(index_app, name="index")
+
+
+@base_app.command("add")
+def base_add(
+    name: str = typer.Argument(..., help="Name to register the base under."),
+    source: str = typer.Argument(..., help="A Hugging Face model directory, a .gguf file, or a hub id."),
+    revision: str | None = typer.Option(None, help="Hub revision (commit, branch or tag) for a hub id."),
+) -> None:
+    """Register a base model (GGUF is dequantized once to safetensors) and fingerprint it."""
+    record = get_registry().add_base(name, source, revision)
+    console.print(f"registered base [bold]{record.name}[/] ({record.architecture}, {record.source_kind}) "
+                  f"fingerprint {record.short}")
+
+
+@base_app.command("list")
+def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List registered bases."""
+    records = get_registry().list_bases()
+    if as_json:
+        print_json([{**dataclasses.asdict(r), "path": str(r.path)} for r in records])
+        return
+    table("bases", ["name", "architecture", "source", "fingerprint", "created"],
+          [[r.name, r.architecture, f"{r.source_kind}: {r.source}", r.short, r.created] for r in records])
+
+
+@base_app.command("show")
+def base_show(name: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show one base's record."""
+    record = get_registry().base(name)
+    data = {**dataclasses.asdict(record), "path": str(record.path)}
+    if as_json:
+        print_json(data)
+        return
+    table(f"base {name}", ["field", "value"], [[k, v] for k, v in data.items()])
+
+
+@base_app.command("remove")
+def base_remove(name: str) -> None:
+    """Remove a base no adapter version uses."""
+    get_registry().remove_base(name)
+    console.print(f"removed base {name}")
+
+
+@app.command("list")
+def list_adapters(
+    name: str | None = typer.Argument(None, help="Only versions of this adapter."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tags: bool = typer.Option(False, "--tags", help="List tags instead of versions."),
+) -> None:
+    """List adapter versions (or tags)."""
+    registry = get_registry()
+    if tags:
+        rows = registry.tags(name)
+        if as_json:
+            print_json([{"name": n, "tag": t, "version": v} for n, t, v in rows])
+        else:
+            table("tags", ["name", "tag", "version"], [list(r) for r in rows])
+        return
+    versions = registry.list_adapters(name)
+    tag_map: dict[tuple[str, int], list[str]] = {}
+    for n, t, v in registry.tags(name):
+        tag_map.setdefault((n, v), []).append(t)
+    if as_json:
+        print_json([{**dataclasses.asdict(r), "ref": r.ref, "tags": tag_map.get((r.name, r.version), [])}
+                    for r in versions])
+        return
+    table("adapters", ["ref", "kind", "rank", "task", "base", "size", "sha256", "tags", "created"],
+          [[r.ref, r.kind, r.rank, r.task, r.base, _size(r.size_bytes), r.sha256[:12],
+            ",".join(tag_map.get((r.name, r.version), [])), r.created[:19]] for r in versions])
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command("show")
+def show(ref: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show a version's card."""
+    card = get_registry().resolve(ref)
+    data = dataclasses.asdict(card)
+    if as_json:
+        print_json(data)
+        return
+    table(f"adapter {card.ref}", ["field", "value"], [[k, v] for k, v in data.items() if v not in (None, {}, [])])
+
+
+@app.command("tag")
+def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG")) -> None:
+    """Point NAME:TAG at the version REF resolves to."""
+    card = get_registry().tag(ref, tag_name)
+    console.print(f"{card.name}:{tag_name} -> {card.ref}")
+
+
+@app.command("untag")
+def untag(name: str, tag_name: str = typer.Argument(..., metavar="TAG")) -> None:
+    """Remove a tag."""
+    get_registry().untag(name, tag_name)
+    console.print(f"removed tag {name}:{tag_name}")
+
+
+@app.command("delete")
+def delete(ref: str, yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Delete one adapter version."""
+    registry = get_registry()
+    card = registry.resolve(ref)
+    if not yes and not typer.confirm(f"delete {card.ref}?"):
+        raise typer.Exit(1)
+    registry.delete(card.ref)
+    console.print(f"deleted {card.ref}")
+
+
+@app.command("verify")
+def verify(ref: str | None = typer.Argument(None, help="One version; default: all.")) -> None:
+    """Check the sha256 of every stored file; exit non-zero naming each damaged file."""
+    report = maintenance.verify(get_registry(), ref)
+    for problem in report.problems:
+        console.print(f"[red]FAIL[/] {problem}", highlight=False)
+    if not report.ok:
+        raise IntegrityError(f"{len(report.problems)} problem(s) in {len(report.checked)} version(s)",
+                             "restore damaged versions from an export or delete them")
+    console.print(f"OK: {len(report.checked)} version(s) verified")
+
+
+@app.command("gc")
+def gc() -> None:
+    """Remove what killed writers left behind and heal the index."""
+    report = maintenance.collect_garbage(get_registry())
+    console.print(f"removed {len(report.removed)} item(s), freed {_size(report.freed_bytes)}")
+
+
+@index_app.command("rebuild")
+def index_rebuild() -> None:
+    """Recreate index.db from the version directories."""
+    count = maintenance.rebuild_index(get_registry())
+    console.print(f"index rebuilt: {count} version(s)")
+
+
+@app.command("import")
+def import_adapter(
+    directory: Path = typer.Argument(..., help="A PEFT adapter directory (LoRA or prompt tuning)."),
+    name: str = typer.Option(..., "--name", help="Adapter name in the registry."),
+    base: str = typer.Option(..., "--base", help="Registered base the adapter belongs to."),
+    task: str | None = typer.Option(None, help="Task name to record."),
+) -> None:
+    """Import a PEFT adapter directory as a new version (shapes checked against the base)."""
+    card = get_registry().register_adapter(name, directory, base, CardInfo(task=task, source=str(directory)))
+    console.print(f"imported {card.ref} ({card.kind}, rank {card.rank}) on base {card.base}")
+
+
+@app.command("export")
+def export(
+    ref: str,
+    directory: Path,
+    with_card: bool = typer.Option(False, "--with-card", help="Also write card.json."),
+) -> None:
+    """Write a version as a plain PEFT directory."""
+    maintenance.export(get_registry(), ref, directory, with_card=with_card)
+    console.print(f"exported {ref} to {directory}")
+
+
+@app.command("push")
+def push(ref: str, repo_id: str, public: bool = typer.Option(False, "--public", help="Create a public repo.")) -> None:
+    """Upload a version's export to a Hugging Face Hub repo."""
+    commit = remote.push(get_registry(), ref, repo_id, private=not public)
+    console.print(f"pushed {ref} to {repo_id} ({commit})")
+
+
+@app.command("pull")
+def pull(
+    repo_id: str,
+    name: str = typer.Option(..., "--name", help="Adapter name to register under."),
+    base: str = typer.Option(..., "--base", help="Registered base."),
+    revision: str | None = typer.Option(None, help="Repo revision."),
+) -> None:
+    """Download an adapter repo and register it."""
+    card = remote.pull(get_registry(), repo_id, name, base, revision)
+    console.print(f"pulled {repo_id} as {card.ref}")

@@ -1,0 +1,138 @@
+"""The SQLite index (WAL mode): a fast, queryable view of what the directories hold.
+
+It is never the source of truth — ``rebuild`` recreates it from the version directories, tag files and
+base records — so a lost or damaged ``index.db`` costs nothing but a rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    rank INTEGER,
+    alpha REAL,
+    task TEXT,
+    base TEXT NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
+CREATE TABLE IF NOT EXISTS tags (
+    name TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (name, tag)
+);
+"""
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """One adapter version as the index knows it."""
+
+    name: str
+    version: int
+    kind: str
+    rank: int | None
+    alpha: float | None
+    task: str | None
+    base: str
+    base_fingerprint: str
+    sha256: str
+    created: str
+    size_bytes: int
+    metrics: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class Index:
+    """Thin wrapper over the SQLite file; every method opens a short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with self._connect() as conn:
+            conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=60.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def upsert(self, row: IndexRow) -> None:
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (row.name, row.version, row.kind, row.rank, row.alpha, row.task, row.base,
+                 row.base_fingerprint, row.sha256, row.created, row.size_bytes, json.dumps(row.metrics)),
+            )
+
+    def remove(self, name: str, version: int) -> None:
+        with self._connect() as conn:
+            conn.execute("DELETE FROM adapters WHERE name=? AND version=?", (name, version))
+            conn.execute("DELETE FROM tags WHERE name=? AND version=?", (name, version))
+
+    def set_tags(self, name: str, tags: dict[str, int]) -> None:
+        with self._connect() as conn:
+            conn.execute("DELETE FROM tags WHERE name=?", (name,))
+            conn.executemany("INSERT INTO tags VALUES (?,?,?)", [(name, t, v) for t, v in tags.items()])
+
+    def rows(self, name: str | None = None) -> list[IndexRow]:
+        query = "SELECT * FROM adapters" + (" WHERE name=?" if name else "") + " ORDER BY name, version"
+        with self._connect() as conn:
+            cursor = conn.execute(query, (name,) if name else ())
+            return [_row(values) for values in cursor.fetchall()]
+
+    def by_sha_prefix(self, prefix: str) -> list[IndexRow]:
+        with self._connect() as conn:
+            cursor = conn.execute("SELECT * FROM adapters WHERE sha256 LIKE ?", (prefix + "%",))
+            return [_row(values) for values in cursor.fetchall()]
+
+    def tags(self, name: str | None = None) -> list[tuple[str, str, int]]:
+        query = "SELECT name, tag, version FROM tags" + (" WHERE name=?" if name else "") + " ORDER BY name, tag"
+        with self._connect() as conn:
+            return [(str(n), str(t), int(v)) for n, t, v in conn.execute(query, (name,) if name else ())]
+
+    def replace_all(self, rows: list[IndexRow], tags: dict[str, dict[str, int]]) -> None:
+        with self._connect() as conn:
+            conn.execute("DELETE FROM adapters")
+            conn.execute("DELETE FROM tags")
+            for row in rows:
+                conn.execute(
+                    "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (row.name, row.version, row.kind, row.rank, row.alpha, row.task, row.base,
+                     row.base_fingerprint, row.sha256, row.created, row.size_bytes,
+                     json.dumps(row.metrics)),
+                )
+            for name, mapping in tags.items():
+                conn.executemany("INSERT INTO tags VALUES (?,?,?)", [(name, t, v) for t, v in mapping.items()])
+
+
+def _row(values: tuple[Any, ...]) -> IndexRow:
+    (name, version, kind, rank, alpha, task, base, fp, sha, created, size, metrics) = values
+    return IndexRow(
+        name=name, version=int(version), kind=kind, rank=rank, alpha=alpha, task=task, base=base,
+        base_fingerprint=fp, sha256=sha, created=created, size_bytes=int(size), metrics=json.loads(metrics),
+    )
