@@ -1,0 +1,328 @@
+"""Dynamic batching: concurrent requests, whatever their adapters, become the engine's mixed batches.
+
+One engine thread owns the engine. Requests arrive from the event loop into a queue; the thread waits
+a short window after the oldest waiting request (only when the engine was idle — requests that queued
+behind a running batch go at once), takes up to ``max_batch`` of them and runs them as one mixed batch
+through the engine's streaming iterator, delivering every increment to its request's asyncio queue.
+In ``merge`` mode a batch holds one adapter only (the weights carry one adapter at a time).
+
+Other engine work (classify, admin calls, listings) runs on the same thread between batches, in arrival
+order, so the engine is never used from two threads.
+
+Failure isolation: if a batch fails, each request that has not yet received output is re-run alone, so
+one bad request never fails its neighbours. Timeouts and disconnects mark a request cancelled; a batch
+whose requests are all cancelled stops early. Shutdown refuses new work, drains what is queued (up to a
+deadline) and fails the rest with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from adapterhub_local.inference.types import GenerationResult, Request, StreamEvent
+from adapterhub_local.server.backend import ServingEngine
+from adapterhub_local.server.errors import OverloadedError, RequestTimeoutError
+from adapterhub_local.server.metrics import ServerMetrics
+
+log = logging.getLogger("adapterhub.server")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching and time limits."""
+
+    window_ms: float = 4.0
+    """How long an idle engine waits after the first request for others to join its batch."""
+    max_batch: int = 64
+    """Most rows in one engine batch."""
+    max_queue: int = 4096
+    """Most waiting requests; beyond that new ones get a 503."""
+    timeout_s: float = 300.0
+    """Per-request limit from arrival to the last token (504 after it)."""
+    drain_s: float = 30.0
+    """On shutdown, how long queued work may still run."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request in flight; the engine thread fills ``events`` through ``loop``."""
+
+    request: Request
+    model: str
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    arrived: float = field(default_factory=time.monotonic)
+    events: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    delivered: bool = False
+    finished: bool = False
+
+    def deliver(self, item: StreamEvent | BaseException) -> None:
+        """Called from the engine thread."""
+        self.delivered = True
+        if isinstance(item, BaseException) or item.finished:
+            self.finished = True
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass(eq=False)
+class Call:
+    """Any other engine work, run on the engine thread between batches."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self) -> None:
+        try:
+            value = self.fn()
+        except BaseException as exc:  # delivered to the awaiting request, which maps it to a status
+            self.loop.call_soon_threadsafe(_set_exception, self.future, exc)
+        else:
+            self.loop.call_soon_threadsafe(_set_result, self.future, value)
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+_STOP = object()
+
+
+class Scheduler:
+    """Owns the engine thread; ``submit``/``stream``/``result`` from the event loop."""
+
+    def __init__(self, engine: ServingEngine, config: SchedulerConfig | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.config = config or SchedulerConfig()
+        self.metrics = metrics
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._pending: deque[Any] = deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._abort = threading.Event()
+        self.batches_run = 0
+
+    # ------------------------------------------------------------------ lifecycle (event loop side)
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="adapterhub-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        """Refuse new work, let queued work finish within ``drain_s``, then fail what is left."""
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._inbox.put(_STOP)
+        deadline = time.monotonic() + self.config.drain_s
+        while thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if thread.is_alive():  # past the deadline: the thread fails what is left and stops after this step
+            self._abort.set()
+            while thread.is_alive() and time.monotonic() < deadline + 10.0:
+                await asyncio.sleep(0.02)
+        self._thread = None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (approximate: read without a lock, for metrics)."""
+        return self._inbox.qsize() + len(self._pending)
+
+    # --------------------------------------------------------------------------- submitting work
+    def submit(self, request: Request, model: str) -> Job:
+        """Queue a generation; raises 503 when closed or full."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        job = Job(request=request, model=model, loop=loop, deadline=time.monotonic() + self.config.timeout_s)
+        self._inbox.put(job)
+        return job
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between batches and return its value (or raise its error)."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(Call(fn, future, loop))
+        try:
+            return await asyncio.wait_for(future, self.config.timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeoutError(f"engine call did not finish within {self.config.timeout_s:g} s",
+                                      "retry, or raise the server's --timeout") from exc
+
+    def _admit(self) -> None:
+        if self._closed:
+            raise OverloadedError("the server is shutting down", "retry against another instance or later")
+        if self._inbox.qsize() + len(self._pending) >= self.config.max_queue:
+            raise OverloadedError(f"the queue is full ({self.config.max_queue} requests)", "retry in a moment")
+        self.start()
+
+    async def stream(self, job: Job) -> AsyncIterator[StreamEvent]:
+        """The job's increments as they come; the last one is ``finished`` with the result."""
+        try:
+            while True:
+                remaining = job.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                item = await asyncio.wait_for(job.events.get(), remaining)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeoutError(f"request did not finish within {self.config.timeout_s:g} s",
+                                      "ask for fewer tokens or raise the server's --timeout") from exc
+        finally:
+            # Timeout, error, disconnect or done: the engine thread may stop working for this row.
+            job.cancelled.set()
+
+    async def result(self, job: Job) -> GenerationResult:
+        """Wait for the whole generation."""
+        async for event in self.stream(job):
+            if event.finished:
+                assert event.result is not None, "the engine's last event carries the result"
+                return event.result
+        raise AssertionError("stream ended without a finished event")
+
+    # ---------------------------------------------------------------------- engine thread side
+    def _drain_inbox(self) -> list[Any]:
+        items = []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _refuse(self, item: Any, error: BaseException) -> None:
+        if isinstance(item, Job):
+            item.deliver(error)
+        elif isinstance(item, Call):
+            item.loop.call_soon_threadsafe(_set_exception, item.future, error)
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            if self._abort.is_set():
+                error = OverloadedError("the server shut down before this request ran", "retry later")
+                for item in [*self._pending, *self._drain_inbox()]:
+                    self._refuse(item, error)
+                self._pending.clear()
+                return
+            if not self._pending:
+                if stopping:
+                    return
+                self._pending.append(self._inbox.get())
+            self._pending.extend(self._drain_inbox())
+            head = self._pending[0]
+            if head is _STOP:
+                self._pending.popleft()
+                stopping = True
+                continue
+            if isinstance(head, Call):
+                self._pending.popleft()
+                head.settle()
+                continue
+            self._gather(head)
+            batch = self._select()
+            if batch:
+                self._run_batch(batch)
+
+    def _gather(self, head: Job) -> None:
+        """Wait out the window after the oldest request (if it has not already passed)."""
+        window_end = head.arrived + self.config.window_ms / 1000.0
+        while sum(isinstance(x, Job) for x in self._pending) < self.config.max_batch:
+            remaining = window_end - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                self._pending.append(self._inbox.get(timeout=remaining))
+            except queue.Empty:
+                return
+
+    def _select(self) -> list[Job]:
+        """Take consecutive jobs from the front (stopping at a Call or STOP so order is kept)."""
+        merge = self.engine.mode == "merge"
+        batch: list[Job] = []
+        kept: deque[Any] = deque()
+        adapter: str | None = None
+        while self._pending and len(batch) < self.config.max_batch:
+            item = self._pending[0]
+            if not isinstance(item, Job):
+                break
+            self._pending.popleft()
+            if item.cancelled.is_set():
+                continue
+            if merge and batch and item.request.adapter != adapter:
+                kept.append(item)
+                continue
+            adapter = item.request.adapter
+            batch.append(item)
+        self._pending.extendleft(reversed(kept))
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        started = time.monotonic()
+        self.batches_run += 1
+        if self.metrics is not None:
+            self.metrics.batch(len(batch), len({j.request.adapter for j in batch}),
+                               [started - j.arrived for j in batch])
+        try:
+            self._stream_into(batch)
+        except Exception as exc:
+            fresh = [j for j in batch if not j.delivered]
+            if len(batch) > 1 and fresh:
+                log.warning("batch failed; re-running its requests one by one",
+                            extra={"fields": {"rows": len(batch), "error": f"{type(exc).__name__}: {exc}"}})
+                for job in batch:
+                    if job.delivered and not job.finished:
+                        job.deliver(exc)
+                for job in fresh:
+                    try:
+                        self._stream_into([job])
+                    except Exception as solo_exc:
+                        job.deliver(solo_exc)
+            else:
+                for job in batch:
+                    if not job.finished:
+                        job.deliver(exc)
+
+    def _stream_into(self, batch: list[Job]) -> None:
+        events = self.engine.generate_stream([j.request for j in batch])
+        try:
+            for event in events:
+                job = batch[event.index]
+                if not job.cancelled.is_set():
+                    job.deliver(event)
+                elif not job.finished:
+                    job.finished = True
+                if self._abort.is_set():
+                    error = OverloadedError("the server shut down while this request ran", "retry later")
+                    for j in batch:
+                        if not j.finished:
+                            j.deliver(error)
+                    return
+                if all(j.cancelled.is_set() for j in batch):
+                    return
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()

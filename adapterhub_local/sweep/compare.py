@@ -1,0 +1,181 @@
+"""``adapterhub compare``: registered adapters side by side — their card metrics, each ΔW's spectrum and
+effective rank, and the normalised subspace similarity φ between every pair, per module (LoRA paper §7).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterhub_local.errors import UnsupportedError
+from adapterhub_local.lora import lora_pairs
+from adapterhub_local.registry.cards import AdapterCard
+from adapterhub_local.registry.store import Registry
+from adapterhub_local.sweep.analysis import (
+    Spectrum,
+    directions,
+    random_baseline,
+    similarity_summary,
+    spectrum_of_values,
+    subspace_similarity,
+    svd,
+)
+
+
+@dataclass
+class AdapterAnalysis:
+    """One adapter: its card and, per LoRA module, the spectrum of ΔW and its top directions."""
+
+    card: AdapterCard
+    spectra: dict[str, Spectrum]
+    directions: dict[str, torch.Tensor] = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        spectra = list(self.spectra.values())
+        n = max(len(spectra), 1)
+        return {
+            "ref": self.card.ref, "rank": self.card.rank, "alpha": self.card.alpha, "task": self.card.task,
+            "parent": self.card.parent, "metrics": self.card.metrics,
+            "trainable_params": self.card.training.get("trainable_params"),
+            "entropy_rank_mean": sum(s.entropy_rank for s in spectra) / n,
+            "energy_rank_90_mean": sum(s.energy_rank_90 for s in spectra) / n,
+            "energy_rank_99_mean": sum(s.energy_rank_99 for s in spectra) / n,
+            "numerical_rank_mean": sum(s.numerical_rank for s in spectra) / n,
+        }
+
+
+@dataclass
+class PairSimilarity:
+    """φ grids of two adapters for every module both adapt."""
+
+    a: str
+    b: str
+    grids: dict[str, torch.Tensor] = field(repr=False)
+    dims: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        per_module = {m: {**similarity_summary(g), "random_phi_k": random_baseline(self.dims[m], *[min(g.shape)] * 2)}
+                      for m, g in self.grids.items()}
+        n = max(len(per_module), 1)
+        return {
+            "a": self.a, "b": self.b,
+            "phi_1_mean": sum(v["phi_1"] for v in per_module.values()) / n,
+            "phi_k_mean": sum(v["phi_k"] for v in per_module.values()) / n,
+            "modules": per_module,
+        }
+
+
+@dataclass
+class Comparison:
+    adapters: list[AdapterAnalysis]
+    pairs: list[PairSimilarity]
+    side: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "side": self.side,
+            "adapters": [
+                {**a.summary(), "modules": {m: s.__dict__ for m, s in a.spectra.items()}} for a in self.adapters
+            ],
+            "pairs": [p.summary() for p in self.pairs],
+        }
+
+
+def analyse_adapter(registry: Registry, ref: str, side: str = "right") -> AdapterAnalysis:
+    """Spectra and top directions of every LoRA module of ``ref`` (integrity checked on load)."""
+    loaded = registry.load_adapter(ref)
+    if loaded.card.kind != "lora":
+        raise UnsupportedError(f"{loaded.card.ref} is a {loaded.card.kind} adapter", "compare LoRA adapters")
+    spectra: dict[str, Spectrum] = {}
+    dirs: dict[str, torch.Tensor] = {}
+    for module, pair in sorted(lora_pairs(loaded.tensors, dict(loaded.config)).items()):
+        delta = pair.delta()
+        _, s, _ = svd(delta)
+        spectra[module] = spectrum_of_values(s[: pair.rank])
+        dirs[module] = directions(delta, pair.rank, side)
+    return AdapterAnalysis(loaded.card, spectra, dirs)
+
+
+def pair_similarity(first: AdapterAnalysis, second: AdapterAnalysis) -> PairSimilarity:
+    """φ grids for the modules both adapters adapt."""
+    if first.card.base_fingerprint != second.card.base_fingerprint:
+        raise UnsupportedError(
+            f"{first.card.ref} and {second.card.ref} were trained on different bases "
+            f"({first.card.base}, {second.card.base})",
+            "compare subspaces only between adapters of the same base",
+        )
+    common = sorted(set(first.directions) & set(second.directions))
+    grids = {m: subspace_similarity(first.directions[m], second.directions[m]) for m in common}
+    dims = {m: int(first.directions[m].shape[0]) for m in common}
+    return PairSimilarity(first.card.ref, second.card.ref, grids, dims)
+
+
+def compare(registry: Registry, refs: list[str], side: str = "right") -> Comparison:
+    """Analyse each adapter and every pair (a ref given twice is compared with itself)."""
+    if not refs:
+        raise UnsupportedError("nothing to compare", "give one or more adapter references")
+    analyses = [analyse_adapter(registry, ref, side) for ref in refs]
+    pairs = [pair_similarity(a, b) for a, b in combinations(analyses, 2)]
+    return Comparison(analyses, pairs, side)
+
+
+def write_comparison(comparison: Comparison, out_dir: Path, max_modules: int = 6) -> list[Path]:
+    """``compare.json``, ``compare.md``, one φ heatmap PNG per pair and a spectra PNG under ``out_dir``."""
+    from adapterhub_local.sweep import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "compare.json", out_dir / "compare.md"]
+    written[0].write_text(json.dumps(comparison.to_dict(), indent=2, sort_keys=True, default=str), encoding="utf-8")
+    written[1].write_text(comparison_markdown(comparison), encoding="utf-8")
+    for index, pair in enumerate(comparison.pairs):
+        path = out_dir / f"similarity-{index}-{_slug(pair.a)}-vs-{_slug(pair.b)}.png"
+        plots.similarity_heatmaps(pair.grids, pair.a, pair.b, path, max_modules=max_modules)
+        written.append(path)
+    spectra_path = out_dir / "spectra.png"
+    plots.spectra_plot({a.card.ref: a.spectra for a in comparison.adapters}, spectra_path)
+    written.append(spectra_path)
+    return written
+
+
+def _slug(ref: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in ref)
+
+
+def metric_names(comparison: Comparison) -> list[str]:
+    names: set[str] = set()
+    for analysis in comparison.adapters:
+        names.update(k for k, v in analysis.card.metrics.items() if isinstance(v, int | float))
+    return sorted(names)
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    """The side-by-side table and the pair similarities as markdown."""
+    metrics = metric_names(comparison)
+    head = ["adapter", "rank", "alpha", *metrics, "entropy rank", "rank@90%", "rank@99%"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for analysis in comparison.adapters:
+        s = analysis.summary()
+        cells = [s["ref"], s["rank"], s["alpha"], *[_fmt(analysis.card.metrics.get(m)) for m in metrics],
+                 _fmt(s["entropy_rank_mean"]), _fmt(s["energy_rank_90_mean"]), _fmt(s["energy_rank_99_mean"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if comparison.pairs:
+        lines += ["", f"Normalised subspace similarity φ ({comparison.side} singular vectors of ΔW), "
+                  "mean over modules; k = the smaller numerical rank.", "",
+                  "| a | b | φ(1,1) | φ(k,k) |", "|---|---|---|---|"]
+        for pair in comparison.pairs:
+            p = pair.summary()
+            lines.append(f"| {p['a']} | {p['b']} | {_fmt(p['phi_1_mean'])} | {_fmt(p['phi_k_mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
