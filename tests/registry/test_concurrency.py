@@ -30,7 +30,8 @@ def _adapter_dir(tmp_path: Path, hidden: int, rank: int) -> Path:
     directory = tmp_path / f"adapter-r{rank}"
     directory.mkdir()
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    tensors = {f"{prefix}.lora_A.weight": torch.randn(rank, hidden), f"{prefix}.lora_B.weight": torch.randn(hidden, rank)}
+    a, b = torch.randn(rank, hidden), torch.randn(hidden, rank)
+    tensors = {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(
         f'{{"peft_type": "LORA", "r": {rank}, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}}'
