@@ -169,7 +169,7 @@ class Registry:
             **{**info.__dict__, "task_type": task_type},
             name=name, kind=summary.kind, rank=summary.rank, alpha=summary.alpha,
             target_modules=summary.target_modules,
-            modules_to_save=sorted(str(m) for m in summary.config.get("modules_to_save") or []),
+            modules_to_save=sorted({str(m) for m in summary.config.get("modules_to_save") or []}),
             num_virtual_tokens=summary.num_virtual_tokens, base=record.name, base_fingerprint=record.fingerprint,
             files=files, created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         )
