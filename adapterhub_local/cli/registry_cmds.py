@@ -39,7 +39,12 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
         print_json([{**dataclasses.asdict(r), "path": str(r.path)} for r in records])
         return
     table("bases", ["name", "architecture", "source", "fingerprint", "created"],
-          [[r.name, r.architecture, f"{r.source_kind}: {r.source}", r.short, r.created] for r in records])
+          [[r.name, r.architecture, f"{r.source_kind}: {_short_source(r.source, r.source_kind)}", r.short,
+            r.created[:19]] for r in records])
+
+
+def _short_source(source: str, kind: str) -> str:
+    return source if kind == "hub" else Path(source).name
 
 
 @base_app.command("show")
