@@ -1,13 +1,15 @@
 """Dynamic batching: concurrent requests, whatever their adapters, become the engine's mixed batches.
 
 One engine thread owns the engine. Requests arrive from the event loop into a queue; the thread waits
-a short window after the oldest waiting request (only when the engine was idle — requests that queued
-behind a running batch go at once), takes up to ``max_batch`` of them and runs them as one mixed batch
-through the engine's streaming iterator, delivering every increment to its request's asyncio queue.
-In ``merge`` mode a batch holds one adapter only (the weights carry one adapter at a time).
+a short window after the oldest waiting request (only when the engine was idle and traffic is
+concurrent: requests that queued behind a running batch go at once, a lone client never waits), takes
+up to ``max_batch`` of them and runs them as one mixed batch through the engine's streaming iterator,
+delivering every increment to its request's asyncio queue.
+(In ``merge`` mode the engine itself runs a mixed batch adapter group by adapter group.)
 
-Other engine work (classify, admin calls, listings) runs on the same thread between batches, in arrival
-order, so the engine is never used from two threads.
+Other engine work runs on the same thread between batches, in arrival order, so the engine is never
+used from two threads: consecutive classification requests as one engine batch, admin calls and
+listings one by one.
 
 Failure isolation: if a batch fails, each request that has not yet received output is re-run alone, so
 one bad request never fails its neighbours. Timeouts and disconnects mark a request cancelled; a batch
@@ -23,11 +25,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from adapterhub_local.inference.types import GenerationResult, Request, StreamEvent
+from adapterhub_local.inference.types import ClassificationResult, GenerationResult, Request, StreamEvent
 from adapterhub_local.server.backend import ServingEngine
 from adapterhub_local.server.errors import OverloadedError, RequestTimeoutError
 from adapterhub_local.server.metrics import ServerMetrics
@@ -60,17 +62,22 @@ class Job:
     model: str
     loop: asyncio.AbstractEventLoop
     deadline: float
+    streaming: bool = False
+    """Deliver every increment; otherwise only the final event (one wake-up of the event loop per request)."""
     arrived: float = field(default_factory=time.monotonic)
     events: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     delivered: bool = False
+    """Some output reached the client side (so re-running the request would repeat it)."""
     finished: bool = False
 
     def deliver(self, item: StreamEvent | BaseException) -> None:
         """Called from the engine thread."""
+        last = isinstance(item, BaseException) or item.finished
+        if not (last or self.streaming):
+            return
         self.delivered = True
-        if isinstance(item, BaseException) or item.finished:
-            self.finished = True
+        self.finished = self.finished or last
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
@@ -88,6 +95,21 @@ class Call:
             value = self.fn()
         except BaseException as exc:  # delivered to the awaiting request, which maps it to a status
             self.loop.call_soon_threadsafe(_set_exception, self.future, exc)
+        else:
+            self.loop.call_soon_threadsafe(_set_result, self.future, value)
+
+
+@dataclass(eq=False)
+class Classify:
+    """A classification request; consecutive ones are run as one engine call."""
+
+    requests: list[Request]
+    future: asyncio.Future[list[ClassificationResult]]
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, value: list[ClassificationResult] | BaseException) -> None:
+        if isinstance(value, BaseException):
+            self.loop.call_soon_threadsafe(_set_exception, self.future, value)
         else:
             self.loop.call_soon_threadsafe(_set_result, self.future, value)
 
@@ -118,6 +140,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._abort = threading.Event()
+        self._last_rows = 0
         self.batches_run = 0
 
     # ------------------------------------------------------------------ lifecycle (event loop side)
@@ -148,11 +171,13 @@ class Scheduler:
         return self._inbox.qsize() + len(self._pending)
 
     # --------------------------------------------------------------------------- submitting work
-    def submit(self, request: Request, model: str) -> Job:
-        """Queue a generation; raises 503 when closed or full."""
+    def submit(self, request: Request, model: str, streaming: bool = False) -> Job:
+        """Queue a generation; raises 503 when closed or full. Read a ``streaming`` job with
+        :meth:`stream`, any job with :meth:`result`."""
         self._admit()
         loop = asyncio.get_running_loop()
-        job = Job(request=request, model=model, loop=loop, deadline=time.monotonic() + self.config.timeout_s)
+        job = Job(request=request, model=model, loop=loop, deadline=time.monotonic() + self.config.timeout_s,
+                  streaming=streaming)
         self._inbox.put(job)
         return job
 
@@ -168,6 +193,18 @@ class Scheduler:
             raise RequestTimeoutError(f"engine call did not finish within {self.config.timeout_s:g} s",
                                       "retry, or raise the server's --timeout") from exc
 
+    async def classify(self, requests: list[Request]) -> list[ClassificationResult]:
+        """Classify on the engine thread; concurrent calls share one engine batch."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[ClassificationResult]] = loop.create_future()
+        self._inbox.put(Classify(list(requests), future, loop))
+        try:
+            return await asyncio.wait_for(future, self.config.timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeoutError(f"classification did not finish within {self.config.timeout_s:g} s",
+                                      "send fewer texts or raise the server's --timeout") from exc
+
     def _admit(self) -> None:
         if self._closed:
             raise OverloadedError("the server is shutting down", "retry against another instance or later")
@@ -175,8 +212,9 @@ class Scheduler:
             raise OverloadedError(f"the queue is full ({self.config.max_queue} requests)", "retry in a moment")
         self.start()
 
-    async def stream(self, job: Job) -> AsyncIterator[StreamEvent]:
-        """The job's increments as they come; the last one is ``finished`` with the result."""
+    async def stream(self, job: Job) -> AsyncGenerator[StreamEvent, None]:
+        """The job's increments as they come (only the last for a non-streaming job); the last one is
+        ``finished`` with the result."""
         try:
             while True:
                 remaining = job.deadline - time.monotonic()
@@ -217,6 +255,8 @@ class Scheduler:
             item.deliver(error)
         elif isinstance(item, Call):
             item.loop.call_soon_threadsafe(_set_exception, item.future, error)
+        elif isinstance(item, Classify):
+            item.settle(error)
 
     def _run(self) -> None:
         stopping = False
@@ -241,13 +281,50 @@ class Scheduler:
                 self._pending.popleft()
                 head.settle()
                 continue
+            if isinstance(head, Classify):
+                self._run_classify()
+                continue
             self._gather(head)
             batch = self._select()
             if batch:
                 self._run_batch(batch)
 
+    def _run_classify(self) -> None:
+        """Run the consecutive classification requests at the front as one engine batch (one by one if
+        that fails, so a bad request only fails itself)."""
+        group: list[Classify] = []
+        rows = 0
+        while self._pending and isinstance(self._pending[0], Classify):
+            size = len(self._pending[0].requests)
+            if group and rows + size > self.config.max_batch:
+                break
+            group.append(self._pending.popleft())
+            rows += size
+        if self.metrics is not None:
+            self.metrics.batch(rows, len({r.adapter for item in group for r in item.requests}), [])
+        try:
+            results = self.engine.classify([r for item in group for r in item.requests])
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].settle(exc)
+                return
+            for item in group:
+                try:
+                    item.settle(self.engine.classify(item.requests))
+                except Exception as solo_exc:
+                    item.settle(solo_exc)
+            return
+        start = 0
+        for item in group:
+            item.settle(results[start:start + len(item.requests)])
+            start += len(item.requests)
+
     def _gather(self, head: Job) -> None:
-        """Wait out the window after the oldest request (if it has not already passed)."""
+        """Wait out the window after the oldest request (if it has not already passed) — but only when
+        traffic is concurrent (the last batch had company, or others are already waiting): a lone client
+        would only pay the window in latency."""
+        if self._last_rows <= 1 and sum(isinstance(x, Job) for x in self._pending) <= 1:
+            return
         window_end = head.arrived + self.config.window_ms / 1000.0
         while sum(isinstance(x, Job) for x in self._pending) < self.config.max_batch:
             remaining = window_end - time.monotonic()
@@ -260,35 +337,27 @@ class Scheduler:
 
     def _select(self) -> list[Job]:
         """Take consecutive jobs from the front (stopping at a Call or STOP so order is kept)."""
-        merge = self.engine.mode == "merge"
         batch: list[Job] = []
-        kept: deque[Any] = deque()
-        adapter: str | None = None
         while self._pending and len(batch) < self.config.max_batch:
             item = self._pending[0]
             if not isinstance(item, Job):
                 break
             self._pending.popleft()
-            if item.cancelled.is_set():
-                continue
-            if merge and batch and item.request.adapter != adapter:
-                kept.append(item)
-                continue
-            adapter = item.request.adapter
-            batch.append(item)
-        self._pending.extendleft(reversed(kept))
+            if not item.cancelled.is_set():
+                batch.append(item)
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
         started = time.monotonic()
         self.batches_run += 1
+        self._last_rows = len(batch)
         if self.metrics is not None:
             self.metrics.batch(len(batch), len({j.request.adapter for j in batch}),
                                [started - j.arrived for j in batch])
         try:
             self._stream_into(batch)
         except Exception as exc:
-            fresh = [j for j in batch if not j.delivered]
+            fresh = [j for j in batch if not j.delivered and not j.cancelled.is_set()]
             if len(batch) > 1 and fresh:
                 log.warning("batch failed; re-running its requests one by one",
                             extra={"fields": {"rows": len(batch), "error": f"{type(exc).__name__}: {exc}"}})
@@ -312,7 +381,7 @@ class Scheduler:
                 job = batch[event.index]
                 if not job.cancelled.is_set():
                     job.deliver(event)
-                elif not job.finished:
+                elif event.finished:
                     job.finished = True
                 if self._abort.is_set():
                     error = OverloadedError("the server shut down while this request ran", "retry later")

@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_STRINGS = 8
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+    """Send a last chunk with the token counts (OpenAI's ``stream_options.include_usage``)."""
+
+
 class SamplingFields(BaseModel):
     """Sampling parameters shared by ``/v1/completions`` and ``/v1/chat/completions``."""
 
@@ -31,9 +38,14 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -52,6 +64,12 @@ class SamplingFields(BaseModel):
             raise ValueError("only n=1 is supported; send several requests instead")
         if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
             raise ValueError("presence_penalty and frequency_penalty are not supported; use repetition_penalty")
+        unsupported = [name for name, value in (("logprobs", self.logprobs), ("echo", self.echo),
+                                                ("best_of", self.best_of not in (None, 1)),
+                                                ("logit_bias", self.logit_bias))
+                       if value not in (None, False, 0, {})]
+        if unsupported:
+            raise ValueError(f"not supported by this server: {', '.join(unsupported)}; leave them out")
         return self
 
     @property

@@ -1,0 +1,127 @@
+"""The decode loop: prefill a padded batch once, then one token per row per step with a KV cache.
+
+Rows end on EOS, on a stop string (the text is cut before it) or at ``max_new_tokens`` / the context
+length; finished rows ride along until the whole batch is done (their tokens are ignored). Each step
+yields the rows' new text, holding back a tail that could still grow into a stop string, so a stream
+never shows text that the final answer drops.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterhub_local.inference.sampling import make_generator, next_tokens
+from adapterhub_local.inference.soft_prompt import Batch
+from adapterhub_local.inference.types import FinishReason, SamplingParams
+
+
+@dataclass
+class RowState:
+    """One row's progress."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    limit: int
+    """How many tokens this row may generate (max_new_tokens, bounded by the context)."""
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    """Characters of ``text`` already streamed."""
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    if tokenizer is None:  # a base without a tokenizer: token ids only
+        return ""
+    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def _advance(state: RowState, token: int, tokenizer: Any, eos: set[int]) -> str:
+    """Add a token to a row; returns the new text that may be shown now."""
+    if state.params.stop_at_eos and token in eos:
+        state.finish_reason = "stop"
+    else:
+        state.generated.append(token)
+        text = _decode(tokenizer, state.generated)
+        cut = min((i for i in (text.find(s) for s in state.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, state.finish_reason = text[:cut], "stop"
+        elif len(state.generated) >= state.limit:
+            state.finish_reason = "length"
+        state.text = text
+    visible = len(state.text)
+    if not state.finished:
+        visible -= _holdback(state.text, state.params.stop)
+        while visible > state.emitted and state.text[visible - 1] == "\ufffd":  # an unfinished UTF-8 sequence
+            visible -= 1
+    delta = state.text[state.emitted:visible] if visible > state.emitted else ""
+    state.emitted = max(state.emitted, visible)
+    return delta
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """``cache`` in newer transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward(model: nn.Module, **kwargs: Any) -> Any:
+    return model(use_cache=True, logits_to_keep=1, **kwargs)
+
+
+def _cache_of(out: Any) -> Any:
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, batch: Batch, states: list[RowState], tokenizer: Any,
+           eos: set[int]) -> Iterator[list[tuple[int, str, int | None]]]:
+    """Run the batch to completion; each step yields ``(row, new text, new token or None)`` for live rows."""
+    device = batch.input_ids.device
+    cache_kw = _cache_keyword(model)
+    generators = [make_generator(s.params, device) for s in states]
+    prompt_hist = [torch.tensor(s.prompt_ids, dtype=torch.long, device=device) for s in states]
+    mask = batch.attention_mask
+    if batch.inputs_embeds is not None:
+        out = _forward(model, inputs_embeds=batch.inputs_embeds, attention_mask=mask, position_ids=batch.position_ids)
+    else:
+        out = _forward(model, input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
+    while True:
+        history = [torch.cat([prompt_hist[i], torch.tensor(s.generated, dtype=torch.long, device=device)])
+                   if s.params.repetition_penalty != 1.0 else prompt_hist[i] for i, s in enumerate(states)]
+        tokens = next_tokens(out.logits[:, -1], [s.params for s in states], history, generators)
+        step: list[tuple[int, str, int | None]] = []
+        for i, token in enumerate(tokens.tolist()):  # the one host sync per step
+            state = states[i]
+            if state.finished:
+                continue
+            before = len(state.generated)
+            delta = _advance(state, int(token), tokenizer, eos)
+            step.append((i, delta, int(token) if len(state.generated) > before else None))
+        yield step
+        if all(s.finished for s in states):
+            return
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = (mask.sum(-1, keepdim=True) - 1)
+        out = _forward(model, input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                       **{cache_kw: _cache_of(out)})

@@ -1,0 +1,131 @@
+"""Merge mode: add ``scale·B·A`` (fp32, from :mod:`adapterhub_local.lora`) into the base weights, and
+take it out again bit for bit.
+
+``W + ΔW - ΔW`` is not ``W`` in floating point, so :class:`Merger` keeps a copy of every weight it
+touches and unmerging copies those bytes back. :func:`export_merged` writes a standalone merged model
+(safetensors) that plain transformers loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterhub_local.errors import UnsupportedError
+from adapterhub_local.inference.adapters import PreparedAdapter, prepare
+from adapterhub_local.inference.multi_lora import base_linear, weight_of
+from adapterhub_local.lora import lora_delta
+from adapterhub_local.registry.store import Registry
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                    "generation_config.json")
+
+
+def refuse_prompt(adapter: PreparedAdapter) -> None:
+    """Soft prompts change the input, not the weights: there is nothing to merge."""
+    if adapter.kind == "prompt":
+        raise UnsupportedError(
+            f"adapter {adapter.ref} is a soft prompt (prompt tuning); it has no weights to merge",
+            "serve it in swap mode (mode='swap' or 'auto'), which prepends its virtual tokens per request")
+
+
+def merged_weight(weight: torch.Tensor, adapter: PreparedAdapter, name: str) -> torch.Tensor:
+    """``W + ΔW`` computed in fp32 and cast back to ``W``'s dtype (``ΔW`` transposed for ``Conv1D``)."""
+    pair = adapter.pairs[name]
+    # on the weight's device (a GPU computes B·A for a 2048² weight in microseconds, a CPU in milliseconds)
+    delta = lora_delta(pair.a.to(weight.device), pair.b.to(weight.device), pair.scale)
+    if adapter.fan_in_fan_out:
+        delta = delta.T
+    return (weight.to(torch.float32) + delta).to(weight.dtype)
+
+
+class Merger:
+    """Merges one adapter at a time into a model's weights, keeping the originals for an exact unmerge."""
+
+    def __init__(self, model: Any, keep_on: torch.device | None = None) -> None:
+        self.model = model
+        self.keep_on = keep_on
+        self.merged: PreparedAdapter | None = None
+        self._originals: dict[str, torch.Tensor] = {}
+
+    @property
+    def merged_ref(self) -> str | None:
+        return None if self.merged is None else self.merged.ref
+
+    @torch.no_grad()
+    def merge(self, adapter: PreparedAdapter) -> None:
+        """Merge ``adapter`` (unmerging whatever was merged before)."""
+        refuse_prompt(adapter)
+        if self.merged is not None and self.merged.ref == adapter.ref:
+            return
+        self.unmerge()
+        for name in adapter.pairs:
+            weight = weight_of(base_linear(self.model, name))
+            self._originals[name] = weight.detach().to(self.keep_on or weight.device, copy=True)
+            weight.copy_(merged_weight(weight, adapter, name))
+        self.merged = adapter
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore every touched weight to its exact original bytes."""
+        for name, original in self._originals.items():
+            weight_of(base_linear(self.model, name)).copy_(original)
+        self._originals.clear()
+        self.merged = None
+
+
+def export_merged(registry: Registry, ref: str, out: Path, base: str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``ref`` merged into its base as a plain transformers model directory (safetensors).
+
+    Causal-LM adapters become an ``…ForCausalLM``; classifier adapters an ``…ForSequenceClassification``
+    with the adapter's head and labels.
+    """
+    from adapterhub_local.models import load_base_model
+
+    card = registry.resolve(ref)
+    record = registry.base(base or card.base)
+    loaded = registry.load_adapter(card.ref, base=record.name)
+    if str(loaded.config.get("peft_type", "LORA")).upper() == "PROMPT_TUNING":
+        raise UnsupportedError(f"adapter {card.ref} is a soft prompt; it has no weights to merge",
+                               "serve it with `adapterhub generate` (swap mode) instead of exporting a merged model")
+    classifier = card.task_type == "sequence_classification"
+    labels = list(card.labels or [])
+    model: Any = load_base_model(record, "sequence_classification" if classifier else "causal_lm",
+                            num_labels=len(labels) or None, dtype=dtype)
+    adapter = prepare(loaded, model, dtype)
+    with torch.no_grad():
+        for name in adapter.pairs:
+            weight = weight_of(base_linear(model, name))
+            weight.copy_(merged_weight(weight, adapter, name))
+        if classifier:
+            head = adapter.head
+            if head is None:
+                raise UnsupportedError(f"classifier adapter {card.ref} carries no head", "retrain it with "
+                                       "modules_to_save=[the head]")
+            module: Any = model.get_submodule(_head_name(model))
+            module.weight.copy_(head.weight)
+            if head.bias is not None and getattr(module, "bias", None) is not None:
+                module.bias.copy_(head.bias)
+            model.config.id2label = dict(enumerate(head.labels))
+            model.config.label2id = {label: i for i, label in enumerate(head.labels)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (record.path / name).exists():
+            shutil.copy2(record.path / name, out / name)
+    return out
+
+
+def _head_name(model: nn.Module) -> str:
+    names = {n for n, _ in model.named_modules()}
+    for candidate in ("classifier", "score"):
+        if candidate in names:
+            return candidate
+    raise UnsupportedError(f"{type(model).__name__} has no classifier/score head", "use a BERT-style or decoder base")

@@ -1,0 +1,260 @@
+"""The multi-adapter linear: one frozen base linear plus a stack of LoRA pairs, applied per batch row.
+
+Every wrapped module holds, for the adapters that target it, ``A`` stacked as ``[S, R, d_in]`` and
+``scale·B`` stacked as ``[S, d_out, R]`` (``S`` local slots, slot 0 all zeros; ``R`` the largest resident
+rank, smaller ranks zero-padded — exact, because padded rows/columns contribute exact zeros). Each batch
+only computes up to the largest rank *it* uses on that module (a view of the stacks), and skips modules
+that none of its rows adapt, so one resident rank-256 adapter does not slow batches of rank-16 ones. A shared
+:class:`BatchContext` carries the batch's per-row *global* adapter slot as a device tensor; each module maps
+it to its local slot with a lookup table, so an adapter that does not target a module (or a row with no
+adapter, or a soft-prompt row) lands on the zero slot.
+
+Two batched operations, in the spirit of Punica's BGMV/SGMV and S-LoRA, both plain torch (CPU and GPU):
+
+- ``gather`` (BGMV): gather each row's ``A`` and ``B`` by index and run two batched matmuls (shrink
+  ``x·Aᵀ`` to rank, expand by ``Bᵀ``). Reads each adapter once per row that uses it.
+- ``dense``: once per batch, concatenate the batch's adapters into ``[P·R, d_in]`` / ``[P·R, d_out]``;
+  per step, one matmul to all ``P·R`` rank channels, a per-row mask keeping the row's own adapter, one
+  matmul back. Reads each adapter of the batch once per step (the bytes bound) at ``P×`` the (tiny) LoRA
+  multiply-adds — the better trade where decode is memory-bound (GPUs).
+
+Neither loops over adapters in Python, has data-dependent shapes, or synchronises with the host inside a
+step (per-batch bookkeeping happens once, before the first step), so a decode step stays capturable by
+CUDA graphs once the index lives in a persistent buffer (:meth:`BatchContext.set_rows` copies into one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapterhub_local.errors import ShapeMismatchError, UnsupportedError
+
+
+class BatchContext:
+    """Per-batch state shared by every :class:`MultiLoraLinear` of one model."""
+
+    def __init__(self, device: torch.device, max_rows: int = 256, strategy: str = "auto") -> None:
+        self.device = device
+        self.strategy = resolve_strategy(strategy, device)
+        """``gather`` (per-row BGMV) or ``dense`` (batch adapters concatenated, output masked per row)."""
+        self._buffer = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.slots: torch.Tensor | None = None
+        """``[rows]`` global slot per row (0 = no LoRA) or ``None``: no LoRA in this batch, base only."""
+        self.present: frozenset[int] = frozenset()
+        """The distinct global slots of the batch (host side, set once per batch)."""
+        self.version = 0
+        """Bumped per batch, so modules recompute their per-batch rank once (not per step)."""
+
+    def set_rows(self, slots: list[int]) -> None:
+        """Point the batch at these global slots (copied into a persistent device buffer)."""
+        self.version += 1
+        self.present = frozenset(slots) - {0}
+        if not self.present:
+            self.slots = None
+            return
+        if len(slots) > self._buffer.numel():
+            self._buffer = torch.zeros(2 * len(slots), dtype=torch.long, device=self.device)
+        view = self._buffer[: len(slots)]
+        view.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        self.slots = view
+
+    def clear(self) -> None:
+        self.slots = None
+        self.present = frozenset()
+        self.version += 1
+
+
+STRATEGIES = ("auto", "gather", "dense")
+
+
+def resolve_strategy(strategy: str, device: torch.device) -> str:
+    """``auto``: ``dense`` on GPUs, where decode is bound by bytes read and dense reads each adapter of the
+    batch once (gathering copies it once per row); ``gather`` on CPUs, where dense's extra multiply-adds cost
+    more than the copies (measured in ``benchmarks/serving.py``)."""
+    if strategy not in STRATEGIES:
+        raise UnsupportedError(f"unknown multi-LoRA strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        return "dense" if device.type == "cuda" else "gather"
+    return strategy
+
+
+def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``y[i] = x[i] · A[rows[i]]ᵀ · B[rows[i]]ᵀ`` for a batch of rows.
+
+    ``x``: ``[B, T, d_in]``; ``a_stack``: ``[S, R, d_in]``; ``b_stack``: ``[S, d_out, R]`` (scale folded in);
+    ``rows``: ``[B]`` long. Returns ``[B, T, d_out]``.
+    """
+    a = a_stack.index_select(0, rows)  # [B, R, d_in]
+    b = b_stack.index_select(0, rows)  # [B, d_out, R]
+    shrunk = torch.bmm(x, a.transpose(1, 2))  # [B, T, R]
+    return torch.bmm(shrunk, b.transpose(1, 2))  # [B, T, d_out]
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A linear module's weight tensor."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
+    """``(d_in, d_out, fan_in_fan_out)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D":
+        weight = weight_of(module)
+        return int(weight.shape[0]), int(weight.shape[1]), True
+    raise UnsupportedError(f"cannot attach LoRA to a {type(module).__name__}", "target nn.Linear or Conv1D modules")
+
+
+class MultiLoraLinear(nn.Module):
+    """A base linear plus any number of resident LoRA adapters, selected per row by the batch context."""
+
+    def __init__(self, base: nn.Module, context: BatchContext, name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.d_in, self.d_out, self.fan_in_fan_out = linear_dims(base)
+        self._context = context
+        weight = weight_of(base)
+        self._dtype: torch.dtype = weight.dtype
+        self._device: torch.device = weight.device
+        self.rank = 1  # R: the padded rank of the stacks
+        self.a_stack = torch.zeros(2, self.rank, self.d_in, dtype=self._dtype, device=self._device)
+        self.b_stack = torch.zeros(2, self.d_out, self.rank, dtype=self._dtype, device=self._device)
+        self.slot_map = torch.zeros(8, dtype=torch.long, device=self._device)  # global slot -> local slot
+        self._local: dict[int, int] = {}  # global slot -> local slot
+        self._ranks: dict[int, int] = {}  # local slot -> rank
+        self._seen_version = -1
+        self._batch_rank = 0  # largest rank among this batch's adapters on this module (0 = none)
+        self._rows_local = torch.zeros(1, dtype=torch.long, device=self._device)
+        self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (so code that inspects ``module.weight`` keeps working)."""
+        return weight_of(self.base)
+
+    @property
+    def active(self) -> int:
+        """How many resident adapters target this module."""
+        return len(self._local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        rows = self._context.slots
+        if rows is None or not self._local:
+            return y
+        if self._seen_version != self._context.version:
+            self._prepare_batch(rows)
+        if self._batch_rank == 0:  # no row of this batch has an adapter on this module
+            return y
+        x3 = x.reshape(rows.shape[0], -1, self.d_in).to(self._dtype)
+        if self._dense is not None:
+            a_cat, b_cat, mask = self._dense
+            delta = ((x3 @ a_cat.T) * mask) @ b_cat  # [B, T, P·R] masked to each row's own adapter
+        else:
+            rank = self._batch_rank
+            delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :, :rank], self._rows_local)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _prepare_batch(self, rows: torch.Tensor) -> None:
+        """Once per batch (host-side bookkeeping plus a few device ops, no host sync): the largest rank this
+        batch uses here, each row's local slot, and for the dense strategy the batch's adapters concatenated."""
+        self._seen_version = self._context.version
+        present = sorted({self._local[g] for g in self._context.present if g in self._local})
+        self._batch_rank = rank = max((self._ranks[s] for s in present), default=0)
+        self._dense = None
+        if rank == 0:
+            return
+        # Global slots this module never held (adapters that do not target it) map to local slot 0 (zeros).
+        known = rows < self.slot_map.numel()
+        local = self.slot_map.index_select(0, torch.where(known, rows, torch.zeros_like(rows)))  # [B]
+        self._rows_local = local
+        if self._context.strategy == "dense":
+            index = torch.tensor(present, dtype=torch.long, device=self._device)
+            a_cat = self.a_stack.index_select(0, index)[:, :rank].reshape(-1, self.d_in)  # [P·R, d_in]
+            b_cat = self.b_stack.index_select(0, index)[:, :, :rank].permute(0, 2, 1).reshape(-1, self.d_out)
+            owner = (local[:, None] == index[None, :]).to(self._dtype)  # [B, P]
+            mask = owner.repeat_interleave(rank, dim=1)[:, None, :]  # [B, 1, P·R]
+            self._dense = (a_cat, b_cat.contiguous(), mask)
+
+    # ------------------------------------------------------------ residency
+    def install(self, global_slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
+        """Place an adapter's ``A`` ``[r, d_in]`` and ``scale·B`` ``[d_out, r]`` in a free local slot."""
+        rank = int(a.shape[0])
+        self._seen_version = -1
+        if tuple(a.shape) != (rank, self.d_in) or tuple(b_scaled.shape) != (self.d_out, rank):
+            raise ShapeMismatchError(
+                f"{self.name}: LoRA A {list(a.shape)} / B {list(b_scaled.shape)} do not fit a {self.d_in}→{self.d_out} "
+                "linear", "use an adapter made for this base")
+        if global_slot in self._local:
+            self.uninstall(global_slot)
+        if rank > self.rank:
+            self._resize(rank, self.a_stack.shape[0])
+        used = set(self._local.values())
+        local = next((s for s in range(1, self.a_stack.shape[0]) if s not in used), None)
+        if local is None:
+            local = self.a_stack.shape[0]
+            self._resize(self.rank, 2 * local)
+        if global_slot >= self.slot_map.numel():
+            grown = torch.zeros(2 * global_slot + 2, dtype=torch.long, device=self._device)
+            grown[: self.slot_map.numel()] = self.slot_map
+            self.slot_map = grown
+        self.a_stack[local].zero_()
+        self.b_stack[local].zero_()
+        self.a_stack[local, :rank].copy_(a)
+        self.b_stack[local, :, :rank].copy_(b_scaled)
+        self.slot_map[global_slot] = local
+        self._local[global_slot] = local
+        self._ranks[local] = rank
+
+    def uninstall(self, global_slot: int) -> None:
+        """Drop an adapter; shrink the padded rank when the largest resident adapters are gone."""
+        local = self._local.pop(global_slot, None)
+        self._seen_version = -1
+        if local is None:
+            return
+        self.slot_map[global_slot] = 0
+        self.a_stack[local].zero_()
+        self.b_stack[local].zero_()
+        self._ranks.pop(local, None)
+        top = max(self._ranks.values(), default=1)
+        if top * 2 <= self.rank:  # padding would now cost more than twice the work needed
+            self._resize(top, self.a_stack.shape[0])
+
+    def _resize(self, rank: int, slots: int) -> None:
+        a = torch.zeros(slots, rank, self.d_in, dtype=self._dtype, device=self._device)
+        b = torch.zeros(slots, self.d_out, rank, dtype=self._dtype, device=self._device)
+        keep_s, keep_r = min(slots, self.a_stack.shape[0]), min(rank, self.rank)
+        a[:keep_s, :keep_r] = self.a_stack[:keep_s, :keep_r]
+        b[:keep_s, :, :keep_r] = self.b_stack[:keep_s, :, :keep_r]
+        self.a_stack, self.b_stack, self.rank = a, b, rank
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The module at dotted path ``name``."""
+    return model.get_submodule(name)
+
+
+def wrap(model: nn.Module, name: str, context: BatchContext) -> MultiLoraLinear:
+    """Wrap the linear at ``name`` once (idempotent) and return its wrapper."""
+    module = model.get_submodule(name)
+    if isinstance(module, MultiLoraLinear):
+        return module
+    wrapper = MultiLoraLinear(module, context, name)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, wrapper)
+    return wrapper
+
+
+def base_linear(model: nn.Module, name: str) -> nn.Module:
+    """The underlying base linear at ``name`` (through a wrapper if there is one)."""
+    module = model.get_submodule(name)
+    return module.base if isinstance(module, MultiLoraLinear) else module
+
+
+def wrappers(model: nn.Module) -> list[MultiLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, MultiLoraLinear)]

@@ -1,0 +1,181 @@
+"""The adapter pool: adapters come from the registry on first use and stay resident while they fit.
+
+Three tiers: the *device* tier (installed in the model's multi-adapter stacks, bounded by
+``capacity_bytes``), the *host* tier (prepared tensors in CPU memory, bounded by ``host_bytes``) and the
+registry on disk. Both caches evict least-recently-used first; pinned adapters are never evicted from the
+device. Eviction only moves bytes: an adapter reloaded later is the same bytes, so answers never change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from adapterhub_local.errors import UnsupportedError
+from adapterhub_local.inference.adapters import PreparedAdapter, prepare
+from adapterhub_local.inference.types import PoolStats
+from adapterhub_local.registry.store import Registry
+
+log = logging.getLogger("adapterhub_local.inference")
+
+
+class Installer(Protocol):
+    """What the pool drives: put an adapter's tensors on the device in a slot, and take them off."""
+
+    def install(self, slot: int, adapter: PreparedAdapter) -> None: ...
+
+    def uninstall(self, slot: int, adapter: PreparedAdapter) -> None: ...
+
+
+class AdapterPool:
+    """LRU-by-bytes pool of adapters over the registry. Slot 0 is reserved for "no adapter"."""
+
+    def __init__(self, registry: Registry, base: str, model: nn.Module, installer: Installer, capacity_bytes: int,
+                 host_bytes: int, dtype: torch.dtype) -> None:
+        self.registry = registry
+        self.base = base
+        self.model = model
+        self.installer = installer
+        self.capacity_bytes = int(capacity_bytes)
+        self.host_bytes = int(host_bytes)
+        self.dtype = dtype
+        self.device: OrderedDict[str, tuple[int, PreparedAdapter]] = OrderedDict()  # ref -> (slot, adapter)
+        self.host: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self.pinned: set[str] = set()
+        self._free: list[int] = []
+        self._next_slot = 1
+        self.stats = PoolStats(capacity_bytes=self.capacity_bytes)
+        self._resolved: dict[str, str] = {}
+        self._fresh: set[str] = set()  # loaded from disk and not installed since (not a host hit)
+        self.loader: Callable[[str], PreparedAdapter] = self._load_from_registry
+
+    # ----------------------------------------------------------- host tier
+    def resolve(self, ref: str) -> str:
+        """Canonical ``name@version`` for a reference (``name`` follows the latest version)."""
+        if "@" in ref and not ref.startswith("sha256:"):
+            return self._resolved.setdefault(ref, self.registry.resolve(ref).ref)
+        return self.registry.resolve(ref).ref
+
+    def _load_from_registry(self, ref: str) -> PreparedAdapter:
+        loaded = self.registry.load_adapter(ref, base=self.base)
+        return prepare(loaded, self.model, self.dtype)
+
+    def get(self, ref: str) -> PreparedAdapter:
+        """The prepared adapter, from the device or host tier or (a miss) from disk."""
+        if ref in self.device:
+            return self.device[ref][1]
+        if ref in self.host:
+            self.host.move_to_end(ref)
+            return self.host[ref]
+        adapter = self.loader(ref)
+        self.stats.misses += 1
+        self._fresh.add(ref)
+        self._keep_on_host(adapter)
+        return adapter
+
+    def _keep_on_host(self, adapter: PreparedAdapter) -> None:
+        self.host[adapter.ref] = adapter
+        self.host.move_to_end(adapter.ref)
+        while self._host_used() > self.host_bytes and len(self.host) > 1:
+            ref, _ = self.host.popitem(last=False)
+            log.debug("host cache dropped %s", ref)
+        self._refresh()
+
+    def _host_used(self) -> int:
+        return sum(a.nbytes for a in self.host.values())
+
+    # --------------------------------------------------------- device tier
+    def nbytes(self, ref: str) -> int:
+        return self.get(ref).nbytes
+
+    def fits_together(self, refs: set[str]) -> bool:
+        """Whether these adapters (plus every pinned one) fit on the device at once."""
+        needed = sum(self.nbytes(r) for r in refs | self.pinned)
+        return needed <= self.capacity_bytes
+
+    def acquire(self, refs: list[str]) -> dict[str, int]:
+        """Make every adapter in ``refs`` resident at once; returns ref → global slot."""
+        wanted = list(dict.fromkeys(refs))
+        if not self.fits_together(set(wanted)):
+            raise UnsupportedError(
+                f"adapters {wanted} do not fit the pool ({self.capacity_bytes} bytes, pinned: {sorted(self.pinned)})",
+                "raise pool_bytes, unpin adapters, or send fewer adapters per batch")
+        slots: dict[str, int] = {}
+        for ref in wanted:
+            if ref in self.device:
+                self.stats.hits += 1
+                self.device.move_to_end(ref)
+                slots[ref] = self.device[ref][0]
+                continue
+            adapter = self.get(ref)
+            if ref in self._fresh:
+                self._fresh.discard(ref)
+            else:
+                self.stats.host_hits += 1
+            self._make_room(adapter.nbytes, keep=set(wanted))
+            slot = self._free.pop() if self._free else self._take_slot()
+            self.installer.install(slot, adapter)
+            self.device[ref] = (slot, adapter)
+            slots[ref] = slot
+        self._refresh()
+        return slots
+
+    def _take_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def _device_used(self) -> int:
+        return sum(a.nbytes for _, a in self.device.values())
+
+    def _make_room(self, nbytes: int, keep: set[str]) -> None:
+        for ref in list(self.device):
+            if self._device_used() + nbytes <= self.capacity_bytes:
+                return
+            if ref in keep or ref in self.pinned:
+                continue
+            self.evict(ref)
+
+    def evict(self, ref: str) -> None:
+        """Take an adapter off the device (it stays in the host cache while that has room)."""
+        entry = self.device.pop(ref, None)
+        if entry is None:
+            return
+        slot, adapter = entry
+        self.installer.uninstall(slot, adapter)
+        self._free.append(slot)
+        self.stats.evictions += 1
+        self._keep_on_host(adapter)
+        log.debug("evicted %s from slot %d", ref, slot)
+
+    def unload(self, ref: str) -> None:
+        """Drop an adapter from every tier (and unpin it)."""
+        self.pinned.discard(ref)
+        self.evict(ref)
+        self.host.pop(ref, None)
+        self._refresh()
+
+    def pin(self, ref: str) -> None:
+        """Keep an adapter on the device until unpinned (loads it now)."""
+        if not self.fits_together({ref}):
+            raise UnsupportedError(f"pinning {ref} would exceed the pool ({self.capacity_bytes} bytes)",
+                                   "raise pool_bytes or unpin another adapter")
+        self.pinned.add(ref)
+        self.acquire([ref])
+
+    def unpin(self, ref: str) -> None:
+        self.pinned.discard(ref)
+
+    def tier(self, ref: str) -> str:
+        return "device" if ref in self.device else "host" if ref in self.host else "disk"
+
+    def _refresh(self) -> None:
+        self.stats.resident = len(self.device)
+        self.stats.resident_bytes = self._device_used()
+        self.stats.host_resident = len(self.host)
+        self.stats.host_bytes = self._host_used()
