@@ -1,15 +1,19 @@
 """Server load: requests/s and p50/p95 latency at 1, 8 and 64 concurrent clients with 1 and 16 adapters,
-for the batching server against the same server serving one request at a time (``--max-batch 1``), in
-one run on the same machine.
+for three servers in one run on the same machine: continuous (token-level) batching, dynamic batching
+(``--no-continuous``: a batch forms in a short window and decodes to completion) and one request at a
+time (``--max-batch 1 --no-continuous``, the baseline).
 
-Each server is a real ``adapterhub serve`` process on 127.0.0.1; clients are asyncio tasks in this
-process (one keep-alive connection each), each sending its requests back to back (closed loop), greedy,
-fixed ``max_tokens``. Every
-adapter is warmed up first, so cold loads are not measured. The model is a small random-weight Llama
+Each server is a real ``adapterhub serve --mode swap`` process on 127.0.0.1; clients are asyncio tasks in
+this process (one keep-alive connection each), each sending its requests back to back (closed loop),
+greedy, with mixed ``max_tokens`` (``--tokens``, cycled over the requests) so that short requests share
+batches with long ones: that is where continuous batching returns early finishers at once while dynamic
+batching holds them until the batch's longest row is done ("short p50" is the median latency of the
+requests with the smallest ``max_tokens``). Every adapter is warmed up first, so cold loads are not
+measured. The model is a small random-weight Llama
 built on the spot (no downloads), so the figures measure serving overhead and batching, not quality.
 
-    .venv/bin/python benchmarks/server_load.py                 # CPU defaults, about two minutes
-    .venv/bin/python benchmarks/server_load.py --hidden 256 --layers 4 --tokens 32 --per-client 4
+    .venv/bin/python benchmarks/server_load.py                 # CPU defaults, a few minutes
+    .venv/bin/python benchmarks/server_load.py --hidden 256 --layers 4 --tokens 8 32 --per-client 4
 
 Writes ``benchmarks/results/server_load.json`` and ``.md`` (or ``--out DIR``).
 """
@@ -42,7 +46,7 @@ from tests.server.assets import add_loras, make_chat_base  # noqa: E402
 
 @dataclass
 class Scenario:
-    server: str  # "batched" | "one-at-a-time"
+    server: str  # "continuous" | "dynamic" | "one-at-a-time"
     clients: int
     adapters: int
     requests: int
@@ -53,7 +57,10 @@ class Scenario:
     errors: int
     tokens_per_s: float
     mean_batch: float
-    """Mean rows per engine batch during the scenario (from the server's /metrics)."""
+    """Mean rows per engine batch during the scenario (from the server's /metrics; for continuous batching,
+    the rows decoding together right after each admission)."""
+    short_p50_ms: float
+    """Median latency of the requests with the smallest ``max_tokens``."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,10 +85,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(registry: Path, max_batch: int, log: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(registry: Path, max_batch: int, continuous: bool, log: Path,
+                 threads: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-c", "from adapterhub_local.cli import run; run()", "--registry", str(registry),
                "serve", "--base", "bench", "--port", str(port), "--mode", "swap", "--max-batch", str(max_batch),
+               "--continuous" if continuous else "--no-continuous",
                "--log-level", "warning", "--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as handle:
@@ -140,9 +149,10 @@ class Connection:
             self.writer.close()
 
 
-async def run_load(url: str, names: list[str], clients: int, per_client: int, tokens: int,
-                   prompt: str) -> tuple[list[float], int, int, float]:
-    latencies: list[float] = []
+async def run_load(url: str, names: list[str], clients: int, per_client: int, tokens: list[int],
+                   prompt: str) -> tuple[list[tuple[int, float]], int, int, float]:
+    """Returns ``(max_tokens, seconds)`` per request, errors, generated tokens and wall time."""
+    latencies: list[tuple[int, float]] = []
     errors = 0
     generated = 0
 
@@ -151,11 +161,13 @@ async def run_load(url: str, names: list[str], clients: int, per_client: int, to
         connection = Connection(url)
         try:
             for i in range(per_client):
-                body = {"model": names[(c * per_client + i) % len(names)], "prompt": f"{prompt} {c}.{i}",
-                        "max_tokens": tokens, "temperature": 0}
+                n = c * per_client + i
+                max_tokens = tokens[(c + i) % len(tokens)]
+                body = {"model": names[n % len(names)], "prompt": f"{prompt} {c}.{i}",
+                        "max_tokens": max_tokens, "temperature": 0}
                 started = time.perf_counter()
                 status, answer = await connection.post("/v1/completions", body)
-                latencies.append(time.perf_counter() - started)
+                latencies.append((max_tokens, time.perf_counter() - started))
                 if status != 200:
                     errors += 1
                 else:
@@ -180,42 +192,77 @@ def build(work: Path, adapters: int, hidden: int, layers: int) -> Path:
 def markdown(rows: list[Scenario], meta: dict[str, object]) -> str:
     by_key = {(r.server, r.clients, r.adapters): r for r in rows}
     lines = [
-        "# Server load: batching server vs one request at a time",
+        "# Server load: continuous vs dynamic batching vs one request at a time",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Model: random Llama, hidden {meta['hidden']}, {meta['layers']} layers; {meta['tokens']} new tokens per "
-        f"request, greedy; {meta['per_client']} requests per client (at least {meta['min_requests']} per "
-        f"scenario); server torch threads {meta['threads']}; machine: {meta['machine']}, load average "
-        f"{meta['load_average_1m']} at the end (other jobs share it).",
+        f"Model: random Llama, hidden {meta['hidden']}, {meta['layers']} layers; max_tokens cycled over "
+        f"{meta['tokens']} per request, greedy; {meta['per_client']} requests per client (at least "
+        f"{meta['min_requests']} per scenario) in each of {meta['rounds']} interleaved rounds; server torch "
+        f"threads {meta['threads']}; machine: {meta['machine']}, load average {meta['load_average_1m']} at the "
+        "end (other jobs share it).",
         "",
-        "| clients | adapters | batched req/s | one-at-a-time req/s | speed-up | batched p50 / p95 ms | "
-        "one-at-a-time p50 / p95 ms | mean batch | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "req/s: the median round's; latency (ms, whole request) over all rounds' requests; *short p50*: median "
+        "latency of the requests with the smallest max_tokens; *cont/dyn*, *dyn/1*: req/s ratios; *batch*: mean "
+        "rows per engine batch (continuous: rows decoding together after each admission).",
+        "",
+        "| clients | adapters | req/s cont / dyn / 1-at-a-time | cont/dyn | dyn/1 | p50 ms cont / dyn / 1 | "
+        "p95 ms cont / dyn / 1 | short p50 ms cont / dyn / 1 | batch cont / dyn | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for clients in meta["clients"]:  # type: ignore[attr-defined]
         for adapters in meta["adapter_counts"]:  # type: ignore[attr-defined]
-            b = by_key[("batched", clients, adapters)]
+            c = by_key[("continuous", clients, adapters)]
+            d = by_key[("dynamic", clients, adapters)]
             s = by_key[("one-at-a-time", clients, adapters)]
-            lines.append(f"| {clients} | {adapters} | {b.rps:.1f} | {s.rps:.1f} | {b.rps / s.rps:.2f}× | "
-                         f"{b.p50_ms:.0f} / {b.p95_ms:.0f} | {s.p50_ms:.0f} / {s.p95_ms:.0f} | {b.mean_batch:.1f} | "
-                         f"{b.errors + s.errors} |")
+            lines.append(f"| {clients} | {adapters} | {c.rps:.1f} / {d.rps:.1f} / {s.rps:.1f} | "
+                         f"{c.rps / d.rps:.2f}× | {d.rps / s.rps:.2f}× | "
+                         f"{c.p50_ms:.0f} / {d.p50_ms:.0f} / {s.p50_ms:.0f} | "
+                         f"{c.p95_ms:.0f} / {d.p95_ms:.0f} / {s.p95_ms:.0f} | "
+                         f"{c.short_p50_ms:.0f} / {d.short_p50_ms:.0f} / {s.short_p50_ms:.0f} | "
+                         f"{c.mean_batch:.1f} / {d.mean_batch:.1f} | {c.errors + d.errors + s.errors} |")
     return "\n".join(lines) + "\n"
 
 
-def measure(url: str, server: str, names: list[str], clients: int, args: argparse.Namespace) -> Scenario:
-    """One scenario against one server."""
+@dataclass
+class Round:
+    """One server's share of one round of a scenario."""
+
+    latencies: list[tuple[int, float]]
+    errors: int
+    generated: int
+    wall: float
+    rows: float
+    batches: float
+
+
+def measure_round(url: str, names: list[str], clients: int, args: argparse.Namespace) -> Round:
     per_client = max(args.per_client, -(-args.min_requests // clients))
     rows_before, batches_before = batch_totals(url)
     latencies, errors, generated, wall = asyncio.run(
         run_load(url, names, clients, per_client, args.tokens, "Benchmark prompt"))
     rows_after, batches_after = batch_totals(url)
+    return Round(latencies, errors, generated, wall, rows_after - rows_before, batches_after - batches_before)
+
+
+def summarise(server: str, names: list[str], clients: int, rounds: list[Round], args: argparse.Namespace) -> Scenario:
+    """Pool the rounds: latency percentiles over every request, req/s the median round's (the machine is
+    shared, so one slow round from outside load does not decide a figure)."""
+    latencies = [x for r in rounds for x in r.latencies]
+    wall = sum(r.wall for r in rounds)
+    errors = sum(r.errors for r in rounds)
+    generated = sum(r.generated for r in rounds)
+    rows_run, batches = sum(r.rows for r in rounds), sum(r.batches for r in rounds)
+    seconds = [t for _, t in latencies]
+    short = [t for n, t in latencies if n == min(args.tokens)]
     row = Scenario(server=server, clients=clients, adapters=len(names), requests=len(latencies),
-                   seconds=round(wall, 3), rps=len(latencies) / wall, p50_ms=1000 * statistics.median(latencies),
-                   p95_ms=1000 * percentile(latencies, 0.95), errors=errors, tokens_per_s=generated / wall,
-                   mean_batch=(rows_after - rows_before) / max(1.0, batches_after - batches_before))
+                   seconds=round(wall, 3), rps=statistics.median(len(r.latencies) / r.wall for r in rounds),
+                   p50_ms=1000 * statistics.median(seconds),
+                   p95_ms=1000 * percentile(seconds, 0.95), errors=errors, tokens_per_s=generated / wall,
+                   mean_batch=rows_run / max(1.0, batches),
+                   short_p50_ms=1000 * statistics.median(short) if short else float("nan"))
     print(f"{server:>14} clients={clients:>3} adapters={len(names):>2} {row.rps:7.1f} req/s "
-          f"p50 {row.p50_ms:7.1f} ms p95 {row.p95_ms:7.1f} ms batch {row.mean_batch:5.1f} errors {errors}",
-          flush=True)
+          f"p50 {row.p50_ms:7.1f} ms p95 {row.p95_ms:7.1f} ms short p50 {row.short_p50_ms:7.1f} ms "
+          f"batch {row.mean_batch:5.1f} errors {errors}", flush=True)
     return row
 
 
@@ -225,17 +272,19 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--per-client", type=int, default=3, help="Requests each client sends.")
     parser.add_argument("--min-requests", type=int, default=24, help="At least this many requests per scenario.")
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4, 16, 48],
+                        help="max_tokens values, cycled over the requests (mixed lengths).")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds per scenario and server.")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--max-batch", type=int, default=64, help="The batching server's --max-batch.")
+    parser.add_argument("--max-batch", type=int, default=64, help="The batching servers' --max-batch.")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads in the server process.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
     rows: list[Scenario] = []
-    servers = {"batched": args.max_batch, "one-at-a-time": 1}
+    servers = {"continuous": (args.max_batch, True), "dynamic": (args.max_batch, False), "one-at-a-time": (1, False)}
     with tempfile.TemporaryDirectory(prefix="server-load-") as tmp:
         work = Path(tmp)
         registry = build(work, max(args.adapters), args.hidden, args.layers)
@@ -245,14 +294,21 @@ def main() -> None:
         urls: dict[str, str] = {}
         processes = []
         try:
-            for server, max_batch in servers.items():
-                process, urls[server] = start_server(registry, max_batch, work / f"{server}.log", args.threads)
+            for server, (max_batch, continuous) in servers.items():
+                process, urls[server] = start_server(registry, max_batch, continuous, work / f"{server}.log",
+                                                     args.threads)
                 processes.append(process)
-                asyncio.run(run_load(urls[server], names, len(names), 1, 2, "warm up"))  # load every adapter
+                asyncio.run(run_load(urls[server], names, len(names), 1, [2], "warm up"))  # load every adapter
             for clients in args.clients:
                 for adapters in args.adapters:
-                    for server, url in urls.items():
-                        rows.append(measure(url, server, names[:adapters], clients, args))
+                    # Rounds interleave the servers (in a rotating order), so outside load hits all of them alike.
+                    rounds: dict[str, list[Round]] = {server: [] for server in urls}
+                    order = list(urls)
+                    for k in range(args.rounds):
+                        for server in order[k % len(order):] + order[:k % len(order)]:
+                            rounds[server].append(measure_round(urls[server], names[:adapters], clients, args))
+                    for server in urls:
+                        rows.append(summarise(server, names[:adapters], clients, rounds[server], args))
         finally:
             for process in processes:
                 stop_server(process)
@@ -261,13 +317,18 @@ def main() -> None:
         "command": " ".join(["python benchmarks/server_load.py", *sys.argv[1:]]),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "hidden": args.hidden, "layers": args.layers, "tokens": args.tokens, "per_client": args.per_client,
+        "rounds": args.rounds,
         "min_requests": args.min_requests,
         "clients": args.clients, "adapter_counts": args.adapters, "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                    f"{platform.python_version()}",
     }
-    ratios = {f"{c}x{a}": next(r.rps for r in rows if (r.server, r.clients, r.adapters) == ("batched", c, a))
-              / next(r.rps for r in rows if (r.server, r.clients, r.adapters) == ("one-at-a-time", c, a))
+    def rps(server: str, c: int, a: int) -> float:
+        return next(r.rps for r in rows if (r.server, r.clients, r.adapters) == (server, c, a))
+
+    ratios = {f"{c}x{a}": {"continuous/one-at-a-time": rps("continuous", c, a) / rps("one-at-a-time", c, a),
+                           "dynamic/one-at-a-time": rps("dynamic", c, a) / rps("one-at-a-time", c, a),
+                           "continuous/dynamic": rps("continuous", c, a) / rps("dynamic", c, a)}
               for c in args.clients for a in args.adapters}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "server_load.json").write_text(json.dumps(

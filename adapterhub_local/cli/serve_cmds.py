@@ -30,6 +30,9 @@ def serve(
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; fewer helps a busy CPU)."),
     max_batch: int = typer.Option(64, help="Most requests in one engine batch."),
     window_ms: float = typer.Option(4.0, help="How long an idle engine waits for a batch to fill (ms)."),
+    continuous: bool = typer.Option(True, "--continuous/--no-continuous",
+                                    help="Token-level batching in swap mode: requests join the running batch at "
+                                         "the next step and return when done (off: dynamic batching)."),
     timeout: float = typer.Option(300.0, help="Per-request timeout in seconds (504 after it)."),
     drain: float = typer.Option(30.0, help="Seconds queued work may still run on shutdown."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
@@ -77,7 +80,8 @@ def serve(
         engine.load(ref)
     config = ServerConfig(
         auth=AuthConfig(api_key=api_key, protect_public=protect_public),
-        scheduler=SchedulerConfig(window_ms=window_ms, max_batch=max_batch, timeout_s=timeout, drain_s=drain),
+        scheduler=SchedulerConfig(window_ms=window_ms, max_batch=max_batch, timeout_s=timeout, drain_s=drain,
+                                  continuous=continuous),
     )
     server_app = create_app(engine, registry, base, config)
     uvicorn.run(server_app, host=host, port=port, log_config=None, timeout_graceful_shutdown=int(drain) + 5)

@@ -10,6 +10,7 @@ Public API (stable; the CLI and the HTTP server use only this)::
     engine.load(ref, pin=True); engine.unload(ref); engine.pin(ref); engine.unpin(ref); engine.adapters()
     engine.set_mode("merge" | "swap" | "auto"); engine.merge(ref); engine.unmerge()
     engine.stats(); engine.context_length; engine.count_tokens(request)
+    batch = engine.open_batch(); batch.join(requests, keys); batch.step(); batch.leave(key)   # continuous batching
 
 Every public method takes the engine's lock, so it is safe to call from one scheduler thread while other
 threads read ``stats()``; a stream holds the lock until it is exhausted or closed.
@@ -31,6 +32,7 @@ import torch
 
 from adapterhub_local.errors import ConfigError, UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter
+from adapterhub_local.inference.continuous import OpenBatch, editable_cache
 from adapterhub_local.inference.generation import RowState, decode
 from adapterhub_local.inference.merge import Merger, refuse_prompt
 from adapterhub_local.inference.model_state import EngineModel
@@ -49,8 +51,8 @@ from adapterhub_local.inference.types import (
 )
 from adapterhub_local.registry.store import Registry
 
-__all__ = ["ClassificationResult", "Engine", "GenerationResult", "LogitsResult", "Mode", "PoolStats", "Request",
-           "SamplingParams", "StreamEvent"]
+__all__ = ["ClassificationResult", "Engine", "GenerationResult", "LogitsResult", "Mode", "OpenBatch", "PoolStats",
+           "Request", "SamplingParams", "StreamEvent"]
 
 log = logging.getLogger("adapterhub_local.inference")
 Mode = Literal["swap", "merge", "auto"]
@@ -93,6 +95,9 @@ class Engine:
         self.mode: Mode = mode
         self.switches = 0
         self.last_switch_s = 0.0
+        self.open_rows = 0
+        """Live rows of open decode batches (:meth:`open_batch`); merging waits until there are none."""
+        self._editable_cache: bool | None = None
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- facts
@@ -143,6 +148,9 @@ class Engine:
         """Drop an adapter from the device and host caches (unmerging it first if merged)."""
         with self._lock:
             canonical = self.pool.resolve(ref)
+            if canonical in self.pool.busy:
+                raise UnsupportedError(f"adapter {canonical} is in use by {self.pool.busy[canonical]} live row(s)",
+                                       "unload it once their generations finish")
             if self.merged == canonical:
                 self._set_merged(None)
             self.pool.unload(canonical)
@@ -186,9 +194,10 @@ class Engine:
     def merge(self, ref: str) -> float:
         """Merge ``ref`` into the weights now (merge mode); returns the switch time in seconds."""
         with self._lock:
+            seconds = self._set_merged(self.pool.resolve(ref))
             if self.mode == "swap":
                 self.mode = "merge"
-            return self._set_merged(self.pool.resolve(ref))
+            return seconds
 
     def unmerge(self) -> None:
         """Restore the base weights bit for bit."""
@@ -198,6 +207,9 @@ class Engine:
     def _set_merged(self, ref: str | None) -> float:
         if ref == self.merged:
             return 0.0
+        if self.open_rows:
+            raise UnsupportedError(f"cannot change the merged adapter while {self.open_rows} row(s) decode in an "
+                                   "open batch", "wait for the open batch to empty")
         start = time.perf_counter()
         if ref is None:
             self.merger.unmerge()
@@ -277,6 +289,23 @@ class Engine:
                                                                          for r in refs]
 
     # ------------------------------------------------------------ generation
+    @property
+    def can_open_batch(self) -> bool:
+        """Whether :meth:`open_batch` works now: a decoder base whose KV cache rows can be edited, in swap mode
+        with nothing merged (the scheduler batches continuously only then)."""
+        if not self.runner.is_causal or self.mode != "swap" or self.merged is not None:
+            return False
+        if self._editable_cache is None:
+            with self._lock:
+                self.runner.context.clear()  # a plain base forward
+                self._editable_cache = editable_cache(self.runner.model, self.runner.pad_id, self.device)
+        return self._editable_cache
+
+    def open_batch(self, max_rows: int = 64, max_wait_steps: int = 3, fuse_budget: int = 32) -> OpenBatch:
+        """A decode batch that rows join and leave between steps (continuous batching, swap mode); see
+        :class:`adapterhub_local.inference.continuous.OpenBatch` for the options."""
+        return OpenBatch(self, max_rows, max_wait_steps, fuse_budget)
+
     def generate(self, requests: list[Request]) -> list[GenerationResult]:
         """Generate for every request (one batch, or chunks/groups as the mode and pool require)."""
         results: list[GenerationResult | None] = [None] * len(requests)

@@ -9,7 +9,7 @@ device. Eviction only moves bytes: an adapter reloaded later is the same bytes, 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -47,6 +47,8 @@ class AdapterPool:
         self.device: OrderedDict[str, tuple[int, PreparedAdapter]] = OrderedDict()  # ref -> (slot, adapter)
         self.host: OrderedDict[str, PreparedAdapter] = OrderedDict()
         self.pinned: set[str] = set()
+        self.busy: Counter[str] = Counter()
+        """Adapters held by live rows of an open decode batch: never evicted, counted like pinned ones."""
         self._free: list[int] = []
         self._next_slot = 1
         self.stats = PoolStats(capacity_bytes=self.capacity_bytes)
@@ -94,8 +96,8 @@ class AdapterPool:
         return self.get(ref).nbytes
 
     def fits_together(self, refs: set[str]) -> bool:
-        """Whether these adapters (plus every pinned one) fit on the device at once."""
-        needed = sum(self.nbytes(r) for r in refs | self.pinned)
+        """Whether these adapters (plus every pinned or busy one) fit on the device at once."""
+        needed = sum(self.nbytes(r) for r in refs | self.pinned | set(self.busy))
         return needed <= self.capacity_bytes
 
     def acquire(self, refs: list[str]) -> dict[str, int]:
@@ -137,7 +139,7 @@ class AdapterPool:
         for ref in list(self.device):
             if self._device_used() + nbytes <= self.capacity_bytes:
                 return
-            if ref in keep or ref in self.pinned:
+            if ref in keep or ref in self.pinned or ref in self.busy:
                 continue
             self.evict(ref)
 

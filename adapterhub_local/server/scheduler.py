@@ -1,4 +1,9 @@
-"""Dynamic batching: concurrent requests, whatever their adapters, become the engine's mixed batches.
+"""Dynamic and continuous batching: concurrent requests, whatever their adapters, become the engine's mixed
+batches.
+
+Continuous (token-level) batching is the default where the engine supports it (swap mode): see
+:mod:`adapterhub_local.server.continuous`. Otherwise (merge or auto mode, or ``continuous=False``) the
+scheduler batches dynamically, as follows.
 
 One engine thread owns the engine. Requests arrive from the event loop into a queue; the thread waits
 a short window after the oldest waiting request (only when the engine was idle and traffic is
@@ -31,6 +36,7 @@ from typing import Any, TypeVar
 
 from adapterhub_local.inference.types import ClassificationResult, GenerationResult, Request, StreamEvent
 from adapterhub_local.server.backend import ServingEngine
+from adapterhub_local.server.continuous import open_batch_factory, run_continuous
 from adapterhub_local.server.errors import OverloadedError, RequestTimeoutError
 from adapterhub_local.server.metrics import ServerMetrics
 
@@ -52,6 +58,9 @@ class SchedulerConfig:
     """Per-request limit from arrival to the last token (504 after it)."""
     drain_s: float = 30.0
     """On shutdown, how long queued work may still run."""
+    continuous: bool = True
+    """Token-level batching (swap mode): requests join the running batch at the next decode step and leave
+    when done (:mod:`adapterhub_local.server.continuous`); off, or in merge/auto mode: dynamic batching."""
 
 
 @dataclass(eq=False)
@@ -285,6 +294,13 @@ class Scheduler:
                 self._run_classify()
                 continue
             self._gather(head)
+            factory = open_batch_factory(self.engine) if self.config.continuous else None
+            if factory is not None:
+                try:
+                    run_continuous(self, factory)
+                except Exception:  # the loop fails its own rows; the engine thread must live on
+                    log.exception("continuous batching loop failed")
+                continue
             batch = self._select()
             if batch:
                 self._run_batch(batch)

@@ -212,12 +212,12 @@ class CountingEngine:
             yield event
 
 
-def test_a_dropped_stream_stops_its_batch_early(engine: Engine) -> None:
+def test_a_dropped_stream_stops_its_dynamic_batch_early(engine: Engine) -> None:
     counting = CountingEngine(engine)
     long = Request(prompt="go", adapter="lora1", sampling=SamplingParams(max_new_tokens=200, stop_at_eos=False))
 
     async def go() -> None:
-        scheduler = Scheduler(cast(ServingEngine, counting))
+        scheduler = Scheduler(cast(ServingEngine, counting), SchedulerConfig(continuous=False))
         job = scheduler.submit(long, "lora1", streaming=True)
         events = scheduler.stream(job)
         first = await events.__anext__()
