@@ -49,6 +49,19 @@ def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u, s, vh
 
 
+def factored_svd(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``ΔW = scale · B @ A`` from its factors, never forming ``ΔW`` (``O(d·r²)``, not ``O(d³)``).
+
+    With reduced QRs ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``: ``ΔW = Q_B (scale · R_B R_Aᵀ) Q_Aᵀ``, so the SVD of
+    the small core ``U_c S V_cᵀ`` gives ``U = Q_B U_c``, ``S``, ``Vᵀ = V_cᵀ Q_Aᵀ``. Returns ``U [d_out, k]``,
+    ``S [k]``, ``Vh [k, d_in]`` with ``k = min(d_out, d_in, r)``, largest first, in float64.
+    """
+    q_b, r_b = torch.linalg.qr(b.to(torch.float64))  # [d_out, m], [m, r]
+    q_a, r_a = torch.linalg.qr(a.to(torch.float64).T)  # [d_in, n], [n, r]
+    u_c, s, vh_c = torch.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
+    return q_b @ u_c, s, vh_c @ q_a.T
+
+
 def spectrum(delta: torch.Tensor, rank: int | None = None) -> Spectrum:
     """Spectrum and effective ranks of ``delta``; ``rank`` (the adapter's r) caps how many values exist."""
     _, s, _ = svd(delta)

@@ -17,13 +17,13 @@ from adapterhub_local.lora import lora_pairs
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
 from adapterhub_local.sweep.analysis import (
+    SIDES,
     Spectrum,
-    directions,
+    factored_svd,
     random_baseline,
     similarity_summary,
     spectrum_of_values,
     subspace_similarity,
-    svd,
 )
 
 
@@ -88,16 +88,18 @@ class Comparison:
 
 def analyse_adapter(registry: Registry, ref: str, side: str = "right") -> AdapterAnalysis:
     """Spectra and top directions of every LoRA module of ``ref`` (integrity checked on load)."""
+    if side not in SIDES:
+        raise UnsupportedError(f"unknown side {side!r}", f"use one of {', '.join(SIDES)}")
     loaded = registry.load_adapter(ref)
     if loaded.card.kind != "lora":
         raise UnsupportedError(f"{loaded.card.ref} is a {loaded.card.kind} adapter", "compare LoRA adapters")
     spectra: dict[str, Spectrum] = {}
     dirs: dict[str, torch.Tensor] = {}
     for module, pair in sorted(lora_pairs(loaded.tensors, dict(loaded.config)).items()):
-        delta = pair.delta()
-        _, s, _ = svd(delta)
-        spectra[module] = spectrum_of_values(s[: pair.rank])
-        dirs[module] = directions(delta, pair.rank, side)
+        u, s, vh = factored_svd(pair.a, pair.b, pair.scale)
+        spectra[module] = spectrum_of_values(s)
+        keep = spectra[module].numerical_rank  # directions with zero singular value carry no update
+        dirs[module] = u[:, :keep] if side == "left" else vh[:keep].T
     return AdapterAnalysis(loaded.card, spectra, dirs)
 
 

@@ -4,6 +4,7 @@ value spectra, metric against rank on a log2 axis, trainable parameters against 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def pick_modules(modules: Sequence[str], limit: int) -> list[str]:
-    """At most ``limit`` modules spread evenly over the (sorted) list — first and last always included."""
-    ordered = sorted(modules)
+    """At most ``limit`` modules spread evenly over the depth — first and last always included."""
+    ordered = sorted(modules, key=natural_key)
     if len(ordered) <= limit:
         return ordered
     if limit <= 1:
@@ -39,13 +45,17 @@ def similarity_heatmaps(grids: dict[str, torch.Tensor], a: str, b: str, path: Pa
     chosen = pick_modules(list(grids), max_modules)
     cols = min(3, max(len(chosen), 1))
     rows = max(1, -(-len(chosen) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
     image = None
     for ax, module in zip(axes.flat, chosen, strict=False):
         grid = grids[module].numpy()
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper", aspect="auto",
                           extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5), interpolation="nearest")
         ax.set_title(module, fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"j ({b})", fontsize=7)
         ax.set_ylabel(f"i ({a})", fontsize=7)
     for ax in list(axes.flat)[len(chosen):]:

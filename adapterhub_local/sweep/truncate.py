@@ -28,7 +28,7 @@ from adapterhub_local.lora import PEFT_PREFIX, lora_pairs, lora_scale
 from adapterhub_local.registry.cards import AdapterCard, CardInfo
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_tensors
 from adapterhub_local.registry.store import LoadedAdapter, Registry
-from adapterhub_local.sweep.analysis import svd
+from adapterhub_local.sweep.analysis import factored_svd
 
 
 @dataclass
@@ -70,7 +70,7 @@ def truncate_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], r
         # The module's own alpha (alpha_pattern honoured by lora_pairs), recovered from its scale.
         alpha = pair.scale * (math.sqrt(pair.rank) if use_rslora else pair.rank)
         new_scale = lora_scale(alpha, rank, use_rslora)
-        u, s, vh = svd(pair.delta())
+        u, s, vh = factored_svd(pair.a, pair.b, pair.scale)
         k = min(rank, s.numel(), pair.rank)
         root = (s[:k] / new_scale).sqrt()  # [k]
         a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)

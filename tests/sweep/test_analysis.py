@@ -82,3 +82,19 @@ def test_left_and_right_directions_live_in_output_and_input_space() -> None:
     assert directions(delta, side="right").shape == (6, 2)
     with pytest.raises(UnsupportedError):
         directions(delta, side="up")
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "rank"), [(12, 20, 3), (20, 12, 5), (6, 8, 16)])
+def test_factored_svd_matches_the_svd_of_the_product(d_out: int, d_in: int, rank: int) -> None:
+    from adapterhub_local.lora import lora_delta
+    from adapterhub_local.sweep.analysis import factored_svd, svd
+
+    g = torch.Generator().manual_seed(rank)
+    a, b = torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g)
+    u, s, vh = factored_svd(a, b, 0.5)
+    _, s_full, _ = svd(lora_delta(a, b, 0.5))
+    k = min(d_out, d_in, rank)
+    assert s.shape == (k,) and u.shape == (d_out, k) and vh.shape == (k, d_in)
+    assert torch.allclose(s, s_full[:k], rtol=1e-5, atol=1e-6)
+    assert torch.allclose((u * s) @ vh, lora_delta(a, b, 0.5).double(), atol=1e-4)
+    assert torch.allclose(u.T @ u, torch.eye(k, dtype=torch.float64), atol=1e-9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tests.peft_factory import save_lora
 
 def _register(registry: Registry, base_dir: Path, tmp_path: Path, rank: int, **kwargs: object) -> str:
     out = tmp_path / f"lora-r{rank}"
-    save_lora(base_dir, out, rank=rank, **kwargs)  # type: ignore[arg-type]
+    save_lora(base_dir, out, rank=rank, **kwargs)
     card = registry.register_adapter(f"ad-r{rank}", out, "tiny", CardInfo(task="t", metrics={"loss": 1.0}))
     return card.ref
 
@@ -73,7 +74,7 @@ def test_truncated_adapter_registers_with_its_parent_and_loads_in_peft(
     # The registered directory is a PEFT adapter that PEFT reproduces: scale·B@A of the loaded model.
     _, path = llama_registry.verified_path(card.ref, "tiny")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), path)
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer: Any = model.base_model.model.model.layers[0].self_attn.q_proj  # type: ignore[union-attr,index]
     peft_delta = layer.get_delta_weight("default")
     ours = _deltas(llama_registry.load_adapter(card.ref).tensors, {"r": 2, "lora_alpha": card.alpha})
     assert torch.allclose(peft_delta, ours["model.layers.0.self_attn.q_proj"], atol=1e-6)

@@ -1,0 +1,105 @@
+"""Rank commands: ``sweep`` (train and report a LoRA rank sweep), ``compare`` (metrics, spectra, effective rank
+and subspace similarity of adapters side by side), ``truncate`` (SVD-truncate an adapter to a lower rank)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adapterhub_local.cli.common import app, console, get_registry, parse_overrides, print_json, table
+
+
+@app.command("compare")
+def compare_cmd(
+    refs: list[str] = typer.Argument(..., help="Adapter references (give one twice to compare it with itself)."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Directory for compare.json/md and PNGs."),
+    side: str = typer.Option("right", help="Singular vectors of ΔW to compare: right (input) or left (output)."),
+    max_modules: int = typer.Option(6, help="Heatmaps per adapter pair (modules spread over the depth)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Metrics side by side, spectrum and effective rank of each ΔW, and the normalised subspace similarity
+    φ(i, j) = ||U_iᵀ U_j||²_F / min(i, j) between every pair, per module (LoRA paper §7)."""
+    from adapterhub_local.sweep.compare import compare, metric_names, write_comparison
+
+    result = compare(get_registry(), refs, side=side)
+    written = write_comparison(result, out, max_modules=max_modules)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    # The terminal gets the headline metrics; compare.md / compare.json hold all of them.
+    names = metric_names(result)
+    metrics = [m for m in _HEADLINE if m in names] or names[:4]
+    rows = []
+    for analysis in result.adapters:
+        s = analysis.summary()
+        rows.append([s["ref"], s["rank"], s["alpha"], *[_fmt(analysis.card.metrics.get(m)) for m in metrics],
+                     _fmt(s["entropy_rank_mean"]), _fmt(s["energy_rank_90_mean"]), _fmt(s["energy_rank_99_mean"])])
+    table("adapters", ["adapter", "rank", "alpha", *metrics, "entropy rank", "rank@90%", "rank@99%"], rows)
+    if result.pairs:
+        table(f"subspace similarity ({side} singular vectors, mean over modules)", ["a", "b", "φ(1,1)", "φ(k,k)"],
+              [[p.a, p.b, _fmt(p.summary()["phi_1_mean"]), _fmt(p.summary()["phi_k_mean"])] for p in result.pairs])
+    console.print(f"wrote {len(written)} file(s) to {out}")
+
+
+@app.command("truncate")
+def truncate_cmd(
+    ref: str = typer.Argument(..., help="The LoRA adapter to truncate."),
+    rank: int = typer.Option(..., "--rank", "-r", help="Target rank K."),
+    name: str | None = typer.Option(None, "--name", help="Adapter name (default: <parent>-trunc-r<K>)."),
+) -> None:
+    """SVD-truncate every ΔW of REF to rank K and register the result with REF as its parent."""
+    from adapterhub_local.sweep.truncate import truncate_and_register
+
+    card = truncate_and_register(get_registry(), ref, rank, name=name)
+    info = card.extra["truncation"]
+    console.print(f"registered {card.ref} (rank {info['from_rank']} → {rank}, parent {card.parent}); "
+                  f"energy kept: mean {info['energy_kept_mean']:.4f}, min {info['energy_kept_min']:.4f}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    recipe: Path = typer.Argument(..., help="A LoRA training recipe (YAML)."),
+    ranks: str | None = typer.Option(None, "--ranks", help="Comma-separated ranks (default 1,2,4,…,1024)."),
+    alpha_policy: str = typer.Option("fixed", "--alpha-policy", help="fixed | proportional | rslora."),
+    seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the recipe's)."),
+    mode: str = typer.Option("sequential", "--mode", help="sequential | concurrent."),
+    truncate_from: int | None = typer.Option(None, "--truncate-from", help="Also SVD-truncate this rank's adapter "
+                                             "to every lower swept rank and report that curve."),
+    tolerance: float = typer.Option(0.01, help="Knee: smallest rank within this relative tolerance of the best."),
+    knee_metric: str | None = typer.Option(None, "--knee-metric", help="Metric for the knee (default: accuracy, "
+                                           "else BLEU, else val_loss)."),
+    sweep_id: str | None = typer.Option(None, "--sweep-id", help="Name (default: derived; a re-run resumes)."),
+    override: list[str] = typer.Option([], "--set", "-s", help="Recipe override key=value (repeatable)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train one LoRA adapter per rank (sequentially, or all at once on one shared frozen base), register and
+    tag each with the sweep id, and write runs/<sweep-id>/results.{csv,json,md} and plots."""
+    from adapterhub_local.config import load_recipe
+    from adapterhub_local.sweep.driver import run_sweep
+    from adapterhub_local.sweep.plan import SweepConfig, parse_ranks
+
+    loaded = load_recipe(recipe, parse_overrides(override))
+    config = SweepConfig(
+        ranks=parse_ranks(ranks), alpha_policy=alpha_policy, mode=mode, truncate_from=truncate_from,
+        seeds=[int(s) for s in seeds.split(",") if s.strip()] if seeds else None, tolerance=tolerance,
+        sweep_id=sweep_id, knee_metric=knee_metric,
+    )
+    summary = run_sweep(get_registry(), loaded, config, progress=progress,
+                        log=lambda line: console.print(line, markup=False, highlight=False))
+    if as_json:
+        print_json(summary)
+        return
+    console.print(Path(summary["directory"], "results.md").read_text(encoding="utf-8"), markup=False,
+                  highlight=False)
+    console.print(f"report: {summary['directory']}")
+
+
+_HEADLINE = ("val_loss", "test_loss", "accuracy", "macro_f1", "bleu", "rougeL")
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,108 @@
+"""The training runner's set-up and evaluation, reused for adapters the sweep makes itself (jointly trained or
+SVD-truncated): the same seeded model construction, the same encoded splits, the same periodic validation and
+the same final test evaluation as ``train/runner.py`` — so every row of a sweep report is measured alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapterhub_local.config import Recipe
+from adapterhub_local.models import load_tokenizer
+from adapterhub_local.registry.bases import BaseRecord
+from adapterhub_local.registry.store import Registry
+from adapterhub_local.train import evaluate as ev
+from adapterhub_local.train import runner, tasks
+from adapterhub_local.train.checks import PreparedData
+from adapterhub_local.train.methods import Trainable, apply_method
+
+
+def set_labels(model: torch.nn.Module, labels: list[str] | None) -> None:
+    """Label names on a classifier's config, as the runner sets them."""
+    if labels:
+        config: Any = model.config
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+
+
+def build_trainable(recipe: Recipe, record: BaseRecord, labels: list[str] | None) -> Trainable:
+    """The runner's set-up of a run, in its order (seed, tokenizer, base, labels, method), so the PEFT
+    model — and its random initial adapter — is exactly the one a sequential run starts from."""
+    runner._seed(recipe.train.seed)
+    load_tokenizer(record)
+    model = runner._load_model(recipe, record, len(labels) if labels else None)
+    set_labels(model, labels)
+    return apply_method(model, recipe, record.path)
+
+
+@dataclass
+class RunContext:
+    """What every run of one recipe shares: base, tokenizer, encoded splits and the evaluation functions."""
+
+    recipe: Recipe
+    record: BaseRecord
+    tokenizer: Any
+    pad_id: int
+    labels: list[str] | None
+    encoded: Any
+    """The runner's encoded splits (train / validation / test / prompts)."""
+    periodic: Callable[[torch.nn.Module], dict[str, Any]]
+    collate: Callable[[Any], tasks.Batch]
+    metric: str
+    greater_is_better: bool
+
+
+def run_context(registry: Registry, recipe: Recipe, data: PreparedData) -> RunContext:
+    """Build the shared context exactly as ``runner.run`` does for its own run."""
+    record = runner.ensure_base(registry, recipe)
+    tokenizer = load_tokenizer(record)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    classification = recipe.task.type == "classification"
+    labels = data.labels if classification else None
+    encoded = runner._encode(recipe, data, tokenizer)
+    bs = recipe.eval.batch_size
+    if labels is not None:
+        known = labels
+
+        def periodic(m: torch.nn.Module) -> dict[str, Any]:
+            result, _ = ev.classification_eval(m, encoded.validation, known, bs, pad_id)
+            return {k: v for k, v in result.items() if k != "confusion_matrix"}
+
+        def collate(ex: Any) -> tasks.Batch:
+            return tasks.collate_classification(ex, pad_id)
+
+        metric, greater = recipe.train.metric_for_best or "accuracy", True
+    else:
+        def periodic(m: torch.nn.Module) -> dict[str, Any]:
+            return dict(ev.loss_eval(m, encoded.validation, bs, pad_id))
+
+        def collate(ex: Any) -> tasks.Batch:
+            return tasks.collate_generation(ex, pad_id)
+
+        metric = recipe.train.metric_for_best or "val_loss"
+        greater = metric not in ("val_loss", "perplexity")
+    return RunContext(recipe, record, tokenizer, pad_id, labels, encoded, periodic, collate, metric, greater)
+
+
+def trainable_with(ctx: RunContext, recipe: Recipe, state: dict[str, torch.Tensor]) -> Trainable:
+    """The runner's PEFT model for ``recipe`` holding the adapter ``state`` (PEFT saved key names)."""
+    from peft import set_peft_model_state_dict
+
+    trainable = build_trainable(recipe, ctx.record, ctx.labels)
+    set_peft_model_state_dict(trainable.model, state)
+    trainable.model.eval()
+    return trainable
+
+
+def evaluate_state(ctx: RunContext, recipe: Recipe, state: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(validation, final test)`` metrics of an adapter, measured as the runner measures its own."""
+    trainable = trainable_with(ctx, recipe, state)
+    with torch.no_grad():
+        validation = ctx.periodic(trainable.model)
+    final, _ = runner._final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
+    return validation, final

@@ -1,0 +1,114 @@
+"""The joint multi-adapter model: every segment's output and gradients equal its adapter run alone in PEFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterhub_local.errors import UnsupportedError
+from adapterhub_local.lora import lora_scale
+from adapterhub_local.sweep.multi_lora import Slot, build_joint_model
+
+
+def _peft(base_dir: Path, kind: str, rank: int, seed: int) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if kind == "causal":
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        config = LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                            lora_dropout=0.0)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+        config = LoraConfig(r=rank, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False,
+                            lora_dropout=0.0, modules_to_save=["classifier"])
+    model = get_peft_model(base, config)
+    model.eval()
+    return model
+
+
+def _joint(base_dir: Path, kind: str, ranks: list[int]) -> tuple[object, list[torch.nn.Module]]:
+    from peft.utils.save_and_load import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    singles = [_peft(base_dir, kind, r, seed=10 + i) for i, r in enumerate(ranks)]
+    if kind == "causal":
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        targets, saved = ["q_proj", "v_proj"], None
+    else:
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+        targets, saved = ["query", "value"], ["classifier"]
+    joint = build_joint_model(base, targets, [Slot(r, lora_scale(8, r)) for r in ranks], saved)
+    for i, single in enumerate(singles):
+        joint.load_peft_state(i, get_peft_model_state_dict(single))
+    joint.model.eval()
+    return joint, singles
+
+
+@pytest.mark.parametrize("kind", ["causal", "classifier"])
+def test_each_segment_matches_its_adapter_alone_forward_and_backward(
+    kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path
+) -> None:
+    base_dir = tiny_llama_dir if kind == "causal" else tiny_bert_dir
+    ranks = [1, 4, 64]  # 64 is over-complete for the 32-wide tiny models
+    joint, singles = _joint(base_dir, kind, ranks)
+    sizes = [2, 3, 1]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 96, (n, 7), generator=g) for n in sizes]
+    with joint.segments.use(sizes):  # type: ignore[attr-defined]
+        out = joint.model(input_ids=torch.cat(inputs)).logits  # type: ignore[attr-defined]
+    losses = []
+    start = 0
+    for i, (single, ids) in enumerate(zip(singles, inputs, strict=True)):
+        alone = single(input_ids=ids).logits
+        mine = out[start : start + sizes[i]]
+        assert torch.allclose(mine, alone, atol=1e-5), f"adapter {i}"
+        losses.append(mine.square().mean())
+        alone.square().mean().backward()
+        start += sizes[i]
+    torch.stack(losses).sum().backward()
+    for i, single in enumerate(singles):
+        # PEFT's live names → its saved names: drop the adapter name ("default").
+        peft_grads = {_saved_name(n): p.grad for n, p in single.named_parameters() if p.requires_grad}
+        ours = joint.named_parameters_of(i)  # type: ignore[attr-defined]
+        assert ours.keys() == peft_grads.keys()
+        for name, param in ours.items():
+            assert param.grad is not None and torch.allclose(param.grad, peft_grads[name], atol=1e-6), name  # type: ignore[arg-type]
+
+
+def _saved_name(name: str) -> str:
+    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.").replace(
+        ".modules_to_save.default.", ".")
+
+
+def test_round_trip_of_peft_state(tiny_llama_dir: Path) -> None:
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    joint, singles = _joint(tiny_llama_dir, "causal", [2, 8])
+    for i, single in enumerate(singles):
+        theirs = get_peft_model_state_dict(single)
+        ours = joint.peft_state(i)  # type: ignore[attr-defined]
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_forward_refuses_a_batch_the_segments_do_not_cover(tiny_llama_dir: Path) -> None:
+    joint, _ = _joint(tiny_llama_dir, "causal", [2])
+    with pytest.raises(UnsupportedError):
+        joint.model(input_ids=torch.zeros(2, 3, dtype=torch.long))  # type: ignore[attr-defined]
+    with joint.segments.use([1]), pytest.raises(UnsupportedError):  # type: ignore[attr-defined]
+        joint.model(input_ids=torch.zeros(2, 3, dtype=torch.long))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["causal", "classifier"])
+def test_solo_mode_runs_one_adapter_on_every_row(kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path) -> None:
+    joint, singles = _joint(tiny_llama_dir if kind == "causal" else tiny_bert_dir, kind, [1, 8])
+    ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(1))
+    for i, single in enumerate(singles):
+        with joint.segments.only(i):  # type: ignore[attr-defined]
+            ours = joint.model(input_ids=ids).logits  # type: ignore[attr-defined]
+        assert torch.allclose(ours, single(input_ids=ids).logits, atol=1e-5)

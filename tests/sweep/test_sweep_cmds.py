@@ -1,0 +1,56 @@
+"""``compare``, ``truncate`` and ``sweep`` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapterhub_local.cli import main
+from tests.peft_factory import save_lora
+from tests.sweep.conftest import make_tiny_llama_with_tokenizer
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_truncate_then_compare(capsys: pytest.CaptureFixture[str], tiny_llama_dir: Path, tmp_path: Path) -> None:
+    reg = str(tmp_path / "reg")
+    save_lora(tiny_llama_dir, tmp_path / "lora", rank=8)
+    assert run(capsys, "-R", reg, "base", "add", "tiny", str(tiny_llama_dir))[0] == 0
+    assert run(capsys, "-R", reg, "import", str(tmp_path / "lora"), "--name", "ad", "--base", "tiny")[0] == 0
+    code, out, _ = run(capsys, "-R", reg, "truncate", "ad@1", "--rank", "2")
+    assert code == 0 and "ad-trunc-r2@1" in out
+    code, out, _ = run(capsys, "-R", reg, "show", "ad-trunc-r2", "--json")
+    assert json.loads(out)["parent"] == "ad@1" and json.loads(out)["rank"] == 2
+    code, out, _ = run(capsys, "-R", reg, "compare", "ad@1", "ad@1", "ad-trunc-r2", "--out", str(tmp_path / "cmp"),
+                       "--json")
+    assert code == 0
+    data = json.loads(out)
+    self_pair = data["pairs"][0]
+    assert self_pair["a"] == self_pair["b"] == "ad@1" and self_pair["phi_k_mean"] == pytest.approx(1.0)
+    # The truncation's 2 directions are the parent's top 2: φ(2, 2) between them is 1 as well.
+    trunc_pair = data["pairs"][1]
+    assert trunc_pair["b"] == "ad-trunc-r2@1" and trunc_pair["phi_k_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert (tmp_path / "cmp" / "spectra.png").exists() and len(list((tmp_path / "cmp").glob("similarity-*.png"))) == 3
+
+
+def test_bad_sweep_options_fail_with_every_problem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nbase: tiny\ntask: {type: generation}\n"
+                      f"data: {{train: {tmp_path / 'd.jsonl'}, template: '{{a}}', completion: '{{b}}'}}\n")
+    (tmp_path / "d.jsonl").write_text('{"a": "x", "b": "y"}\n')
+    reg = tmp_path / "reg"
+    assert run(capsys, "-R", str(reg), "base", "add", "tiny",
+               str(make_tiny_llama_with_tokenizer(tmp_path / "tiny")))[0] == 0
+    code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), "--ranks", "1,0,x", "--alpha-policy", "odd")
+    assert code != 0 and "rank '0'" in err and "rank 'x'" in err
+    code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), "--ranks", "1,2", "--alpha-policy", "odd",
+                       "--mode", "both", "--truncate-from", "8")
+    assert code != 0
+    for needle in ("alpha policy 'odd'", "mode 'both'", "--truncate-from 8"):
+        assert needle in err
