@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub_local.registry import Registry
+from adapterhub_local.registry import BaseRecord, Registry
 
 
 def make_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, vocab: int = 96) -> Path:
@@ -54,3 +54,14 @@ def llama_registry(registry: Registry, tiny_llama_dir: Path) -> Registry:
     """A registry with the tiny Llama registered as base ``tiny``."""
     registry.add_base("tiny", str(tiny_llama_dir))
     return registry
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory: pytest.TempPathFactory) -> BaseRecord:
+    """The real SmolLM2-135M-Instruct GGUF, converted once per test session through ``add_base``.
+
+    Tests that need it in their own registry register ``str(smollm2_base.path)`` (a local copy: seconds,
+    instead of dequantizing the GGUF again)."""
+    from adapterhub_local.assets import smollm2_gguf
+
+    return Registry(tmp_path_factory.mktemp("smollm2-registry")).add_base("smollm2", str(smollm2_gguf()))

@@ -7,18 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub_local.assets import smollm2_gguf
 from adapterhub_local.inference import Engine, Request, SamplingParams
-from adapterhub_local.registry import CardInfo, Registry
+from adapterhub_local.registry import BaseRecord, CardInfo, Registry
 
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_chat_generation_matches_peft(registry: Registry, tmp_path: Path) -> None:
+def test_smollm2_chat_generation_matches_peft(registry: Registry, tmp_path: Path, smollm2_base: BaseRecord) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    record = registry.add_base("smollm2", str(smollm2_gguf()))
+    record = registry.add_base("smollm2", str(smollm2_base.path))
     torch.manual_seed(0)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(record.path),
                                 LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

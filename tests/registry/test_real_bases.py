@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM
 
-from adapterhub_local.assets import minilm_dir, smollm2_gguf
-from adapterhub_local.registry import Registry
+from adapterhub_local.assets import minilm_dir
+from adapterhub_local.registry import BaseRecord, Registry
 from adapterhub_local.registry.maintenance import export
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ def test_minilm_lora_round_trip(registry: Registry, tmp_path: Path) -> None:
         assert torch.equal(model(input_ids=ids).last_hidden_state, again(input_ids=ids).last_hidden_state)
 
 
-def test_smollm2_gguf_is_converted_once_to_safetensors(registry: Registry) -> None:
-    record = registry.add_base("smollm2", str(smollm2_gguf()))
+def test_smollm2_gguf_is_converted_once_to_safetensors(smollm2_base: BaseRecord) -> None:
+    record = smollm2_base  # converted by the session fixture through Registry.add_base
     assert record.source_kind == "gguf" and record.architecture == "LlamaForCausalLM"
     assert list(record.path.glob("*.safetensors")) and not list(record.path.glob("*.gguf"))
     model = AutoModelForCausalLM.from_pretrained(record.path)

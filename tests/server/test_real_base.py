@@ -10,21 +10,20 @@ import torch
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from adapterhub_local.assets import smollm2_gguf
 from adapterhub_local.inference.engine import Engine
 from adapterhub_local.inference.types import Request, SamplingParams
-from adapterhub_local.registry import CardInfo, Registry
+from adapterhub_local.registry import BaseRecord, CardInfo, Registry
 from adapterhub_local.server import create_app
 from tests.server.conftest import live_server
 
 pytestmark = pytest.mark.slow
 
 
-def test_chat_on_smollm2_matches_the_engine(registry: Registry, tmp_path: Path) -> None:
+def test_chat_on_smollm2_matches_the_engine(registry: Registry, tmp_path: Path, smollm2_base: BaseRecord) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    record = registry.add_base("smollm2", str(smollm2_gguf()))
+    record = registry.add_base("smollm2", str(smollm2_base.path))
     torch.manual_seed(0)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(record.path),
                                 LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
