@@ -25,7 +25,7 @@ TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "qlora", "prompt", "head_only", "freeze_first_k", "full")
 POOLINGS = ("native", "cls", "last")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "zeros")
+LORA_INITS = ("default", "gaussian")
 PROMPT_INITS = ("random", "text", "vocab")
 DATA_FORMATS = ("auto", "jsonl", "csv", "datasets")
 ASSET_PREFIX = "asset:"
@@ -116,7 +116,7 @@ class MethodConfig:
     use_rslora: bool = False
     """rsLoRA scaling ``alpha / sqrt(r)``."""
     init: str = "default"
-    """LoRA init: ``default`` (Kaiming A, zero B), ``gaussian``, ``pissa``, ``olora``, ``zeros``."""
+    """LoRA init: ``default`` (Kaiming-uniform A, zero B) or ``gaussian`` (Gaussian A, zero B)."""
     num_virtual_tokens: int = 20
     prompt_init: str = "random"
     """Soft-prompt init: ``random``, ``text`` (from ``prompt_init_text``) or ``vocab`` (sampled tokens)."""
@@ -136,6 +136,8 @@ class TrainConfig:
     """Overrides ``warmup_ratio`` when set."""
     batch_size: int = 16
     grad_accum: int = 1
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding); the order stays seeded and random."""
     epochs: float = 1.0
     max_steps: int | None = None
     """Optimizer steps; overrides ``epochs`` when set."""
@@ -161,12 +163,15 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 64
     max_test_examples: int | None = None
-    """Cap on test inputs (generation: distinct prompts) in the final evaluation."""
+    """Cap on test inputs in the final evaluation (generation: distinct prompts, whose references all count
+    in the test loss)."""
     forgetting: bool = True
     """Generation: record base vs base+adapter perplexity on a general text sample."""
     forgetting_data: str = "asset:general_text"
     forgetting_samples: int = 64
     show_predictions: int = 5
+    compare_base: bool = False
+    """Generation: also score the untuned base on the test prompts (doubles the generation time)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from adapterhub_local import assets
 from adapterhub_local.cli.common import app, console, get_registry, print_json, table
 from adapterhub_local.errors import IntegrityError
 from adapterhub_local.registry import maintenance, remote
@@ -22,10 +23,14 @@ app.add_typer(index_app, name="index")
 @base_app.command("add")
 def base_add(
     name: str = typer.Argument(..., help="Name to register the base under."),
-    source: str = typer.Argument(..., help="A Hugging Face model directory, a .gguf file, or a hub id."),
+    source: str = typer.Argument(
+        ..., help="A HF model directory, a .gguf file, a hub id, or a bundled asset (asset:minilm, asset:smollm2)."
+    ),
     revision: str | None = typer.Option(None, help="Hub revision (commit, branch or tag) for a hub id."),
 ) -> None:
     """Register a base model (GGUF is dequantized once to safetensors) and fingerprint it."""
+    if assets.is_asset(source):
+        source = str(assets.resolve(source))
     record = get_registry().add_base(name, source, revision)
     console.print(f"registered base [bold]{record.name}[/] ({record.architecture}, {record.source_kind}) "
                   f"fingerprint {record.short}")

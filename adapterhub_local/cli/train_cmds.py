@@ -1,0 +1,101 @@
+"""Training commands: ``train RECIPE [key=value ...] [--resume]`` and ``eval REF --data FILE``."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from adapterhub_local.cli.common import app, console, err_console, get_registry, parse_overrides, print_json, table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # `kill` (SIGTERM) ends a run like Ctrl-C: the loop checkpoints the last completed step first.
+    raise KeyboardInterrupt
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    return [[k, _fmt(v)] for k, v in metrics.items() if isinstance(v, int | float)]
+
+
+@app.command("train")
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=50 method.r=4."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the newest interrupted run of this recipe."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: runs/<name>-<time>)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
+) -> None:
+    """Train an adapter from a recipe, evaluate it on held-out data, and register it."""
+    from adapterhub_local.train import runner
+    from adapterhub_local.train.checks import load_and_check
+
+    parsed, data = load_and_check(recipe, parse_overrides(overrides or []))
+    splits = data.sources[0].splits
+    console.print(f"[bold]{parsed.name}[/]: {parsed.method.name} on base {parsed.base}, task {parsed.task.type}; "
+                  f"{sum(len(s.splits.train) for s in data.sources)} train / "
+                  f"{sum(len(s.splits.validation) for s in data.sources)} validation / "
+                  f"{sum(len(s.splits.test) for s in data.sources)} test rows"
+                  + (f" (split by {splits.split_by})" if splits.split_by else ""), highlight=False)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = runner.run(parsed, data, get_registry(), resume=resume, run_dir=run_dir,
+                            progress=not no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        again = shlex.join(["adapterhub", "train", str(recipe), *(overrides or []), "--resume"])
+        err_console.print(f"interrupted; the last completed step is checkpointed. Continue with: {again}",
+                          highlight=False)
+        raise typer.Exit(130) from None
+    if as_json:
+        print_json({"run_dir": str(result.run_dir), "metrics": result.metrics, "training": result.training,
+                    "registered": result.card.ref if result.card else None, "samples": result.samples})
+        return
+    table("test metrics", ["metric", "value"], _metric_rows(result.metrics))
+    facts = {k: v for k, v in result.training.items() if k in (
+        "trainable_params", "total_params", "steps", "best_step", "tokens_per_s", "train_seconds", "wall_time_s",
+        "peak_memory_mb")}
+    table("run", ["fact", "value"], [[k, _fmt(v)] for k, v in facts.items()])
+    if "forgetting" in result.training:
+        table("forgetting (general-text perplexity)", ["", "value"], _metric_rows(result.training["forgetting"]))
+    if result.samples:
+        columns = list(result.samples[0])
+        table("sample predictions (held-out)", columns, [[s[c] for c in columns] for s in result.samples])
+    if result.card:
+        console.print(f"registered [bold]{result.card.ref}[/] — run directory {result.run_dir}", highlight=False)
+    else:
+        console.print(f"not registered ({result.not_registered}); results in {result.run_dir}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    ref: str = typer.Argument(..., help="Adapter reference: name, name@N, name:tag or sha256:<prefix>."),
+    data: Path = typer.Option(..., "--data", help="JSONL/CSV file or datasets directory to evaluate on."),
+    template: str | None = typer.Option(None, help="Input/prompt template (default: the adapter's recipe)."),
+    completion: str | None = typer.Option(None, help="Completion template for generation adapters."),
+    text_field: str | None = typer.Option(None, help="Text field for classification (no template)."),
+    label_field: str | None = typer.Option(None, help="Label field for classification."),
+    max_examples: int | None = typer.Option(None, help="Evaluate on the first N rows only."),
+    batch_size: int = typer.Option(32, help="Evaluation batch size."),
+    max_new_tokens: int | None = typer.Option(None, help="Generation length (default: the recipe's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Evaluate a registered adapter on a data file with its task's metrics."""
+    from adapterhub_local.train.eval_ref import EvalOptions, evaluate_ref
+
+    options = EvalOptions(template, completion, text_field, label_field, max_examples, batch_size, max_new_tokens)
+    result = evaluate_ref(get_registry(), ref, data, options)
+    if as_json:
+        print_json(result)
+        return
+    table(f"{result['ref']} on {data}", ["metric", "value"], _metric_rows(result))

@@ -1,0 +1,286 @@
+"""The training loop, written out: Accelerate for device and precision, AdamW, linear warm-up then linear
+decay, gradient accumulation, epochs or max steps, periodic evaluation, best-checkpoint keeping, early
+stopping, and checkpoints that ``--resume`` continues from exactly (same seed → same adapter).
+
+Exact resumption rests on three things saved at an optimizer-step boundary: the trainable tensors and
+optimizer/scheduler state, the torch RNG state (LoRA dropout draws from it), and the position in the
+data order, which comes from a per-epoch generator seeded by ``seed`` and the epoch number, not from
+the global RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapterhub_local.config import TrainConfig
+from adapterhub_local.errors import ConfigError
+from adapterhub_local.train.methods import load_trainable_state, trainable_state
+from adapterhub_local.train.tasks import Batch, Example
+
+CHECKPOINT = "checkpoint"
+BEST = "best"
+METRICS_LOG = "metrics.jsonl"
+Evaluate = Callable[[torch.nn.Module], dict[str, Any]]
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    last_eval_step: int = -1
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    total_steps: int
+    metric: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.state.train_tokens / self.state.train_seconds if self.state.train_seconds > 0 else 0.0
+
+
+def make_accelerator(precision: str) -> Any:
+    """bf16 on CUDA and fp32 on CPU for ``auto``; explicit choices are passed through."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mixed = {"auto": "bf16" if cuda else "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: 0 → 1 over ``warmup`` steps, then linearly down to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """The epoch's batches of example indices. With ``group_by_length``, a shuffled window of 50 batches is
+    sorted by length before cutting, so a batch pads little, and the batches are shuffled again: random,
+    but far less padding (the same idea as Hugging Face's ``group_by_length``)."""
+    order = epoch_order(len(lengths), seed, epoch)
+    if group_by_length:
+        window = 50 * batch_size
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start : start + window], key=lambda j: -lengths[j])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        batches = [batches[i] for i in shuffle.tolist()]
+    return batches
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainConfig) -> int:
+    return math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+
+
+def total_steps(n_examples: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch(n_examples, cfg)))
+
+
+def _log(run_dir: Path, record: dict[str, Any]) -> None:
+    with (run_dir / METRICS_LOG).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=float) + "\n")
+
+
+def _save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: LoopState,
+                     rng: torch.Tensor, cuda_rng: list[torch.Tensor] | None) -> None:
+    tmp = run_dir / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                "cuda_rng": cuda_rng}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2, default=float))
+    final = run_dir / CHECKPOINT
+    old = run_dir / f"{CHECKPOINT}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> LoopState:
+    directory = run_dir / CHECKPOINT
+    if not (directory / "state.json").exists():
+        raise ConfigError([f"{run_dir} has no checkpoint to resume from"], "start the run without --resume",
+                          what="resume")
+    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
+    # weights_only: plain tensors and numbers only, never arbitrary pickled objects.
+    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return LoopState(**json.loads((directory / "state.json").read_text()))
+
+
+def load_best(run_dir: Path, model: torch.nn.Module) -> bool:
+    """Put the best evaluation's trainable tensors back into ``model``; False when none was kept."""
+    path = run_dir / BEST / "trainable.safetensors"
+    if not path.exists():
+        return False
+    load_trainable_state(model, load_file(str(path)))
+    return True
+
+
+def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if greater_is_better else value < best
+
+
+def train_loop(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    collate: Callable[[Sequence[Example]], Batch],
+    cfg: TrainConfig,
+    run_dir: Path,
+    evaluate: Evaluate,
+    metric: str,
+    greater_is_better: bool,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> LoopResult:
+    """Train ``model``'s trainable parameters in place; returns counters and the best evaluation."""
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(cfg.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    n_steps = total_steps(len(examples), cfg)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, n_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = _load_checkpoint(run_dir, model, optimizer, scheduler) if resume else LoopState()
+    eval_every = cfg.eval_every or steps_per_epoch(len(examples), cfg)
+    batch_count = math.ceil(len(examples) / cfg.batch_size)
+    lengths = [len(e.input_ids) for e in examples]
+    boundary_rng = torch.get_rng_state()
+    boundary_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    bar = tqdm(total=n_steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True)
+    running_loss, running_n = 0.0, 0
+
+    def run_eval() -> bool:
+        """Evaluate, keep the best, decide on early stopping; True = stop."""
+        model.eval()
+        with torch.no_grad():
+            result = evaluate(model)
+        model.train()
+        value = float(result.get(metric, float("nan")))
+        state.last_eval_step, state.last_eval = state.step, result
+        if _improved(value, state.best_metric, greater_is_better):
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            best = run_dir / BEST
+            best.mkdir(exist_ok=True)
+            save_file(trainable_state(model), str(best / "trainable.safetensors"))
+        else:
+            state.bad_evals += 1
+        _log(run_dir, {"step": state.step, "epoch": state.epoch, "eval": result})
+        bar.write(f"step {state.step}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, int | float)))
+        patience = cfg.early_stopping_patience
+        return patience is not None and state.bad_evals >= patience
+
+    model.train()
+    try:
+        while state.step < n_steps and not state.stopped_early:
+            epoch_plan = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+            while state.batch_in_epoch < batch_count and state.step < n_steps:
+                started = time.perf_counter()
+                first = state.batch_in_epoch
+                group = range(first, min(first + cfg.grad_accum, batch_count))
+                step_loss, step_tokens = 0.0, 0
+                for b in group:
+                    batch = collate([examples[i] for i in epoch_plan[b]])
+                    inputs = {k: v.to(accelerator.device) for k, v in batch.tensors.items()}
+                    with accelerator.autocast():
+                        loss = model(**inputs).loss / len(group)
+                    accelerator.backward(loss)
+                    step_loss += float(loss.detach())
+                    step_tokens += batch.real_tokens
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch = group.stop
+                state.train_tokens += step_tokens
+                state.train_seconds += time.perf_counter() - started
+                running_loss += step_loss
+                running_n += 1
+                if state.batch_in_epoch >= batch_count:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                tokens_per_s = state.train_tokens / max(state.train_seconds, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                if state.step % cfg.log_every == 0 or state.step == n_steps:
+                    _log(run_dir, {"step": state.step, "epoch": state.epoch, "loss": running_loss / running_n,
+                                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
+                    running_loss, running_n = 0.0, 0
+                if state.step % eval_every == 0 or state.step == n_steps:
+                    state.stopped_early = run_eval()
+                boundary_rng = torch.get_rng_state()
+                boundary_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+                if state.step % eval_every == 0 or state.step == n_steps or state.stopped_early:
+                    _save_checkpoint(run_dir, model, optimizer, scheduler, state, boundary_rng, boundary_cuda)
+                if on_step is not None:
+                    on_step(state.step)
+                if state.stopped_early:
+                    break
+    except KeyboardInterrupt:
+        # Keep the last completed step so --resume continues from it (gradients of a half-done
+        # accumulation are discarded; the parameters did not move since that step).
+        optimizer.zero_grad(set_to_none=True)
+        _save_checkpoint(run_dir, model, optimizer, scheduler, state, boundary_rng, boundary_cuda)
+        bar.close()
+        raise
+    bar.close()
+    if state.last_eval_step != state.step and not state.stopped_early:
+        run_eval()
+        _save_checkpoint(run_dir, model, optimizer, scheduler, state, torch.get_rng_state(), None)
+    return LoopResult(state, n_steps, metric)

@@ -1,0 +1,189 @@
+"""Methods: turn a loaded base model into the thing to train, and save what was trained.
+
+* ``lora`` / ``qlora`` — PEFT LoRA (r, alpha, dropout, targets, rsLoRA, init); QLoRA loads the base in
+  4-bit NF4 through bitsandbytes (refused, before training, where bitsandbytes cannot run).
+* ``prompt`` — PEFT prompt tuning (virtual tokens initialised randomly, from text, or from vocabulary).
+* ``head_only`` — frozen backbone, trained classification head. Stored as a valid PEFT directory: the head
+  in ``modules_to_save`` plus a rank-1 LoRA on one module whose B is zero and frozen (PEFT refuses a LoRA
+  config with no target), so the adapter's effect is exactly "new head".
+* ``freeze_first_k`` / ``full`` — partial / full fine-tuning baselines. They change base tensors, so they
+  cannot be a PEFT directory: the changed tensors go to ``trained_tensors.safetensors`` in the run
+  directory and the run is not registered.
+
+Classifier convention (shared with inference): LoRA + ``modules_to_save`` = the head module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from adapterhub_local.config import MethodConfig, Recipe
+from adapterhub_local.errors import UnsupportedError
+
+PEFT_METHODS = ("lora", "qlora", "prompt", "head_only")
+TRAINED_TENSORS = "trained_tensors.safetensors"
+
+# Attention query/value per architecture: the LoRA paper's default choice.
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
+}
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class Trainable:
+    """The model to train and what the method means for saving it."""
+
+    model: torch.nn.Module
+    method: str
+    is_peft: bool
+    trainable_params: int
+    total_params: int
+    head: str | None = None
+    note: str | None = None
+
+
+def model_type(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", "unknown"))
+
+
+def default_targets(model: torch.nn.Module) -> list[str]:
+    kind = model_type(model)
+    if kind not in DEFAULT_TARGETS:
+        raise UnsupportedError(f"no default LoRA targets for model type {kind!r}",
+                               "set method.target_modules in the recipe")
+    return list(DEFAULT_TARGETS[kind])
+
+
+def head_module(model: torch.nn.Module) -> str:
+    """The classification head's attribute name (``classifier`` for BERT, ``score`` for decoders)."""
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return name
+    raise UnsupportedError(f"cannot find the classification head of a {model_type(model)} model",
+                           "use a model with a `classifier` or `score` head")
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _lora_config(method: MethodConfig, model: torch.nn.Module, task_type: str, head: str | None) -> Any:
+    from peft import LoraConfig
+
+    init: bool | str = True if method.init == "default" else method.init
+    return LoraConfig(
+        r=method.r, lora_alpha=method.alpha,  # type: ignore[arg-type]  # PEFT accepts a float alpha
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules or default_targets(model), use_rslora=method.use_rslora,
+        init_lora_weights=init, task_type=task_type, modules_to_save=[head] if head else None,  # type: ignore[arg-type]
+    )
+
+
+def _prompt_config(method: MethodConfig, base_path: Path) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    init = {"random": PromptTuningInit.RANDOM, "text": PromptTuningInit.TEXT,
+            "vocab": PromptTuningInit.SAMPLE_VOCAB}[method.prompt_init]
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens, prompt_tuning_init=init,
+        prompt_tuning_init_text=method.prompt_init_text if method.prompt_init == "text" else None,
+        tokenizer_name_or_path=str(base_path) if method.prompt_init == "text" else None,
+    )
+
+
+def _layer_index(name: str) -> int | None:
+    """The transformer block index in a parameter name (``encoder.layer.3.…`` / ``model.layers.3.…``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layer", "layers", "h", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def apply_method(model: torch.nn.Module, recipe: Recipe, base_path: Path) -> Trainable:
+    """Wrap/freeze ``model`` for the recipe's method; base weights never receive gradients under PEFT methods."""
+    from peft import get_peft_model
+
+    method = recipe.method
+    classification = recipe.task.type == "classification"
+    task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
+    head = head_module(model) if classification else None
+    note = None
+    if method.name in ("lora", "qlora"):
+        if method.name == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model)
+        peft_model = get_peft_model(model, _lora_config(method, model, task_type, head))
+    elif method.name == "prompt":
+        peft_model = get_peft_model(model, _prompt_config(method, base_path))
+    elif method.name == "head_only":
+        from peft import LoraConfig
+
+        targets = method.target_modules or default_targets(model)
+        config = LoraConfig(r=1, lora_alpha=1, target_modules=targets[:1], layers_to_transform=[0],
+                            init_lora_weights=True, task_type=task_type, modules_to_save=[head] if head else None)
+        peft_model = get_peft_model(model, config)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)  # B is zero: the LoRA part contributes exactly nothing
+        note = "backbone frozen; head in modules_to_save; the rank-1 LoRA on one module is zero and frozen"
+    elif method.name in ("full", "freeze_first_k"):
+        for name, param in model.named_parameters():
+            layer = _layer_index(name)
+            frozen = method.name == "freeze_first_k" and (
+                "embeddings" in name or "embed_tokens" in name or (layer is not None and layer < method.k)
+            )
+            param.requires_grad_(not frozen)
+        trainable, total = count_params(model)
+        note = ("changes base tensors: saved as trained_tensors.safetensors in the run directory, "
+                "not a PEFT adapter, not registered")
+        return Trainable(model, method.name, False, trainable, total, head, note)
+    else:
+        raise UnsupportedError(f"unknown method {method.name!r}", "use lora, qlora, prompt, head_only, "
+                               "freeze_first_k or full")
+    trainable, total = count_params(peft_model)
+    return Trainable(peft_model, method.name, True, trainable, total, head, note)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of every trainable tensor (the state that checkpoints and best-model saving keep)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors back into ``model`` (names must match exactly)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise UnsupportedError(f"checkpoint holds tensors the model lacks: {missing[:3]}",
+                               "resume with the same recipe that started the run")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def save_result(trained: Trainable, directory: Path) -> Path:
+    """Write the trained result: a PEFT directory, or the changed tensors for non-PEFT baselines."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if trained.is_peft:
+        trained.model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
+    else:
+        save_file(trainable_state(trained.model), str(directory / TRAINED_TENSORS))
+        (directory / "trained_tensors.json").write_text(json.dumps(
+            {"method": trained.method, "note": trained.note, "trainable_params": trained.trainable_params},
+            indent=2))
+    return directory

@@ -1,0 +1,309 @@
+"""The runner: a checked recipe → a trained, evaluated adapter in the registry.
+
+Run directory (``runs/<name>-<UTC time>/``): ``recipe.yaml`` (resolved), ``metrics.jsonl`` (training log and
+periodic evaluations), ``checkpoint/`` (for ``--resume``), ``best/`` (best evaluation's tensors),
+``adapter/`` (the final PEFT directory, or the changed tensors of a non-PEFT baseline) and
+``final_metrics.json`` (test metrics, run facts, registered reference or why it was not registered).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from adapterhub_local import assets
+from adapterhub_local.config import Recipe
+from adapterhub_local.errors import ConfigError, NotFoundError
+from adapterhub_local.models import load_base_model, load_tokenizer
+from adapterhub_local.registry import AdapterCard, BaseRecord, CardInfo, Registry
+from adapterhub_local.train import evaluate as ev
+from adapterhub_local.train import tasks
+from adapterhub_local.train.checks import PreparedData
+from adapterhub_local.train.data import read_rows, render
+from adapterhub_local.train.loop import load_best, train_loop
+from adapterhub_local.train.methods import Trainable, apply_method, save_result
+
+RECIPE_FILE = "recipe.yaml"
+FINAL = "final_metrics.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    training: dict[str, Any]
+    card: AdapterCard | None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    not_registered: str | None = None
+    model: torch.nn.Module | None = None
+    """The trained model (eval mode, best checkpoint loaded), for callers that keep working with it."""
+
+
+def ensure_base(registry: Registry, recipe: Recipe) -> BaseRecord:
+    """The recipe's base; registered from ``base_source`` (a path or ``asset:<name>``) when missing."""
+    try:
+        return registry.base(recipe.base)
+    except NotFoundError:
+        if not recipe.base_source:
+            raise
+    return registry.add_base(recipe.base, str(assets.resolve(recipe.base_source)))
+
+
+def _load_model(recipe: Recipe, record: BaseRecord, num_labels: int | None) -> torch.nn.Module:
+    task_type = "sequence_classification" if recipe.task.type == "classification" else "causal_lm"
+    if recipe.method.name != "qlora":
+        return load_base_model(record, task_type, num_labels)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    if task_type == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(str(record.path), quantization_config=quant,
+                                                     device_map=device_map)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(record.path), quantization_config=quant, device_map=device_map, num_labels=num_labels)
+    module: torch.nn.Module = model
+    return module
+
+
+def _check_pooling(recipe: Recipe, model: torch.nn.Module) -> None:
+    pooling = recipe.task.pooling
+    decoder = getattr(model, "score", None) is not None
+    if (pooling == "cls" and decoder) or (pooling == "last" and not decoder):
+        raise ConfigError([f"task.pooling = {pooling!r} is not this architecture's own pooling "
+                           f"({'last token' if decoder else 'CLS'})"],
+                          "use pooling: native (the only pooling the stored head reproduces)", what="recipe")
+
+
+def _new_run_dir(recipe: Recipe) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    path = Path(recipe.output.runs_dir) / f"{recipe.name}-{stamp}"
+    path.mkdir(parents=True)
+    return path
+
+
+def find_resumable(recipe: Recipe) -> Path:
+    """The newest unfinished run directory of this recipe that holds a checkpoint."""
+    root = Path(recipe.output.runs_dir)
+    candidates = sorted(p for p in root.glob(f"{recipe.name}-*")
+                        if (p / "checkpoint" / "state.json").exists() and not (p / FINAL).exists()) \
+        if root.is_dir() else []
+    if not candidates:
+        raise ConfigError([f"no interrupted run of {recipe.name!r} under {root}"], "start it without --resume",
+                          what="resume")
+    return candidates[-1]
+
+
+def _same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    saved = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+    current = recipe.to_dict()
+    differ = sorted(f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+                    for key, value in values.items() if saved.get(section, {}).get(key) != value)
+    differ += sorted(k for k, v in current.items() if not isinstance(v, dict) and saved.get(k) != v)
+    if differ:
+        raise ConfigError([f"the recipe differs from the interrupted run's in {', '.join(differ)}"],
+                          f"resume with the recipe saved in {run_dir / RECIPE_FILE}", what="resume")
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # numpy is a dependency, but seeding it is only a courtesy
+        pass
+
+
+@dataclass
+class _Encoded:
+    train: list[tasks.Example]
+    validation: list[tasks.Example]
+    test: list[tasks.Example]
+    prompts: list[tasks.GenerationPrompt]
+    test_rows: list[dict[str, Any]]
+
+
+def _encode(recipe: Recipe, data: PreparedData, tokenizer: Any) -> _Encoded:
+    d = recipe.data
+    cap_val, cap_test = d.max_eval_examples, recipe.eval.max_test_examples
+    if recipe.task.type == "classification":
+        assert data.labels is not None
+        src = data.sources[0]
+        train_rows = src.splits.train[: d.max_train_examples] if d.max_train_examples else src.splits.train
+        test_rows = src.splits.test[:cap_test] if cap_test else src.splits.test
+
+        def enc(rows: list[dict[str, Any]]) -> list[tasks.Example]:
+            return tasks.encode_classification(rows, src.spec, tokenizer, data.labels or [], d.max_length)
+
+        return _Encoded(enc(train_rows), enc(src.splits.validation[:cap_val] if cap_val else src.splits.validation),
+                        enc(test_rows), [], test_rows)
+    per_source: dict[str, list[tasks.Example]] = {}
+    validation: list[tasks.Example] = []
+    test: list[tasks.Example] = []
+    prompts: list[tasks.GenerationPrompt] = []
+    for src in data.sources:
+        rows = src.splits.train[: d.max_train_examples] if d.max_train_examples else src.splits.train
+        per_source[src.name] = tasks.encode_generation(rows, src.spec, tokenizer, d.max_length)
+        val_rows = src.splits.validation[:cap_val] if cap_val else src.splits.validation
+        validation += tasks.encode_generation(val_rows, src.spec, tokenizer, d.max_length)
+        source_prompts = tasks.generation_prompts(src.splits.test, src.spec)
+        source_prompts = source_prompts[:cap_test] if cap_test else source_prompts
+        prompts += source_prompts
+        # The test loss covers every reference of the prompts evaluated (all of them without a cap).
+        kept = {p.prompt for p in source_prompts}
+        test_rows = [r for r in src.splits.test if render(src.spec.template or "", r) in kept]
+        test += tasks.encode_generation(test_rows, src.spec, tokenizer, d.max_length)
+    if len(per_source) > 1:
+        train = tasks.mix(per_source, {s.name: s.weight for s in data.sources}, recipe.train.seed)
+    else:
+        train = next(iter(per_source.values()))
+    if d.packing:
+        train = tasks.pack(train, d.max_length)
+    return _Encoded(train, validation, test, prompts, [])
+
+
+def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool = False,
+        run_dir: Path | None = None, progress: bool = True,
+        on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train, evaluate, save and (for PEFT methods) register; see the module docstring for the run directory."""
+    started = time.perf_counter()
+    record = ensure_base(registry, recipe)
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    _seed(recipe.train.seed)
+    tokenizer = load_tokenizer(record)
+    classification = recipe.task.type == "classification"
+    labels = data.labels if classification else None
+    model = _load_model(recipe, record, len(labels) if labels else None)
+    if labels:
+        model_config: Any = model.config
+        model_config.id2label = dict(enumerate(labels))
+        model_config.label2id = {label: i for i, label in enumerate(labels)}
+        _check_pooling(recipe, model)
+    trained = apply_method(model, recipe, record.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = _encode(recipe, data, tokenizer)
+
+    if resume:
+        run_dir = run_dir or find_resumable(recipe)
+        _same_recipe(run_dir, recipe)
+    else:
+        run_dir = run_dir or _new_run_dir(recipe)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    bs = recipe.eval.batch_size
+
+    if classification:
+        assert labels is not None
+
+        def periodic(m: torch.nn.Module) -> dict[str, Any]:
+            result, _ = ev.classification_eval(m, encoded.validation, labels, bs, pad_id)
+            return {k: v for k, v in result.items() if k != "confusion_matrix"}
+
+        collate: Callable[[Any], tasks.Batch] = lambda ex: tasks.collate_classification(ex, pad_id)  # noqa: E731
+        metric, greater = recipe.train.metric_for_best or "accuracy", True
+    else:
+        def periodic(m: torch.nn.Module) -> dict[str, Any]:
+            return dict(ev.loss_eval(m, encoded.validation, bs, pad_id))
+
+        collate = lambda ex: tasks.collate_generation(ex, pad_id)  # noqa: E731
+        metric = recipe.train.metric_for_best or "val_loss"
+        greater = metric not in ("val_loss", "perplexity")
+    result = train_loop(trained.model, encoded.train, collate, recipe.train, run_dir, periodic, metric, greater,
+                        resume=resume, progress=progress, on_step=on_step)
+    model = trained.model
+    load_best(run_dir, model)
+    model.eval()
+    final, samples = _final_eval(recipe, trained, tokenizer, encoded, labels, pad_id)
+    peak, peak_kind = _peak_memory_mb()
+    training = {
+        "method": trained.method, "trainable_params": trained.trainable_params, "total_params": trained.total_params,
+        "trainable_fraction": trained.trainable_params / max(trained.total_params, 1),
+        "steps": result.state.step, "planned_steps": result.total_steps, "epochs_completed": result.state.epoch,
+        "best_step": result.state.best_step, "best_metric": {metric: result.state.best_metric},
+        "stopped_early": result.state.stopped_early, "train_seconds": result.state.train_seconds,
+        "train_tokens": result.state.train_tokens, "tokens_per_s": result.tokens_per_s,
+        "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "train_examples": len(encoded.train), "validation_examples": len(encoded.validation),
+        "test_examples": len(encoded.test) or len(encoded.prompts),
+    }
+    forgetting = final.pop("forgetting", None)
+    if forgetting is not None:
+        training["forgetting"] = forgetting
+    save_result(trained, run_dir / "adapter")
+    card, why_not = _register(recipe, data, registry, trained, run_dir, final, training, labels)
+    summary = {"metrics": final, "training": training, "registered": card.ref if card else None,
+               "not_registered": why_not, "dataset_fingerprint": data.fingerprint,
+               "splits": {s.name: s.splits.sources for s in data.sources}, "samples": samples}
+    (run_dir / FINAL).write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    return RunResult(run_dir, final, training, card, samples, why_not, model)
+
+
+def _final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: _Encoded, labels: list[str] | None,
+                pad_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    model, bs, show = trained.model, recipe.eval.batch_size, recipe.eval.show_predictions
+    if labels is not None:
+        result, predicted = ev.classification_eval(model, encoded.test, labels, bs, pad_id)
+        samples = [{"text": tasks.classification_text(row, tasks.TemplateSpec(recipe.data.template, None,
+                                                                               recipe.data.text_field)),
+                    "label": labels[int(ex.labels)], "predicted": labels[p]}  # type: ignore[arg-type]
+                   for row, ex, p in zip(encoded.test_rows[:show], encoded.test[:show], predicted[:show], strict=False)]
+        return result, samples
+    result = {f"test_{k}": v for k, v in ev.loss_eval(model, encoded.test, bs, pad_id).items()}
+    gen, hypotheses = ev.generation_eval(model, tokenizer, encoded.prompts, recipe.eval.max_new_tokens, bs)
+    result.update(gen)
+    if recipe.eval.compare_base and trained.is_peft:
+        with ev.adapter_disabled(model):
+            base_gen, _ = ev.generation_eval(model, tokenizer, encoded.prompts, recipe.eval.max_new_tokens, bs)
+            result["base_test_val_loss"] = ev.loss_eval(model, encoded.test, bs, pad_id)["val_loss"]
+        result["base"] = {k: v for k, v in base_gen.items() if not k.startswith("per_source")}
+    if recipe.eval.forgetting and trained.is_peft:
+        rows = read_rows(recipe.eval.forgetting_data)
+        texts = [str(r.get("text", "")) for r in random.Random(0).sample(rows, min(len(rows),
+                                                                                   recipe.eval.forgetting_samples))]
+        result["forgetting"] = ev.forgetting(model, tokenizer, texts, recipe.data.max_length, bs)
+    samples = [{"prompt": p.prompt, "generated": h, "reference": p.references[0]}
+               for p, h in zip(encoded.prompts[:show], hypotheses[:show], strict=False)]
+    return result, samples
+
+
+def _register(recipe: Recipe, data: PreparedData, registry: Registry, trained: Trainable, run_dir: Path,
+              final: dict[str, Any], training: dict[str, Any],
+              labels: list[str] | None) -> tuple[AdapterCard | None, str | None]:
+    if not trained.is_peft:
+        return None, f"method {trained.method} {trained.note}"
+    if not recipe.output.register:
+        return None, "output.register is false"
+    info = CardInfo(
+        task=recipe.task_name,
+        task_type="sequence_classification" if labels is not None else "causal_lm",
+        recipe=recipe.to_dict(), dataset_fingerprint=data.fingerprint, metrics=final, labels=labels,
+        training=training,
+        extra={"pooling": "native", "method": trained.method, "run_dir": str(run_dir), "method_note": trained.note,
+               "splits": {s.name: s.splits.sources for s in data.sources}},
+    )
+    card = registry.register_adapter(recipe.name, run_dir / "adapter", recipe.base, info)
+    if recipe.output.tag:
+        registry.tag(card.ref, recipe.output.tag)
+    return card, None

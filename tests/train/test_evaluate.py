@@ -1,0 +1,63 @@
+"""Evaluation helpers: batched greedy generation equals one-at-a-time generation (prompt tuning, where PEFT
+ignores position ids, is batched without padding), and forgetting compares base with base + adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapterhub_local.train.evaluate import forgetting, generate
+from tests.conftest import make_tiny_llama
+from tests.train.conftest import save_tokenizer
+
+PROMPTS = ["good movie", "bad", "very good acting", "the plot", "good film", "not really"]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[torch.nn.Module, object]:
+    directory = make_tiny_llama(tmp_path / "tl", vocab=48)  # = the word-level tokenizer's size: every id decodes
+    save_tokenizer(directory)
+    return AutoModelForCausalLM.from_pretrained(str(directory)), AutoTokenizer.from_pretrained(str(directory))
+
+
+def test_prompt_tuned_batches_generate_like_single_prompts(tiny: tuple[torch.nn.Module, object]) -> None:
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    batched = generate(peft_model, tokenizer, PROMPTS, 6, 8)
+    solo = [generate(peft_model, tokenizer, [p], 6, 1)[0] for p in PROMPTS]
+    assert batched == solo
+
+
+def test_forgetting_is_neutral_for_an_adapter_that_changes_nothing(tiny: tuple[torch.nn.Module, object]) -> None:
+    model, tokenizer = tiny
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).eval()  # B = 0: no change
+    out = forgetting(peft_model, tokenizer, ["the good movie was fine", "a bad plot"], 32, 2)
+    assert out["ratio"] == pytest.approx(1.0) and out["base_perplexity"] > 1
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    changed = forgetting(peft_model, tokenizer, ["the good movie was fine", "a bad plot"], 32, 2)
+    assert changed["base_perplexity"] == pytest.approx(out["base_perplexity"])
+    assert changed["adapter_perplexity"] != pytest.approx(out["adapter_perplexity"])
+
+
+def test_prompt_tuned_generation_is_plain_greedy_decoding(tiny: tuple[torch.nn.Module, object]) -> None:
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1)  # type: ignore[index]
+    prompt = "the good movie was very"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])  # type: ignore[operator]
+    with torch.no_grad():
+        for _ in range(10):  # greedy by full forward passes: the reference
+            logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    expected = tokenizer.decode(ids[0, -10:], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
+    assert generate(peft_model, tokenizer, [prompt], 10, 1) == [expected]

@@ -1,0 +1,138 @@
+"""The loop: schedule shape, and interrupt + ``--resume`` ending in the same adapter as one straight run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapterhub_local.registry import Registry
+from adapterhub_local.train import runner
+from adapterhub_local.train.checks import check
+from adapterhub_local.train.loop import epoch_batches, epoch_order, linear_schedule
+from tests.train.conftest import build_recipe, gen_raw
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
+    f = linear_schedule(4, 20)
+    values = [f(s) for s in range(21)]
+    assert values[:4] == sorted(values[:4]) and values[3] == pytest.approx(1.0)
+    assert values[4:] == sorted(values[4:], reverse=True) and values[20] == 0.0
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
+    torch.manual_seed(123)
+    a = epoch_order(50, 7, 2)
+    torch.manual_seed(999)
+    assert a == epoch_order(50, 7, 2) and a != epoch_order(50, 7, 3) and sorted(a) == list(range(50))
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def _adapter(result: runner.RunResult) -> dict[str, torch.Tensor]:
+    return load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_interrupt_and_resume_give_the_same_adapter(tmp_path: Path, llama_tok_registry: Registry,
+                                                    gen_data: Path, grad_accum: int) -> None:
+    raw = gen_raw(gen_data, tmp_path / "runs")
+    raw["train"].update({"max_steps": 8, "eval_every": 4, "grad_accum": grad_accum, "batch_size": 2})
+    raw["output"]["register"] = False
+    raw["eval"]["forgetting"] = False
+    recipe = build_recipe(raw)
+    data = check(recipe)
+    straight = runner.run(recipe, data, llama_tok_registry, run_dir=tmp_path / "straight", progress=False)
+
+    def interrupt(step: int) -> None:
+        if step == 3:  # between evaluations and checkpoints: resume must come from the interrupt's checkpoint
+            raise _Stop()
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recipe, data, llama_tok_registry, run_dir=tmp_path / "cut", progress=False, on_step=interrupt)
+    resumed = runner.run(recipe, data, llama_tok_registry, run_dir=tmp_path / "cut", resume=True, progress=False)
+
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.training["steps"] == straight.training["steps"] == 8
+    assert resumed.metrics["test_val_loss"] == straight.metrics["test_val_loss"]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path: Path, llama_tok_registry: Registry, gen_data: Path) -> None:
+    raw = gen_raw(gen_data, tmp_path / "runs")
+    raw["output"]["register"] = False
+    raw["eval"]["forgetting"] = False
+    recipe = build_recipe(raw)
+
+    def interrupt(step: int) -> None:
+        raise _Stop()
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recipe, check(recipe), llama_tok_registry, run_dir=tmp_path / "cut", progress=False,
+                   on_step=interrupt)
+    raw["train"]["lr"] = 1e-2
+    changed = build_recipe(raw)
+    from adapterhub_local.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        runner.run(changed, check(changed), llama_tok_registry, run_dir=tmp_path / "cut", resume=True,
+                   progress=False)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_epoch_batches_cover_every_example_once(grouped: bool) -> None:
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    batches = epoch_batches(lengths, 8, seed=3, epoch=1, group_by_length=grouped)
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    assert batches == epoch_batches(lengths, 8, seed=3, epoch=1, group_by_length=grouped)
+    assert batches != epoch_batches(lengths, 8, seed=3, epoch=2, group_by_length=grouped)
+    if grouped:  # less padding than a plain shuffle
+        def padded(bs: list[list[int]]) -> int:
+            return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+        assert padded(batches) < padded(epoch_batches(lengths, 8, 3, 1, False))
+
+
+def test_early_stopping_keeps_the_best_evaluation(tmp_path: Path) -> None:
+    from adapterhub_local.config import TrainConfig
+    from adapterhub_local.train.loop import load_best, train_loop
+    from adapterhub_local.train.tasks import Example, collate_classification
+
+    torch.manual_seed(0)
+    model = _TinyClassifier()
+    examples = [Example([i % 7 + 1, 3], i % 2) for i in range(64)]
+    scores = iter([0.5, 0.9, 0.8, 0.7, 0.6, 0.5])
+    snapshots: list[torch.Tensor] = []
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        snapshots.append(m.head.weight.detach().clone())  # type: ignore[union-attr, operator]
+        return {"accuracy": next(scores)}
+
+    cfg = TrainConfig(lr=0.1, batch_size=4, max_steps=100, eval_every=2, early_stopping_patience=2, log_every=1)
+    result = train_loop(model, examples, lambda ex: collate_classification(ex, 0), cfg, tmp_path, evaluate,
+                        "accuracy", True, progress=False)
+    assert result.state.stopped_early and result.state.step == 8  # evals at 2, 4 (best), 6, 8 → stop
+    assert result.state.best_step == 4 and result.state.best_metric == 0.9
+    assert load_best(tmp_path, model)
+    assert torch.equal(model.head.weight, snapshots[1])
+    log = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(log) == 4
+
+
+class _TinyClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> object:
+        logits = self.head(self.embed(input_ids).mean(1))
+        from types import SimpleNamespace
+
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
