@@ -228,8 +228,10 @@ def train_loop(
     model.train()
     try:
         while state.step < n_steps and not state.stopped_early:
-            epoch_plan = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
-            while state.batch_in_epoch < batch_count and state.step < n_steps:
+            epoch = state.epoch
+            epoch_plan = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+            # Leave the inner loop at the epoch boundary so the next epoch gets its own batch order.
+            while state.epoch == epoch and state.batch_in_epoch < batch_count and state.step < n_steps:
                 started = time.perf_counter()
                 first = state.batch_in_epoch
                 group = range(first, min(first + cfg.grad_accum, batch_count))

@@ -136,3 +136,25 @@ class _TinyClassifier(torch.nn.Module):
         from types import SimpleNamespace
 
         return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+
+def test_each_epoch_uses_its_own_batch_order(tmp_path: Path) -> None:
+    from adapterhub_local.config import TrainConfig
+    from adapterhub_local.train.loop import train_loop
+    from adapterhub_local.train.tasks import Example, collate_classification
+
+    torch.manual_seed(0)
+    examples = [Example([i % 9 + 1, 3], i % 2) for i in range(16)]
+    seen: list[list[int]] = []
+
+    def recording_collate(batch: list[Example]) -> object:
+        seen.append(sorted(examples.index(ex) for ex in batch))
+        return collate_classification(batch, 0)
+
+    cfg = TrainConfig(lr=0.1, batch_size=4, max_steps=8, eval_every=100, log_every=100, seed=5)
+    train_loop(_TinyClassifier(), examples, recording_collate, cfg, tmp_path, lambda m: {"accuracy": 0.0},
+               "accuracy", True, progress=False)
+    lengths = [len(ex.input_ids) for ex in examples]
+    plans = [[sorted(b) for b in epoch_batches(lengths, 4, 5, epoch, False)] for epoch in (0, 1)]
+    assert plans[0] != plans[1]
+    assert seen == plans[0] + plans[1]  # epoch 1 is not a replay of epoch 0
