@@ -63,7 +63,7 @@ def train_concurrently(registry: Registry, plan: SweepPlan, state: SweepState, d
         initial.append(_peft_state(trainable.model))
         trainable_params.append(trainable.trainable_params)
         del trainable
-    base = runner._load_model(first, ctx.record, len(ctx.labels) if ctx.labels else None)
+    base = runner.load_model(first, ctx.record, len(ctx.labels) if ctx.labels else None)
     set_labels(base, ctx.labels)
     targets = list(first.method.target_modules or default_targets(base))
     head = head_module(base) if ctx.labels is not None else None
@@ -104,7 +104,7 @@ def _finish_point(registry: Registry, plan: SweepPlan, state: SweepState, data: 
     with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as handle:
         for record_ in run.evals:
             handle.write(json.dumps(record_, default=float) + "\n")
-    final, samples = runner._final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
+    final, samples = runner.final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
     wall = share + time.perf_counter() - started
     training = {
         "method": trainable.method, "trainable_params": trainable_params, "total_params": trainable.total_params,
@@ -121,7 +121,7 @@ def _finish_point(registry: Registry, plan: SweepPlan, state: SweepState, data: 
     if forgetting is not None:
         training["forgetting"] = forgetting
     save_result(trainable, run_dir / "adapter")
-    card, why_not = runner._register(recipe, data, registry, trainable, run_dir, final, training, ctx.labels)
+    card, why_not = runner.register_result(recipe, data, registry, trainable, run_dir, final, training, ctx.labels)
     if card is None:
         raise UnsupportedError(f"r={point.rank} was not registered: {why_not}", "set output.register: true")
     (run_dir / runner.FINAL).write_text(json.dumps({"metrics": final, "training": training, "registered": card.ref,

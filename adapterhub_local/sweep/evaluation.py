@@ -32,9 +32,9 @@ def set_labels(model: torch.nn.Module, labels: list[str] | None) -> None:
 def build_trainable(recipe: Recipe, record: BaseRecord, labels: list[str] | None) -> Trainable:
     """The runner's set-up of a run, in its order (seed, tokenizer, base, labels, method), so the PEFT
     model — and its random initial adapter — is exactly the one a sequential run starts from."""
-    runner._seed(recipe.train.seed)
+    runner.seed_everything(recipe.train.seed)
     load_tokenizer(record)
-    model = runner._load_model(recipe, record, len(labels) if labels else None)
+    model = runner.load_model(recipe, record, len(labels) if labels else None)
     set_labels(model, labels)
     return apply_method(model, recipe, record.path)
 
@@ -63,7 +63,7 @@ def run_context(registry: Registry, recipe: Recipe, data: PreparedData) -> RunCo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     classification = recipe.task.type == "classification"
     labels = data.labels if classification else None
-    encoded = runner._encode(recipe, data, tokenizer)
+    encoded = runner.encode_splits(recipe, data, tokenizer)
     bs = recipe.eval.batch_size
     if labels is not None:
         known = labels
@@ -104,5 +104,5 @@ def evaluate_state(ctx: RunContext, recipe: Recipe, state: dict[str, torch.Tenso
     trainable = trainable_with(ctx, recipe, state)
     with torch.no_grad():
         validation = ctx.periodic(trainable.model)
-    final, _ = runner._final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
+    final, _ = runner.final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
     return validation, final

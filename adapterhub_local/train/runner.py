@@ -59,7 +59,7 @@ def ensure_base(registry: Registry, recipe: Recipe) -> BaseRecord:
     return registry.add_base(recipe.base, str(assets.resolve(recipe.base_source)))
 
 
-def _load_model(recipe: Recipe, record: BaseRecord, num_labels: int | None) -> torch.nn.Module:
+def load_model(recipe: Recipe, record: BaseRecord, num_labels: int | None) -> torch.nn.Module:
     task_type = "sequence_classification" if recipe.task.type == "classification" else "causal_lm"
     if recipe.method.name != "qlora":
         return load_base_model(record, task_type, num_labels)
@@ -123,7 +123,7 @@ def _peak_memory_mb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -135,7 +135,7 @@ def _seed(seed: int) -> None:
 
 
 @dataclass
-class _Encoded:
+class EncodedSplits:
     train: list[tasks.Example]
     validation: list[tasks.Example]
     test: list[tasks.Example]
@@ -143,7 +143,7 @@ class _Encoded:
     test_rows: list[dict[str, Any]]
 
 
-def _encode(recipe: Recipe, data: PreparedData, tokenizer: Any) -> _Encoded:
+def encode_splits(recipe: Recipe, data: PreparedData, tokenizer: Any) -> EncodedSplits:
     d = recipe.data
     cap_val, cap_test = d.max_eval_examples, recipe.eval.max_test_examples
     if recipe.task.type == "classification":
@@ -155,8 +155,8 @@ def _encode(recipe: Recipe, data: PreparedData, tokenizer: Any) -> _Encoded:
         def enc(rows: list[dict[str, Any]]) -> list[tasks.Example]:
             return tasks.encode_classification(rows, src.spec, tokenizer, data.labels or [], d.max_length)
 
-        return _Encoded(enc(train_rows), enc(src.splits.validation[:cap_val] if cap_val else src.splits.validation),
-                        enc(test_rows), [], test_rows)
+        val_rows = src.splits.validation[:cap_val] if cap_val else src.splits.validation
+        return EncodedSplits(enc(train_rows), enc(val_rows), enc(test_rows), [], test_rows)
     per_source: dict[str, list[tasks.Example]] = {}
     validation: list[tasks.Example] = []
     test: list[tasks.Example] = []
@@ -179,7 +179,7 @@ def _encode(recipe: Recipe, data: PreparedData, tokenizer: Any) -> _Encoded:
         train = next(iter(per_source.values()))
     if d.packing:
         train = tasks.pack(train, d.max_length)
-    return _Encoded(train, validation, test, prompts, [])
+    return EncodedSplits(train, validation, test, prompts, [])
 
 
 def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool = False,
@@ -190,11 +190,11 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     record = ensure_base(registry, recipe)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    _seed(recipe.train.seed)
+    seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(record)
     classification = recipe.task.type == "classification"
     labels = data.labels if classification else None
-    model = _load_model(recipe, record, len(labels) if labels else None)
+    model = load_model(recipe, record, len(labels) if labels else None)
     if labels:
         model_config: Any = model.config
         model_config.id2label = dict(enumerate(labels))
@@ -202,7 +202,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         _check_pooling(recipe, model)
     trained = apply_method(model, recipe, record.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = _encode(recipe, data, tokenizer)
+    encoded = encode_splits(recipe, data, tokenizer)
 
     if resume:
         run_dir = run_dir or find_resumable(recipe)
@@ -234,7 +234,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     model = trained.model
     load_best(run_dir, model)
     model.eval()
-    final, samples = _final_eval(recipe, trained, tokenizer, encoded, labels, pad_id)
+    final, samples = final_eval(recipe, trained, tokenizer, encoded, labels, pad_id)
     peak, peak_kind = _peak_memory_mb()
     training = {
         "method": trained.method, "trainable_params": trained.trainable_params, "total_params": trained.total_params,
@@ -252,7 +252,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     if forgetting is not None:
         training["forgetting"] = forgetting
     save_result(trained, run_dir / "adapter")
-    card, why_not = _register(recipe, data, registry, trained, run_dir, final, training, labels)
+    card, why_not = register_result(recipe, data, registry, trained, run_dir, final, training, labels)
     summary = {"metrics": final, "training": training, "registered": card.ref if card else None,
                "not_registered": why_not, "dataset_fingerprint": data.fingerprint,
                "splits": {s.name: s.splits.sources for s in data.sources}, "samples": samples}
@@ -260,7 +260,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     return RunResult(run_dir, final, training, card, samples, why_not, model)
 
 
-def _final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: _Encoded, labels: list[str] | None,
+def final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: EncodedSplits, labels: list[str] | None,
                 pad_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     model, bs, show = trained.model, recipe.eval.batch_size, recipe.eval.show_predictions
     if labels is not None:
@@ -288,7 +288,7 @@ def _final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: _En
     return result, samples
 
 
-def _register(recipe: Recipe, data: PreparedData, registry: Registry, trained: Trainable, run_dir: Path,
+def register_result(recipe: Recipe, data: PreparedData, registry: Registry, trained: Trainable, run_dir: Path,
               final: dict[str, Any], training: dict[str, Any],
               labels: list[str] | None) -> tuple[AdapterCard | None, str | None]:
     if not trained.is_peft:

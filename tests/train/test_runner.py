@@ -16,7 +16,7 @@ from adapterhub_local.train import methods, runner
 from adapterhub_local.train.checks import check
 from adapterhub_local.train.eval_ref import EvalOptions, evaluate_ref
 from adapterhub_local.train.loop import train_loop
-from adapterhub_local.train.runner import _encode
+from adapterhub_local.train.runner import encode_splits
 from adapterhub_local.train.tasks import collate_classification, collate_generation
 from tests.train.conftest import build_recipe, classification_rows, cls_raw, gen_raw, write_jsonl
 
@@ -45,7 +45,7 @@ def test_base_weights_are_bit_identical_after_training(tmp_path: Path, request: 
     # Keep the parameter objects themselves: PEFT wraps modules but the base layers keep using them.
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     trained = methods.apply_method(model, recipe, record.path)
-    encoded = _encode(recipe, prepared, tokenizer)
+    encoded = encode_splits(recipe, prepared, tokenizer)
     collate = collate_classification if kind == "cls" else collate_generation
     train_loop(trained.model, encoded.train, lambda ex: collate(ex, 0), recipe.train, tmp_path, lambda m: {},
                "none", True, progress=False)
