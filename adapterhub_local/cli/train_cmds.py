@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -41,22 +42,25 @@ def train(
     from adapterhub_local.train import runner
     from adapterhub_local.train.checks import load_and_check
 
-    parsed, data = load_and_check(recipe, parse_overrides(overrides or []))
-    splits = data.sources[0].splits
-    console.print(f"[bold]{parsed.name}[/]: {parsed.method.name} on base {parsed.base}, task {parsed.task.type}; "
-                  f"{sum(len(s.splits.train) for s in data.sources)} train / "
-                  f"{sum(len(s.splits.validation) for s in data.sources)} validation / "
-                  f"{sum(len(s.splits.test) for s in data.sources)} test rows"
-                  + (f" (split by {splits.split_by})" if splits.split_by else ""), highlight=False)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        result = runner.run(parsed, data, get_registry(), resume=resume, run_dir=run_dir,
-                            progress=not no_progress and sys.stderr.isatty())
-    except KeyboardInterrupt:
-        again = shlex.join(["adapterhub", "train", str(recipe), *(overrides or []), "--resume"])
-        err_console.print(f"interrupted; the last completed step is checkpointed. Continue with: {again}",
-                          highlight=False)
-        raise typer.Exit(130) from None
+    # With --json, stdout carries only the JSON summary; progress and status lines go to stderr.
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with quiet_stdout:
+        parsed, data = load_and_check(recipe, parse_overrides(overrides or []))
+        splits = data.sources[0].splits
+        console.print(f"[bold]{parsed.name}[/]: {parsed.method.name} on base {parsed.base}, task {parsed.task.type}; "
+                      f"{sum(len(s.splits.train) for s in data.sources)} train / "
+                      f"{sum(len(s.splits.validation) for s in data.sources)} validation / "
+                      f"{sum(len(s.splits.test) for s in data.sources)} test rows"
+                      + (f" (split by {splits.split_by})" if splits.split_by else ""), highlight=False)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            result = runner.run(parsed, data, get_registry(), resume=resume, run_dir=run_dir,
+                                progress=not no_progress and sys.stderr.isatty())
+        except KeyboardInterrupt:
+            again = shlex.join(["adapterhub", "train", str(recipe), *(overrides or []), "--resume"])
+            err_console.print(f"interrupted; the last completed step is checkpointed. Continue with: {again}",
+                              highlight=False)
+            raise typer.Exit(130) from None
     if as_json:
         print_json({"run_dir": str(result.run_dir), "metrics": result.metrics, "training": result.training,
                     "registered": result.card.ref if result.card else None, "samples": result.samples})

@@ -20,7 +20,7 @@ def test_train_then_eval_from_the_command_line(tmp_path: Path, bert_registry: Re
     code = main(["-R", str(bert_registry.root), "train", str(recipe), "train.max_steps=4", "method.r=2", "--json"])
     out = capsys.readouterr().out
     assert code == 0, out
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out)  # --json: stdout is the JSON summary alone
     assert summary["registered"] == "tcls@1"
     assert bert_registry.resolve("tcls@1").rank == 2
     assert summary["training"]["steps"] == 4
