@@ -37,10 +37,10 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
         cards = [registry.resolve(ref)]
     else:
         cards = []
-        for name in registry._adapter_names():
-            for version in registry._versions_on_disk(name):
+        for name in registry.adapter_names():
+            for version in registry.versions_on_disk(name):
                 try:
-                    cards.append(registry._card(name, version))
+                    cards.append(registry.card_of(name, version))
                 except AdapterHubError as exc:
                     report.problems.append(f"{name}@{version}: {exc}")
     for card in cards:
@@ -53,10 +53,10 @@ def rebuild_index(registry: Registry) -> int:
     """Recreate ``index.db`` from the version directories and tag files; returns versions indexed."""
     rows = []
     tags = {}
-    for name in registry._adapter_names():
-        for version in registry._versions_on_disk(name):
-            rows.append(registry._row(registry._card(name, version)))
-        tags[name] = registry._tags(name)
+    for name in registry.adapter_names():
+        for version in registry.versions_on_disk(name):
+            rows.append(registry.index_row(registry.card_of(name, version)))
+        tags[name] = registry.tag_map(name)
     registry.index.replace_all(rows, tags)
     return len(rows)
 
@@ -82,7 +82,7 @@ def collect_garbage(registry: Registry, min_age_s: float = STALE_STAGING_SECONDS
                 atomic.remove_tree(item)
                 report.removed.append(str(item.relative_to(registry.root)))
     for name_dir in (registry.root / "adapters").iterdir():
-        if name_dir.is_dir() and not registry._versions_on_disk(name_dir.name):
+        if name_dir.is_dir() and not registry.versions_on_disk(name_dir.name):
             atomic.remove_tree(name_dir)
             report.removed.append(str(name_dir.relative_to(registry.root)))
     registry.list_adapters()  # reconciles the index with the directories
@@ -92,7 +92,7 @@ def collect_garbage(registry: Registry, min_age_s: float = STALE_STAGING_SECONDS
 def export(registry: Registry, ref: str, target: Path, with_card: bool = False) -> Path:
     """Write a verified version as a plain PEFT directory (``adapter_model.safetensors`` +
     ``adapter_config.json``, byte-identical to the stored files; ``card.json`` too if asked)."""
-    card, source = registry.verified_path(ref)
+    _, source = registry.verified_path(ref)
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise AlreadyExistsError(f"export target {target} is not empty", "choose a new or empty directory")
@@ -100,5 +100,4 @@ def export(registry: Registry, ref: str, target: Path, with_card: bool = False) 
     names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG] + ([CARD_FILE] if with_card else [])
     for fname in names:
         shutil.copyfile(source / fname, target / fname)
-    del card
     return target

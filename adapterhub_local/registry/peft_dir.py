@@ -165,7 +165,7 @@ def check_against_base(
             problems.append(f"prompt_embeddings width {summary.token_dim} != hidden size {hidden_size}")
     else:
         fan_in_fan_out = bool(summary.config.get("fan_in_fan_out", False))
-        for path, (rank, d_in, d_out) in summary.lora_modules.items():
+        for path, (_rank, d_in, d_out) in summary.lora_modules.items():
             weight = find_base_weight(path, base_shapes)
             if weight is None:
                 problems.append(f"module {path!r} does not exist in the base")
@@ -176,7 +176,6 @@ def check_against_base(
                 problems.append(
                     f"module {path!r}: adapter wants a {expected[0]}×{expected[1]} weight, base has {list(shape)}"
                 )
-            del rank
     if problems:
         shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ShapeMismatchError(

@@ -151,12 +151,12 @@ class Registry:
             files = {f: atomic.sha256_file(staged / f) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
             card = self._make_card(name, summary, record, info, files)
             with self._lock():
-                versions = self._versions_on_disk(name)
+                versions = self.versions_on_disk(name)
                 card.version = (max(versions) if versions else 0) + 1
                 atomic.write_text_atomic(staged / CARD_FILE, card.to_json())
                 atomic.seal_directory(staged)
                 atomic.publish_directory(staged, self._version_dir(name, card.version))
-                self.index.upsert(self._row(card))
+                self.index.upsert(self.index_row(card))
         finally:
             atomic.remove_tree(staged)
         return card
@@ -174,7 +174,7 @@ class Registry:
             files=files, created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         )
 
-    def _row(self, card: AdapterCard) -> IndexRow:
+    def index_row(self, card: AdapterCard) -> IndexRow:
         size = sum((self._version_dir(card.name, card.version) / f).stat().st_size for f in card.files)
         return IndexRow(
             name=card.name, version=card.version, kind=card.kind, rank=card.rank, alpha=card.alpha,
@@ -186,13 +186,13 @@ class Registry:
     def _version_dir(self, name: str, version: int) -> Path:
         return self.root / "adapters" / name / str(version)
 
-    def _versions_on_disk(self, name: str) -> list[int]:
+    def versions_on_disk(self, name: str) -> list[int]:
         directory = self.root / "adapters" / name
         if not directory.is_dir():
             return []
         return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
-    def _tags(self, name: str) -> dict[str, int]:
+    def tag_map(self, name: str) -> dict[str, int]:
         path = self.root / "adapters" / name / "tags.json"
         if not path.exists():
             return {}
@@ -214,11 +214,11 @@ class Registry:
         else:
             assert parsed.name is not None
             name = parsed.name
-            versions = self._versions_on_disk(name)
+            versions = self.versions_on_disk(name)
             if not versions:
                 raise NotFoundError(f"adapter {name!r} is not registered", "see `adapterhub list`")
             if parsed.tag is not None:
-                tags = self._tags(name)
+                tags = self.tag_map(name)
                 if parsed.tag not in tags:
                     raise NotFoundError(f"adapter {name!r} has no tag {parsed.tag!r} (tags: {sorted(tags) or 'none'})",
                                         f"tag a version with `adapterhub tag {name}@N {parsed.tag}`")
@@ -230,9 +230,9 @@ class Registry:
                 version = parsed.version
             else:
                 version = versions[-1]
-        return self._card(name, version)
+        return self.card_of(name, version)
 
-    def _card(self, name: str, version: int) -> AdapterCard:
+    def card_of(self, name: str, version: int) -> AdapterCard:
         directory = self._version_dir(name, version)
         if not directory.is_dir():
             raise NotFoundError(f"adapter version {name}@{version} does not exist", "see `adapterhub list`")
@@ -286,23 +286,23 @@ class Registry:
         update is healed here)."""
         if name is not None:
             validate_name(name, "adapter name")
-        on_disk = {(n, v) for n in self._adapter_names() if name in (None, n) for v in self._versions_on_disk(n)}
+        on_disk = {(n, v) for n in self.adapter_names() if name in (None, n) for v in self.versions_on_disk(n)}
         rows = self.index.rows(name)
         indexed = {(r.name, r.version) for r in rows}
         if on_disk != indexed:
             for n, v in sorted(on_disk - indexed):
-                self.index.upsert(self._row(self._card(n, v)))
+                self.index.upsert(self.index_row(self.card_of(n, v)))
             for n, v in sorted(indexed - on_disk):
                 self.index.remove(n, v)
             rows = self.index.rows(name)
         return rows
 
-    def _adapter_names(self) -> list[str]:
+    def adapter_names(self) -> list[str]:
         return sorted(p.name for p in (self.root / "adapters").iterdir() if p.is_dir())
 
     def tags(self, name: str | None = None) -> list[tuple[str, str, int]]:
-        names = [name] if name else self._adapter_names()
-        return [(n, t, v) for n in names for t, v in sorted(self._tags(n).items())]
+        names = [name] if name else self.adapter_names()
+        return [(n, t, v) for n in names for t, v in sorted(self.tag_map(n).items())]
 
     # ------------------------------------------------------------- mutation
     def tag(self, ref: str, tag: str) -> AdapterCard:
@@ -310,7 +310,7 @@ class Registry:
         validate_tag(tag)
         card = self.resolve(ref)
         with self._lock():
-            tags = self._tags(card.name)
+            tags = self.tag_map(card.name)
             tags[tag] = card.version
             atomic.write_text_atomic(self.root / "adapters" / card.name / "tags.json", json.dumps(tags, indent=2))
             self.index.set_tags(card.name, tags)
@@ -320,7 +320,7 @@ class Registry:
         validate_name(name, "adapter name")
         validate_tag(tag)
         with self._lock():
-            tags = self._tags(name)
+            tags = self.tag_map(name)
             if tag not in tags:
                 raise NotFoundError(f"adapter {name!r} has no tag {tag!r}", "see `adapterhub list --tags`")
             del tags[tag]
@@ -331,13 +331,13 @@ class Registry:
         """Remove one version (and tags pointing at it). The directory vanishes in one rename."""
         card = self.resolve(ref)
         with self._lock():
-            tags = {t: v for t, v in self._tags(card.name).items() if v != card.version}
+            tags = {t: v for t, v in self.tag_map(card.name).items() if v != card.version}
             atomic.write_text_atomic(self.root / "adapters" / card.name / "tags.json", json.dumps(tags, indent=2))
             self._trash(self.path_of(card))
             self.index.remove(card.name, card.version)
             self.index.set_tags(card.name, tags)
             name_dir = self.root / "adapters" / card.name
-            if not self._versions_on_disk(card.name):
+            if not self.versions_on_disk(card.name):
                 atomic.remove_tree(name_dir)
         return card
 
