@@ -41,7 +41,7 @@ import torch
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference import kv_rows
-from adapterhub_local.inference.generation import RowState, _advance, _cache_keyword, _cache_of, _forward
+from adapterhub_local.inference.generation import RowState, advance, cache_keyword, cache_of, forward_cached
 from adapterhub_local.inference.sampling import make_generator, next_tokens
 from adapterhub_local.inference.soft_prompt import Row, build_batch
 from adapterhub_local.inference.types import GenerationResult, Request, StreamEvent
@@ -53,9 +53,9 @@ if TYPE_CHECKING:
 @torch.inference_mode()
 def editable_cache(model: Any, token: int, device: torch.device) -> bool:
     """Whether ``model`` builds a KV cache whose rows :mod:`kv_rows` can edit (one one-token forward)."""
-    out = _forward(model, input_ids=torch.tensor([[token]], device=device))
+    out = forward_cached(model, input_ids=torch.tensor([[token]], device=device))
     try:
-        kv_rows.width(_cache_of(out))
+        kv_rows.width(cache_of(out))
     except UnsupportedError:
         return False
     return True
@@ -122,7 +122,7 @@ class OpenBatch:
         self.mask: torch.Tensor | None = None
         self.steps = 0
         self._version = -1  # the BatchContext version our slots were written at
-        self._cache_kw = _cache_keyword(self.runner.model)
+        self._cache_kw = cache_keyword(self.runner.model)
 
     # ----------------------------------------------------------------- facts
     def __len__(self) -> int:
@@ -267,8 +267,8 @@ class OpenBatch:
         if new or context.version != self._version:
             context.set_rows([r.slot for r in rows])
             self._version = context.version
-        out = _forward(runner.model, **inputs)
-        cache = _cache_of(out)
+        out = forward_cached(runner.model, **inputs)
+        cache = cache_of(out)
         if not live and self.rows:  # joiners prefilled on their own: stack them under the live rows
             kv_rows.drop_left(cache, columns - max(r.length for r in new))
             kv_rows.stack(self.cache, cache)
@@ -300,7 +300,7 @@ class OpenBatch:
         events = []
         for row, token in zip(rows, chosen.tolist(), strict=True):  # the one host sync per step
             before = len(row.state.generated)
-            delta = _advance(row.state, int(token), self.runner.tokenizer, self.runner.eos_ids)
+            delta = advance(row.state, int(token), self.runner.tokenizer, self.runner.eos_ids)
             row.pending = int(token)
             new_token = int(token) if len(row.state.generated) > before else None
             if delta or new_token is not None or row.state.finished:

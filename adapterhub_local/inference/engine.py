@@ -39,6 +39,7 @@ from adapterhub_local.inference.model_state import EngineModel
 from adapterhub_local.inference.policy import AutoPolicy
 from adapterhub_local.inference.pool import AdapterPool
 from adapterhub_local.inference.sampling import check
+from adapterhub_local.inference.static_decode import CudaGraphs, StaticDecoder, resolve_decoder
 from adapterhub_local.inference.types import (
     AdapterInfo,
     ClassificationResult,
@@ -74,12 +75,15 @@ class Engine:
         policy: the auto-mode policy (default :class:`AutoPolicy()`).
         lora_strategy: the multi-adapter op: ``gather`` (per-row BGMV), ``dense`` (batch adapters concatenated,
             masked per row) or ``auto`` (dense on GPUs, gather on CPUs); see :mod:`multi_lora`.
+        decoder: how batches decode: ``dynamic`` (transformers' growing cache), ``static`` (a preallocated
+            cache and fixed-shape step), ``graph`` (``static`` with the step captured as a CUDA graph) or
+            ``auto`` (``graph`` on CUDA where the base allows, else ``dynamic``); see :mod:`static_decode`.
     """
 
     def __init__(self, registry: Registry, base: str, mode: Mode = "swap", pool_bytes: int = 256 << 20,
                  host_bytes: int | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, policy: AutoPolicy | None = None,
-                 lora_strategy: str = "auto") -> None:
+                 lora_strategy: str = "auto", decoder: str = "auto") -> None:
         if mode not in MODES:
             raise ConfigError([f"mode {mode!r} is not one of {', '.join(MODES)}"], "pick swap, merge or auto",
                               what="engine options")
@@ -91,6 +95,8 @@ class Engine:
         self.pool = AdapterPool(registry, self.base.name, self.runner.model, self.runner, pool_bytes,
                                 host_bytes if host_bytes is not None else 4 * pool_bytes, dtype)
         self.merger = Merger(self.runner.model)
+        self.decoder = resolve_decoder(decoder, self.device, self.runner.model) if self.runner.is_causal else "dynamic"
+        self._static: StaticDecoder | None = None
         self.policy = policy or AutoPolicy()
         self.mode: Mode = mode
         self.switches = 0
@@ -290,6 +296,21 @@ class Engine:
 
     # ------------------------------------------------------------ generation
     @property
+    def static_decoder(self) -> StaticDecoder:
+        """The fixed-shape decoder (built on first use; ``decoder`` is ``static`` or ``graph``)."""
+        if self._static is None:
+            graphs = CudaGraphs(self.device) if self.decoder == "graph" else None
+            self._static = StaticDecoder(self.runner.model, self.runner.context, graphs)
+        return self._static
+
+    @static_decoder.setter
+    def static_decoder(self, decoder: StaticDecoder) -> None:
+        """Use this fixed-shape decoder (e.g. with another graph backend) for every later batch."""
+        with self._lock:
+            self._static = decoder
+            self.decoder = "static" if decoder.graphs is None else "graph"
+
+    @property
     def can_open_batch(self) -> bool:
         """Whether :meth:`open_batch` works now: a decoder base whose KV cache rows can be edited, in swap mode
         with nothing merged (the scheduler batches continuously only then)."""
@@ -341,9 +362,14 @@ class Engine:
                                        "shorten the prompt")
             params = requests[i].sampling
             states.append(RowState(params=params, prompt_ids=ids[k], limit=min(params.max_new_tokens, room)))
-        self.runner.context.set_rows(slots)
+        tokenizer, eos = self.runner.tokenizer, self.runner.eos_ids
+        if self.decoder == "dynamic":
+            self.runner.context.set_rows(slots)
+            steps = decode(self.runner.model, batch, states, tokenizer, eos)
+        else:
+            steps = self.static_decoder.decode(batch, states, slots, tokenizer, eos)
         try:
-            for step in decode(self.runner.model, batch, states, self.runner.tokenizer, self.runner.eos_ids):
+            for step in steps:
                 for k, delta, token in step:
                     state = states[k]
                     result = None
@@ -355,6 +381,7 @@ class Engine:
                         yield StreamEvent(index=rows[k], text=delta, token_ids=[] if token is None else [token],
                                           finished=result is not None, result=result)
         finally:
+            steps.close()  # a stream closed early: the decoder restores the batch context now
             self.runner.context.clear()
 
     # --------------------------------------------------------------- logits

@@ -9,7 +9,7 @@ never shows text that the final answer drops.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,7 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
-def _advance(state: RowState, token: int, tokenizer: Any, eos: set[int]) -> str:
+def advance(state: RowState, token: int, tokenizer: Any, eos: set[int]) -> str:
     """Add a token to a row; returns the new text that may be shown now."""
     if state.params.stop_at_eos and token in eos:
         state.finish_reason = "stop"
@@ -80,48 +80,67 @@ def _advance(state: RowState, token: int, tokenizer: Any, eos: set[int]) -> str:
     return delta
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """``cache`` in newer transformers, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _forward(model: nn.Module, **kwargs: Any) -> Any:
+def forward_cached(model: nn.Module, **kwargs: Any) -> Any:
     return model(use_cache=True, logits_to_keep=1, **kwargs)
 
 
-def _cache_of(out: Any) -> Any:
+def cache_of(out: Any) -> Any:
     return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
-@torch.inference_mode()
-def decode(model: nn.Module, batch: Batch, states: list[RowState], tokenizer: Any,
-           eos: set[int]) -> Iterator[list[tuple[int, str, int | None]]]:
-    """Run the batch to completion; each step yields ``(row, new text, new token or None)`` for live rows."""
-    device = batch.input_ids.device
-    cache_kw = _cache_keyword(model)
-    generators = [make_generator(s.params, device) for s in states]
-    prompt_hist = [torch.tensor(s.prompt_ids, dtype=torch.long, device=device) for s in states]
-    mask = batch.attention_mask
-    if batch.inputs_embeds is not None:
-        out = _forward(model, inputs_embeds=batch.inputs_embeds, attention_mask=mask, position_ids=batch.position_ids)
-    else:
-        out = _forward(model, input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
-    while True:
-        history = [torch.cat([prompt_hist[i], torch.tensor(s.generated, dtype=torch.long, device=device)])
-                   if s.params.repetition_penalty != 1.0 else prompt_hist[i] for i, s in enumerate(states)]
-        tokens = next_tokens(out.logits[:, -1], [s.params for s in states], history, generators)
+class Sampler:
+    """Turns each step's last-position logits into tokens and the rows' new text (shared by every decoder)."""
+
+    def __init__(self, states: list[RowState], tokenizer: Any, eos: set[int], device: torch.device) -> None:
+        self.states = states
+        self.tokenizer = tokenizer
+        self.eos = eos
+        self.device = device
+        self.generators = [make_generator(s.params, device) for s in states]
+        self.prompts = [torch.tensor(s.prompt_ids, dtype=torch.long, device=device) for s in states]
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.states)
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, str, int | None]]]:
+        """``logits``: ``[B, V]`` for the batch's rows. Returns the chosen tokens (on the device) and, for each
+        live row, ``(row, new text, new token or None)``."""
+        states = self.states
+        history = [torch.cat([self.prompts[i], torch.tensor(s.generated, dtype=torch.long, device=self.device)])
+                   if s.params.repetition_penalty != 1.0 else self.prompts[i] for i, s in enumerate(states)]
+        tokens = next_tokens(logits, [s.params for s in states], history, self.generators)
         step: list[tuple[int, str, int | None]] = []
         for i, token in enumerate(tokens.tolist()):  # the one host sync per step
             state = states[i]
             if state.finished:
                 continue
             before = len(state.generated)
-            delta = _advance(state, int(token), tokenizer, eos)
+            delta = advance(state, int(token), self.tokenizer, self.eos)
             step.append((i, delta, int(token) if len(state.generated) > before else None))
+        return tokens, step
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, batch: Batch, states: list[RowState], tokenizer: Any,
+           eos: set[int]) -> Generator[list[tuple[int, str, int | None]], None, None]:
+    """Run the batch to completion; each step yields ``(row, new text, new token or None)`` for live rows."""
+    cache_kw = cache_keyword(model)
+    sampler = Sampler(states, tokenizer, eos, batch.input_ids.device)
+    mask = batch.attention_mask
+    inputs = {"input_ids": batch.input_ids} if batch.inputs_embeds is None else {"inputs_embeds": batch.inputs_embeds}
+    out = forward_cached(model, attention_mask=mask, position_ids=batch.position_ids, **inputs)
+    while True:
+        tokens, step = sampler.step(out.logits[:, -1])
         yield step
-        if all(s.finished for s in states):
+        if sampler.done:
             return
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         position = (mask.sum(-1, keepdim=True) - 1)
-        out = _forward(model, input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                       **{cache_kw: _cache_of(out)})
+        out = forward_cached(model, input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                       **{cache_kw: cache_of(out)})

@@ -1,8 +1,9 @@
 """The multi-adapter linear: one frozen base linear plus a stack of LoRA pairs, applied per batch row.
 
 Every wrapped module holds, for the adapters that target it, ``A`` stacked as ``[S, R, d_in]`` and
-``scale·B`` stacked as ``[S, d_out, R]`` (``S`` local slots, slot 0 all zeros; ``R`` the largest resident
-rank, smaller ranks zero-padded — exact, because padded rows/columns contribute exact zeros). Each batch
+``(scale·B)ᵀ`` stacked as ``[S, R, d_out]`` (``S`` local slots, slot 0 all zeros; ``R`` the largest resident
+rank, smaller ranks zero-padded — exact, because padded rows/columns contribute exact zeros). Both stacks
+are rank-major, so ``[S·R, d]`` is a free view of either (the dense strategy's operand). Each batch
 only computes up to the largest rank *it* uses on that module (a view of the stacks), and skips modules
 that none of its rows adapt, so one resident rank-256 adapter does not slow batches of rank-16 ones. A shared
 :class:`BatchContext` carries the batch's per-row *global* adapter slot as a device tensor; each module maps
@@ -19,8 +20,11 @@ Two batched operations, in the spirit of Punica's BGMV/SGMV and S-LoRA, both pla
   multiply-adds — the better trade where decode is memory-bound (GPUs).
 
 Neither loops over adapters in Python, has data-dependent shapes, or synchronises with the host inside a
-step (per-batch bookkeeping happens once, before the first step), so a decode step stays capturable by
-CUDA graphs once the index lives in a persistent buffer (:meth:`BatchContext.set_rows` copies into one).
+step (per-batch bookkeeping happens once, before the first step). For CUDA-graph capture
+(:mod:`static_decode`) the context switches to *static* mode: each step maps the rows' global slots (a
+persistent buffer that :meth:`BatchContext.set_rows` copies into) to local slots on the device and runs over
+the full padded stacks, so a captured step stays valid for any later batch until a stack is reallocated;
+every such reallocation bumps :attr:`BatchContext.layout`, which tells the decoder to capture again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class BatchContext:
         """The distinct global slots of the batch (host side, set once per batch)."""
         self.version = 0
         """Bumped per batch, so modules recompute their per-batch rank once (not per step)."""
+        self.static = False
+        """Static mode: every step recomputes local slots on the device over the full stacks (capturable)."""
+        self.layout = 0
+        """Bumped whenever a tensor a captured step reads is reallocated, or a module gains or loses its
+        first adapter: a CUDA graph captured under an older layout must be captured again."""
 
     def set_rows(self, slots: list[int]) -> None:
         """Point the batch at these global slots (copied into a persistent device buffer)."""
@@ -55,6 +64,7 @@ class BatchContext:
             return
         if len(slots) > self._buffer.numel():
             self._buffer = torch.zeros(2 * len(slots), dtype=torch.long, device=self.device)
+            self.layout += 1
         view = self._buffer[: len(slots)]
         view.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
         self.slots = view
@@ -82,13 +92,25 @@ def resolve_strategy(strategy: str, device: torch.device) -> str:
 def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``y[i] = x[i] · A[rows[i]]ᵀ · B[rows[i]]ᵀ`` for a batch of rows.
 
-    ``x``: ``[B, T, d_in]``; ``a_stack``: ``[S, R, d_in]``; ``b_stack``: ``[S, d_out, R]`` (scale folded in);
+    ``x``: ``[B, T, d_in]``; ``a_stack``: ``[S, R, d_in]``; ``b_stack``: ``[S, R, d_out]`` (``(scale·B)ᵀ``);
     ``rows``: ``[B]`` long. Returns ``[B, T, d_out]``.
     """
     a = a_stack.index_select(0, rows)  # [B, R, d_in]
-    b = b_stack.index_select(0, rows)  # [B, d_out, R]
+    b = b_stack.index_select(0, rows)  # [B, R, d_out]
     shrunk = torch.bmm(x, a.transpose(1, 2))  # [B, T, R]
-    return torch.bmm(shrunk, b.transpose(1, 2))  # [B, T, d_out]
+    return torch.bmm(shrunk, b)  # [B, T, d_out]
+
+
+def dense_lora(x: torch.Tensor, a_flat: torch.Tensor, b_flat: torch.Tensor, owner: torch.Tensor,
+               rank: int) -> torch.Tensor:
+    """``y[i] = x[i] · A[k]ᵀ · B[k]ᵀ`` for row ``i``'s adapter ``k``, computed against all ``P`` adapters at once.
+
+    ``a_flat``: ``[P·R, d_in]``; ``b_flat``: ``[P·R, d_out]``; ``owner``: ``[B, P]`` (1 where row ``i`` uses
+    adapter ``k``, else 0) in ``x``'s dtype. Every rank channel of the other adapters is multiplied by an exact 0.
+    """
+    rows, adapters = owner.shape
+    mask = owner[:, None, :, None].expand(rows, 1, adapters, rank).reshape(rows, 1, adapters * rank)
+    return ((x @ a_flat.T) * mask) @ b_flat  # [B, T, d_out]
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -122,8 +144,8 @@ class MultiLoraLinear(nn.Module):
         self._device: torch.device = weight.device
         self.rank = 1  # R: the padded rank of the stacks
         self.a_stack = torch.zeros(2, self.rank, self.d_in, dtype=self._dtype, device=self._device)
-        self.b_stack = torch.zeros(2, self.d_out, self.rank, dtype=self._dtype, device=self._device)
-        self.slot_map = torch.zeros(8, dtype=torch.long, device=self._device)  # global slot -> local slot
+        self.b_stack = torch.zeros(2, self.rank, self.d_out, dtype=self._dtype, device=self._device)
+        self.slot_map = torch.zeros(64, dtype=torch.long, device=self._device)  # global slot -> local slot
         self._local: dict[int, int] = {}  # global slot -> local slot
         self._ranks: dict[int, int] = {}  # local slot -> rank
         self._seen_version = -1
@@ -141,23 +163,48 @@ class MultiLoraLinear(nn.Module):
         """How many resident adapters target this module."""
         return len(self._local)
 
+    @property
+    def stack_bytes(self) -> int:
+        """Device bytes held by this module's stacks (padding and free slots included)."""
+        return self.a_stack.numel() * self.a_stack.element_size() + self.b_stack.numel() * self.b_stack.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
         rows = self._context.slots
         if rows is None or not self._local:
             return y
-        if self._seen_version != self._context.version:
-            self._prepare_batch(rows)
-        if self._batch_rank == 0:  # no row of this batch has an adapter on this module
-            return y
         x3 = x.reshape(rows.shape[0], -1, self.d_in).to(self._dtype)
-        if self._dense is not None:
-            a_cat, b_cat, mask = self._dense
-            delta = ((x3 @ a_cat.T) * mask) @ b_cat  # [B, T, P·R] masked to each row's own adapter
+        if self._context.static:
+            delta = self._static_delta(x3, rows)
         else:
-            rank = self._batch_rank
-            delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :, :rank], self._rows_local)
+            if self._seen_version != self._context.version:
+                self._prepare_batch(rows)
+            if self._batch_rank == 0:  # no row of this batch has an adapter on this module
+                return y
+            if self._dense is not None:
+                a_cat, b_cat, owner = self._dense
+                delta = dense_lora(x3, a_cat, b_cat, owner, self._batch_rank)
+            else:
+                rank = self._batch_rank
+                delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], self._rows_local)
         return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _local_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each row's local slot; global slots this module never held (adapters that do not target it, soft
+        prompts, no adapter) map to local slot 0, whose stacks are zeros. Device ops only, no host sync."""
+        known = rows < self.slot_map.numel()
+        return self.slot_map.index_select(0, torch.where(known, rows, torch.zeros_like(rows)))
+
+    def _static_delta(self, x3: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The LoRA term over the full padded stacks, from device state only: what a CUDA graph captures."""
+        local = self._local_slots(rows)
+        if self._context.strategy == "dense":
+            slots, rank = self.a_stack.shape[0], self.rank
+            ids = torch.arange(slots, device=self._device)
+            owner = (local[:, None] == ids[None, :]).to(self._dtype)
+            return dense_lora(x3, self.a_stack.view(slots * rank, self.d_in),
+                              self.b_stack.view(slots * rank, self.d_out), owner, rank)
+        return gathered_lora(x3, self.a_stack, self.b_stack, local)
 
     def _prepare_batch(self, rows: torch.Tensor) -> None:
         """Once per batch (host-side bookkeeping plus a few device ops, no host sync): the largest rank this
@@ -168,17 +215,14 @@ class MultiLoraLinear(nn.Module):
         self._dense = None
         if rank == 0:
             return
-        # Global slots this module never held (adapters that do not target it) map to local slot 0 (zeros).
-        known = rows < self.slot_map.numel()
-        local = self.slot_map.index_select(0, torch.where(known, rows, torch.zeros_like(rows)))  # [B]
+        local = self._local_slots(rows)  # [B]
         self._rows_local = local
         if self._context.strategy == "dense":
             index = torch.tensor(present, dtype=torch.long, device=self._device)
             a_cat = self.a_stack.index_select(0, index)[:, :rank].reshape(-1, self.d_in)  # [P·R, d_in]
-            b_cat = self.b_stack.index_select(0, index)[:, :, :rank].permute(0, 2, 1).reshape(-1, self.d_out)
+            b_cat = self.b_stack.index_select(0, index)[:, :rank].reshape(-1, self.d_out)  # [P·R, d_out]
             owner = (local[:, None] == index[None, :]).to(self._dtype)  # [B, P]
-            mask = owner.repeat_interleave(rank, dim=1)[:, None, :]  # [B, 1, P·R]
-            self._dense = (a_cat, b_cat.contiguous(), mask)
+            self._dense = (a_cat, b_cat, owner)
 
     # ------------------------------------------------------------ residency
     def install(self, global_slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
@@ -191,6 +235,8 @@ class MultiLoraLinear(nn.Module):
                 "linear", "use an adapter made for this base")
         if global_slot in self._local:
             self.uninstall(global_slot)
+        if not self._local:  # the module joins the LoRA path: captured steps skipped it
+            self._context.layout += 1
         if rank > self.rank:
             self._resize(rank, self.a_stack.shape[0])
         used = set(self._local.values())
@@ -202,10 +248,11 @@ class MultiLoraLinear(nn.Module):
             grown = torch.zeros(2 * global_slot + 2, dtype=torch.long, device=self._device)
             grown[: self.slot_map.numel()] = self.slot_map
             self.slot_map = grown
+            self._context.layout += 1
         self.a_stack[local].zero_()
         self.b_stack[local].zero_()
         self.a_stack[local, :rank].copy_(a)
-        self.b_stack[local, :, :rank].copy_(b_scaled)
+        self.b_stack[local, :rank].copy_(b_scaled.T)
         self.slot_map[global_slot] = local
         self._local[global_slot] = local
         self._ranks[local] = rank
@@ -220,17 +267,20 @@ class MultiLoraLinear(nn.Module):
         self.a_stack[local].zero_()
         self.b_stack[local].zero_()
         self._ranks.pop(local, None)
+        if not self._local:
+            self._context.layout += 1
         top = max(self._ranks.values(), default=1)
         if top * 2 <= self.rank:  # padding would now cost more than twice the work needed
             self._resize(top, self.a_stack.shape[0])
 
     def _resize(self, rank: int, slots: int) -> None:
         a = torch.zeros(slots, rank, self.d_in, dtype=self._dtype, device=self._device)
-        b = torch.zeros(slots, self.d_out, rank, dtype=self._dtype, device=self._device)
+        b = torch.zeros(slots, rank, self.d_out, dtype=self._dtype, device=self._device)
         keep_s, keep_r = min(slots, self.a_stack.shape[0]), min(rank, self.rank)
         a[:keep_s, :keep_r] = self.a_stack[:keep_s, :keep_r]
-        b[:keep_s, :, :keep_r] = self.b_stack[:keep_s, :, :keep_r]
+        b[:keep_s, :keep_r] = self.b_stack[:keep_s, :keep_r]
         self.a_stack, self.b_stack, self.rank = a, b, rank
+        self._context.layout += 1
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -3,19 +3,26 @@ stop strings, EOS, length limits, streaming and chat templates."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adapterhub_local.inference import Engine, Request, SamplingParams
 from adapterhub_local.registry import Registry
 
 
-def test_greedy_equals_hf_generate_with_peft_adapter(zoo: Registry) -> None:
+@pytest.fixture(params=["dynamic", "static"])
+def decoder(request: pytest.FixtureRequest) -> str:
+    """Every generation behaviour holds for both decoders (the fixed-shape one is what CUDA graphs replay)."""
+    return str(request.param)
+
+
+def test_greedy_equals_hf_generate_with_peft_adapter(zoo: Registry, decoder: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     _, path = zoo.verified_path("r8-attn", "tiny")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo.base("tiny").path), path).eval()
-    engine = Engine(zoo, "tiny")
+    engine = Engine(zoo, "tiny", decoder=decoder)
     ids = engine.runner.encode(Request(prompt="Once upon"))
     with torch.no_grad():
         mask = torch.ones(1, len(ids), dtype=torch.long)
@@ -29,8 +36,8 @@ def test_greedy_equals_hf_generate_with_peft_adapter(zoo: Registry) -> None:
     assert result.finish_reason == "length" and result.completion_tokens == 20
 
 
-def test_kv_cache_decoding_equals_recomputing_the_prefix(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_kv_cache_decoding_equals_recomputing_the_prefix(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     prompt = engine.runner.encode(Request(prompt="cache check"))
     result = engine.generate([Request(prompt=prompt, adapter="r32-all",
                                       sampling=SamplingParams(max_new_tokens=8, stop_at_eos=False))])[0]
@@ -41,8 +48,8 @@ def test_kv_cache_decoding_equals_recomputing_the_prefix(zoo: Registry) -> None:
         sequence.append(token)
 
 
-def test_stop_strings_cut_the_text(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_stop_strings_cut_the_text(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     free = engine.generate([Request(prompt="stop test", sampling=SamplingParams(max_new_tokens=20))])[0]
     assert len(free.text) >= 4, "the tiny model should produce some text"
     stop = free.text[2:4]
@@ -52,8 +59,8 @@ def test_stop_strings_cut_the_text(zoo: Registry) -> None:
     assert stop not in cut.text
 
 
-def test_stream_concatenates_to_the_final_text(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_stream_concatenates_to_the_final_text(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     requests = [Request(prompt="stream one", adapter="r4-qv", sampling=SamplingParams(max_new_tokens=12)),
                 Request(prompt="two", adapter="soft", sampling=SamplingParams(max_new_tokens=7))]
     pieces = {0: "", 1: ""}
@@ -69,8 +76,8 @@ def test_stream_concatenates_to_the_final_text(zoo: Registry) -> None:
     assert [r.text for r in engine.generate(requests)] == [finals[0].text, finals[1].text]
 
 
-def test_stream_never_shows_text_a_stop_string_removes(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_stream_never_shows_text_a_stop_string_removes(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     free = engine.generate([Request(prompt="hold back", sampling=SamplingParams(max_new_tokens=16))])[0]
     stop = free.text[3:6]
     request = Request(prompt="hold back", sampling=SamplingParams(max_new_tokens=16, stop=[stop]))
@@ -78,8 +85,8 @@ def test_stream_never_shows_text_a_stop_string_removes(zoo: Registry) -> None:
     assert streamed == engine.generate([request])[0].text
 
 
-def test_eos_ends_a_row(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_eos_ends_a_row(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     ids = engine.runner.encode(Request(prompt="eos"))
     first = int(engine.logits([Request(prompt=ids)])[0].logits[-1].argmax())
     engine.runner.eos_ids = {first}  # make the first greedy token the EOS token
@@ -87,15 +94,15 @@ def test_eos_ends_a_row(zoo: Registry) -> None:
     assert (result.finish_reason, result.token_ids, result.text) == ("stop", [], "")
 
 
-def test_context_length_bounds_new_tokens(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_context_length_bounds_new_tokens(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     ids = [5] * (engine.context_length - 3)
     result = engine.generate([Request(prompt=ids, sampling=SamplingParams(max_new_tokens=50, stop_at_eos=False))])[0]
     assert result.completion_tokens == 3 and result.finish_reason == "length"
 
 
-def test_chat_template_is_applied(zoo: Registry) -> None:
-    engine = Engine(zoo, "tiny")
+def test_chat_template_is_applied(zoo: Registry, decoder: str) -> None:
+    engine = Engine(zoo, "tiny", decoder=decoder)
     messages = [{"role": "user", "content": "hi"}]
     ids = engine.runner.encode(Request(messages=messages))
     assert engine.runner.tokenizer.decode(ids) == "<user>hi|<assistant>"

@@ -50,3 +50,16 @@ def test_conv1d_swap_and_merge_match_peft(gpt2_registry: Registry, ref: str, tmp
     torch.testing.assert_close(got, peft_logits(gpt2_registry, ref, ids, merged=False), atol=1e-5, rtol=0)
     merged = Engine(gpt2_registry, "g", mode="merge").logits([Request(prompt=ids, adapter=ref)])[0].logits
     torch.testing.assert_close(merged, peft_logits(gpt2_registry, ref, ids, merged=True), atol=1e-5, rtol=0)
+
+
+def test_gpt2_static_decoding_equals_dynamic(gpt2_registry: Registry) -> None:
+    from adapterhub_local.inference import SamplingParams
+
+    def batch() -> list[Request]:
+        sampling = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+        return [Request(prompt="conv one", adapter="attn", sampling=sampling),
+                Request(prompt="two", adapter="mlp", sampling=sampling), Request(prompt="none", sampling=sampling)]
+
+    dynamic = Engine(gpt2_registry, "g", decoder="dynamic").generate(batch())
+    static = Engine(gpt2_registry, "g", decoder="static").generate(batch())
+    assert [r.token_ids for r in static] == [r.token_ids for r in dynamic]

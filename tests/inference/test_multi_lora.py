@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapterhub_local.inference import Engine, Request, SamplingParams
-from adapterhub_local.inference.multi_lora import BatchContext, MultiLoraLinear, gathered_lora
+from adapterhub_local.inference.multi_lora import BatchContext, MultiLoraLinear, dense_lora, gathered_lora
 from adapterhub_local.registry import Registry
 from tests.inference.conftest import LORA_SPECS
 
@@ -128,5 +128,15 @@ def test_padded_rank_shrinks_when_large_adapters_leave() -> None:
 
 
 def test_gathered_lora_shapes() -> None:
-    out = gathered_lora(torch.randn(3, 2, 8), torch.randn(4, 5, 8), torch.randn(4, 7, 5), torch.tensor([0, 3, 3]))
+    x, a, b, rows = torch.randn(3, 2, 8), torch.randn(4, 5, 8), torch.randn(4, 5, 7), torch.tensor([0, 3, 3])
+    out = gathered_lora(x, a, b, rows)
     assert out.shape == (3, 2, 7)
+    torch.testing.assert_close(out[1], x[1] @ a[3].T @ b[3])
+
+
+def test_dense_lora_equals_gathered() -> None:
+    torch.manual_seed(0)
+    x, a, b, rows = torch.randn(3, 2, 8), torch.randn(4, 5, 8), torch.randn(4, 5, 7), torch.tensor([0, 3, 1])
+    owner = (rows[:, None] == torch.arange(4)[None, :]).float()
+    dense = dense_lora(x, a.reshape(20, 8), b.reshape(20, 7), owner, 5)
+    torch.testing.assert_close(dense, gathered_lora(x, a, b, rows))
