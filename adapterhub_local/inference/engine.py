@@ -269,7 +269,7 @@ class Engine:
             ref = refs[i]
             if ref is not None and ref not in held and not self.pool.fits_together(held | {ref}):
                 if not self.pool.fits_together({ref}):
-                    raise UnsupportedError(f"adapter {ref} ({self.pool.nbytes(ref)} bytes) is larger than the "
+                    raise UnsupportedError(f"adapter {ref} ({self.pool.footprint({ref})} bytes) is larger than the "
                                            f"pool ({self.pool.capacity_bytes} bytes)", "raise pool_bytes")
                 chunks.append((current, None))
                 current, held = [], set()

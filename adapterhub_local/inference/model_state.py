@@ -14,7 +14,7 @@ import torch
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import Head, PreparedAdapter
-from adapterhub_local.inference.multi_lora import BatchContext, wrap
+from adapterhub_local.inference.multi_lora import BatchContext, wrap, wrappers
 from adapterhub_local.inference.soft_prompt import Batch, Row, build_batch
 from adapterhub_local.inference.types import Request
 from adapterhub_local.models import load_base_model, load_tokenizer
@@ -65,6 +65,10 @@ class EngineModel:
     def uninstall(self, slot: int, adapter: PreparedAdapter) -> None:
         for name in adapter.pairs:
             wrap(self.model, name, self.context).uninstall(slot)
+
+    def stack_bytes(self) -> int:
+        """Bytes held by every multi-adapter stack (padding and free slots included)."""
+        return sum(w.stack_bytes for w in wrappers(self.model))
 
     # -------------------------------------------------------------- inputs
     def encode(self, request: Request) -> list[int]:

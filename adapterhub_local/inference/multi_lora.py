@@ -76,6 +76,8 @@ class BatchContext:
 
 
 STRATEGIES = ("auto", "gather", "dense")
+SLOT_GROWTH = 8
+"""Slots a full stack grows by (free slots hold zeros, and the static step reads them too)."""
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> str:
@@ -241,9 +243,9 @@ class MultiLoraLinear(nn.Module):
             self._resize(rank, self.a_stack.shape[0])
         used = set(self._local.values())
         local = next((s for s in range(1, self.a_stack.shape[0]) if s not in used), None)
-        if local is None:
+        if local is None:  # grow by a few slots, not by doubling: static steps read every slot of the stack
             local = self.a_stack.shape[0]
-            self._resize(self.rank, 2 * local)
+            self._resize(self.rank, local + SLOT_GROWTH)
         if global_slot >= self.slot_map.numel():
             grown = torch.zeros(2 * global_slot + 2, dtype=torch.long, device=self._device)
             grown[: self.slot_map.numel()] = self.slot_map
@@ -270,7 +272,7 @@ class MultiLoraLinear(nn.Module):
         if not self._local:
             self._context.layout += 1
         top = max(self._ranks.values(), default=1)
-        if top * 2 <= self.rank:  # padding would now cost more than twice the work needed
+        if top < self.rank:  # the largest adapter left: shrink, so the stacks hold what the pool budgets
             self._resize(top, self.a_stack.shape[0])
 
     def _resize(self, rank: int, slots: int) -> None:

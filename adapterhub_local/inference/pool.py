@@ -1,9 +1,10 @@
 """The adapter pool: adapters come from the registry on first use and stay resident while they fit.
 
 Three tiers: the *device* tier (installed in the model's multi-adapter stacks, bounded by
-``capacity_bytes``), the *host* tier (prepared tensors in CPU memory, bounded by ``host_bytes``) and the
-registry on disk. Both caches evict least-recently-used first; pinned adapters are never evicted from the
-device. Eviction only moves bytes: an adapter reloaded later is the same bytes, so answers never change.
+``capacity_bytes``, rank padding included: see :meth:`AdapterPool.footprint`), the *host* tier (prepared
+tensors in CPU memory, bounded by ``host_bytes``) and the registry on disk. Both caches evict
+least-recently-used first; pinned adapters are never evicted from the device. Eviction only moves bytes:
+an adapter reloaded later is the same bytes, so answers never change.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Installer(Protocol):
     def install(self, slot: int, adapter: PreparedAdapter) -> None: ...
 
     def uninstall(self, slot: int, adapter: PreparedAdapter) -> None: ...
+
+    def stack_bytes(self) -> int: ...
 
 
 class AdapterPool:
@@ -93,12 +96,29 @@ class AdapterPool:
 
     # --------------------------------------------------------- device tier
     def nbytes(self, ref: str) -> int:
+        """The adapter's own bytes (unpadded)."""
         return self.get(ref).nbytes
 
+    def footprint(self, refs: set[str]) -> int:
+        """Device bytes these adapters take together, padding included: every wrapped module stores each adapter
+        that targets it at the largest rank among them (the multi-adapter stacks are rank-padded), so a rank-256
+        adapter makes every rank-16 adapter sharing its modules cost 256 ranks there. Soft prompts and heads
+        count their own bytes."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        ranks: dict[str, list[int]] = {}
+        width: dict[str, int] = {}
+        other = 0
+        for ref in refs:
+            adapter = self.get(ref)
+            for name, pair in adapter.pairs.items():
+                ranks.setdefault(name, []).append(pair.rank)
+                width[name] = int(pair.a.shape[1] + pair.b.shape[0])
+            other += adapter.nbytes - element * sum(p.a.numel() + p.b.numel() for p in adapter.pairs.values())
+        return other + element * sum(len(r) * max(r) * width[name] for name, r in ranks.items())
+
     def fits_together(self, refs: set[str]) -> bool:
-        """Whether these adapters (plus every pinned or busy one) fit on the device at once."""
-        needed = sum(self.nbytes(r) for r in refs | self.pinned | set(self.busy))
-        return needed <= self.capacity_bytes
+        """Whether these adapters (plus every pinned or busy one) fit on the device at once, padding included."""
+        return self.footprint(refs | self.pinned | set(self.busy)) <= self.capacity_bytes
 
     def acquire(self, refs: list[str]) -> dict[str, int]:
         """Make every adapter in ``refs`` resident at once; returns ref → global slot."""
@@ -119,7 +139,7 @@ class AdapterPool:
                 self._fresh.discard(ref)
             else:
                 self.stats.host_hits += 1
-            self._make_room(adapter.nbytes, keep=set(wanted))
+            self._make_room(ref, keep=set(wanted))
             slot = self._free.pop() if self._free else self._take_slot()
             self.installer.install(slot, adapter)
             self.device[ref] = (slot, adapter)
@@ -133,11 +153,12 @@ class AdapterPool:
         return slot
 
     def _device_used(self) -> int:
-        return sum(a.nbytes for _, a in self.device.values())
+        return self.footprint(set(self.device))
 
-    def _make_room(self, nbytes: int, keep: set[str]) -> None:
+    def _make_room(self, incoming: str, keep: set[str]) -> None:
+        """Evict least-recently-used adapters until ``incoming`` fits beside the rest, padding included."""
         for ref in list(self.device):
-            if self._device_used() + nbytes <= self.capacity_bytes:
+            if self.footprint({*self.device, incoming}) <= self.capacity_bytes:
                 return
             if ref in keep or ref in self.pinned or ref in self.busy:
                 continue
@@ -179,5 +200,6 @@ class AdapterPool:
     def _refresh(self) -> None:
         self.stats.resident = len(self.device)
         self.stats.resident_bytes = self._device_used()
+        self.stats.stack_bytes = self.installer.stack_bytes()
         self.stats.host_resident = len(self.host)
         self.stats.host_bytes = self._host_used()

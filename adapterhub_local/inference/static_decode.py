@@ -44,6 +44,8 @@ log = logging.getLogger("adapterhub_local.inference")
 DECODERS = ("auto", "dynamic", "static", "graph")
 _MASKED_ATTENTION = ("sdpa", "eager")
 LENGTH_BUCKET = 64
+CAPTURE_AFTER_STEPS = 4
+"""Batches decoding at most this many tokens run the static step eagerly: a capture costs more than it saves."""
 
 
 def bucket_rows(rows: int) -> int:
@@ -200,18 +202,21 @@ class StaticDecoder:
         logits: torch.Tensor = out.logits[:, -1]
         return logits
 
-    def _capture(self, slab: _Slab) -> None:
-        """Capture the slab's step unless its capture still matches the model's layout and the batch's LoRA use."""
+    def _capture(self, slab: _Slab) -> tuple[Callable[[], None], torch.Tensor]:
+        """The slab's captured step and its output buffer, captured again unless the capture still matches the
+        model's layout and the batch's LoRA use."""
         assert self.graphs is not None
         lora = self.context.slots is not None
-        if slab.replay is not None and slab.layout == self.context.layout and slab.lora == lora:
-            return
+        if slab.replay is not None and slab.logits is not None and slab.layout == self.context.layout \
+                and slab.lora == lora:
+            return slab.replay, slab.logits
         slab.mask.fill_(True)  # warm-up steps attend somewhere; the prefill resets the cache and mask after
         slab.cache.reset()
         slab.replay, slab.logits = self.graphs.capture(lambda: self._step(slab))
         slab.layout, slab.lora = self.context.layout, lora
         self.captures += 1
         log.info("captured the decode step for %d rows x %d columns (lora=%s)", slab.rows, slab.columns, lora)
+        return slab.replay, slab.logits
 
     # -------------------------------------------------------------- decode
     @torch.inference_mode()
@@ -225,8 +230,7 @@ class StaticDecoder:
         self.context.set_rows(list(slots) + [0] * (slab.rows - rows))
         self.context.static = True
         try:
-            if self.graphs is not None:
-                self._capture(slab)
+            replay = self._capture(slab) if self.graphs is not None and steps > CAPTURE_AFTER_STEPS else None
             logits = self._prefill(slab, batch)
             sampler = Sampler(states, tokenizer, eos, self.device)
             for t in range(steps):
@@ -237,9 +241,9 @@ class StaticDecoder:
                 slab.tokens[:rows, 0].copy_(tokens)
                 slab.positions.add_(1)
                 slab.mask[:, width + t] = True
-                if slab.replay is not None and slab.logits is not None:
-                    slab.replay()
-                    logits = slab.logits
+                if replay is not None:
+                    replay[0]()
+                    logits = replay[1]
                 else:
                     logits = self._step(slab)
             raise AssertionError("a row outlived its token limit")  # every row finishes by its limit

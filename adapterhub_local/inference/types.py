@@ -135,7 +135,10 @@ class PoolStats:
     evictions: int = 0
     resident: int = 0
     resident_bytes: int = 0
+    """What the resident adapters take with rank padding (what ``capacity_bytes`` bounds)."""
     capacity_bytes: int = 0
+    stack_bytes: int = 0
+    """Bytes the multi-adapter stacks hold now: ``resident_bytes`` plus free slots kept for reuse."""
     host_resident: int = 0
     host_bytes: int = 0
 

@@ -48,5 +48,6 @@ class ServerState:
             "hits_total": stats.hits, "host_hits_total": stats.host_hits, "misses_total": stats.misses,
             "evictions_total": stats.evictions, "resident_adapters": stats.resident,
             "resident_bytes": stats.resident_bytes, "capacity_bytes": stats.capacity_bytes,
+            "stack_bytes": stats.stack_bytes,
             "host_adapters": stats.host_resident, "host_bytes": stats.host_bytes,
         }

@@ -36,9 +36,9 @@ def test_small_pool_gives_identical_answers_while_evicting(zoo: Registry) -> Non
 
 
 def test_lru_order_and_pinning(zoo: Registry) -> None:
-    nbytes = sizes(zoo)
     a, b, c = "r1-q", "r2-v", "r4-qv"
-    engine = Engine(zoo, "tiny", pool_bytes=nbytes[a] + nbytes[b] + nbytes[c] - 1)
+    probe = Engine(zoo, "tiny").pool
+    engine = Engine(zoo, "tiny", pool_bytes=probe.footprint({probe.resolve(r) for r in (a, b, c)}) - 1)
     engine.pin(a)
     engine.load(b)
     engine.load(c)  # over budget: the least recently used unpinned adapter (b) goes
@@ -66,3 +66,39 @@ def test_unload_and_hit_counters(zoo: Registry) -> None:
     assert engine.adapters() == []
     engine.logits([Request(prompt="z", adapter="r2-v")])
     assert engine.stats().misses == 2
+
+
+def test_rank_padding_counts_in_the_budget(zoo: Registry) -> None:
+    """r64-ko and r8-attn share k_proj and o_proj, where the stacks hold both at rank 64: together they need far
+    more than their own bytes, and a pool sized for their own bytes holds one at a time."""
+    probe = Engine(zoo, "tiny")
+    big, small = (probe.pool.resolve(r) for r in ("r64-ko", "r8-attn"))
+    own = probe.pool.nbytes(big) + probe.pool.nbytes(small)
+    padded = probe.pool.footprint({big, small})
+    assert padded > own
+    probe.load(big)
+    probe.load(small)
+    stats = probe.stats()
+    assert stats.resident_bytes == padded
+    used = sum(w.active * w.rank * (w.d_in + w.d_out) * w.a_stack.element_size()
+               for w in probe.runner.model.modules() if hasattr(w, "a_stack"))
+    assert used == padded, "the budget is what the stacks hold for the resident adapters"
+    assert stats.stack_bytes >= used
+
+    engine = Engine(zoo, "tiny", pool_bytes=own)
+    requests = [Request(prompt="padded", adapter="r64-ko"), Request(prompt="pool", adapter="r8-attn")]
+    got = engine.logits(requests)  # do not fit together: the engine runs them in two chunks
+    assert engine.stats().resident_bytes <= own and engine.stats().evictions >= 1
+    for want, row in zip(probe.logits(requests), got, strict=True):
+        torch.testing.assert_close(row.logits, want.logits, atol=1e-5, rtol=0)
+
+
+def test_evicting_the_largest_adapter_shrinks_the_stacks(zoo: Registry) -> None:
+    engine = Engine(zoo, "tiny")
+    engine.load("r8-attn")
+    engine.load("r64-ko")
+    k_proj = engine.runner.model.get_submodule("model.layers.0.self_attn.k_proj")
+    assert k_proj.rank == 64
+    engine.unload("r64-ko")
+    assert k_proj.rank == 8
+    assert engine.stats().resident_bytes == engine.pool.footprint({engine.pool.resolve("r8-attn")})
