@@ -191,7 +191,7 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
     engine = Engine(registry, "bench", mode="swap", pool_bytes=8 << 30, device=p.device, dtype=dtype)
     results: dict[str, Any] = {}
 
-    def engine_gen(refs: list[str | None]) -> Callable[[], tuple[float, float]]:
+    def engine_gen(refs: list[str | None], on: Engine = engine) -> Callable[[], tuple[float, float]]:
         requests = [Request(prompt=ids, adapter=ref, sampling=SamplingParams(max_new_tokens=p.new, stop_at_eos=False))
                     for ids, ref in zip(prompts, refs, strict=True)]
 
@@ -199,7 +199,7 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
             sync(p.device)
             start = time.perf_counter()
             first = None
-            for _ in engine.generate_stream(requests):
+            for _ in on.generate_stream(requests):
                 if first is None:  # events of the first step arrive after the prefill and the first token
                     sync(p.device)
                     first = time.perf_counter()
@@ -245,6 +245,15 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
 
     systems[f"engine_adapters_{other}"] = other_run
     results["strategy"] = {"default": engine.runner.context.strategy, "other": other}
+
+    # the other decoder: on CUDA the default replays a captured graph, so time the dynamic cache beside it;
+    # on CPUs the default is the dynamic cache, so time the static one (the step a GPU would capture)
+    alt = "dynamic" if engine.decoder == "graph" else "static"
+    engine_alt = Engine(registry, "bench", mode="swap", pool_bytes=8 << 30, device=p.device, dtype=dtype,
+                        decoder=alt)
+    systems[f"engine_base_{alt}"] = engine_gen([None] * p.rows, engine_alt)
+    systems[f"engine_adapters_{alt}"] = engine_gen(mixed, engine_alt)
+    results["decoder"] = {"default": engine.decoder, "other": alt}
 
     # merge switch time: unmerge + merge of an adapter already in the host cache
     engine.set_mode("merge")
@@ -339,8 +348,12 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         "engine base / HF generate (target >= 2)": tps["engine_base"] / tps["hf_generate_base"],
         "engine adapters / HF generate base (target >= 2)": tps["engine_adapters"] / tps["hf_generate_base"],
     }
-    other = next(k for k in tps if k.startswith("engine_adapters_"))
-    out[f"{other.removeprefix('engine_adapters_')} op / default op"] = tps[other] / tps["engine_adapters"]
+    op = r["strategy"]["other"]
+    out[f"{op} op / default op"] = tps[f"engine_adapters_{op}"] / tps["engine_adapters"]
+    default, alt = r["decoder"]["default"], r["decoder"]["other"]
+    out[f"base: {default} decoder / {alt} decoder"] = tps["engine_base"] / tps[f"engine_base_{alt}"]
+    out[f"adapters: {default} decoder / {alt} decoder"] = tps["engine_adapters"] / tps[f"engine_adapters_{alt}"]
+    out[f"{alt} decoder, adapters / its base"] = tps[f"engine_adapters_{alt}"] / tps[f"engine_base_{alt}"]
     if "peft_mixed_batch" in tps:
         out["adapters / PEFT mixed batch (target >= 10)"] = tps["engine_adapters"] / tps["peft_mixed_batch"]
         out["PEFT mixed / HF generate base"] = tps["peft_mixed_batch"] / tps["hf_generate_base"]
@@ -359,10 +372,14 @@ def markdown(r: dict[str, Any], preset: str) -> str:
              "|---|---:|---:|---:|---:|"]
     bound = r["bound_tokens_per_s"]
     default, other = r["strategy"]["default"], r["strategy"]["other"]
-    for key, label, b in [("engine_base", "engine, base (no adapters)", bound["base"]),
+    dec, alt = r["decoder"]["default"], r["decoder"]["other"]
+    for key, label, b in [("engine_base", f"engine, base (no adapters; {dec} decoder, default)", bound["base"]),
                           ("engine_adapters", f"engine, {c['adapters']} distinct adapters ({default} op, default)",
                            bound["adapters"]),
                           (f"engine_adapters_{other}", f"engine, {c['adapters']} distinct adapters ({other} op)",
+                           bound["adapters"]),
+                          (f"engine_base_{alt}", f"engine, base ({alt} decoder)", bound["base"]),
+                          (f"engine_adapters_{alt}", f"engine, {c['adapters']} distinct adapters ({alt} decoder)",
                            bound["adapters"]),
                           ("engine_merged", "engine, merged adapter", bound["base"]),
                           ("hf_generate_base", "HF generate, base", bound["base"]),

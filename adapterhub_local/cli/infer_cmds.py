@@ -51,6 +51,7 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    decoder: str = typer.Option("auto", help="auto | dynamic | static | graph (CUDA graphs; auto picks it on cuda)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Generate a completion with an adapter (swap mode, or merged with --merge)."""
@@ -58,7 +59,7 @@ def generate(
 
     adapter, base_name = _adapter_and_base(ref, base)
     engine = Engine(get_registry(), base_name, mode="merge" if merge else "swap", device=_device(device),
-                    dtype=_dtype(dtype))
+                    dtype=_dtype(dtype), decoder=decoder)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=list(stop), seed=seed)
     request = Request(prompt=prompt, adapter=adapter, sampling=params, chat=chat)

@@ -9,6 +9,7 @@ import typer
 
 from adapterhub_local.cli.common import app, get_registry
 from adapterhub_local.errors import ConfigError
+from adapterhub_local.inference.static_decode import DECODERS
 
 MODES = ("merge", "swap", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -27,6 +28,8 @@ def serve(
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on cuda, else float32)."),
     pool_mb: int = typer.Option(256, help="Device memory for resident adapters (MiB; LRU beyond it)."),
+    decoder: str = typer.Option("auto", help="auto | dynamic | static | graph: how batches decode (auto: CUDA graphs "
+                                             "of a static-cache step on cuda, the dynamic cache elsewhere)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; fewer helps a busy CPU)."),
     max_batch: int = typer.Option(64, help="Most requests in one engine batch."),
     window_ms: float = typer.Option(4.0, help="How long an idle engine waits for a batch to fill (ms)."),
@@ -45,6 +48,8 @@ def serve(
         problems.append(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if threads is not None and threads < 1:
         problems.append("--threads must be at least 1")
+    if decoder not in DECODERS:
+        problems.append(f"--decoder {decoder!r} is not one of {', '.join(DECODERS)}")
     if pool_mb < 1:
         problems.append("--pool-mb must be at least 1")
     if max_batch < 1:
@@ -75,7 +80,7 @@ def serve(
     if dtype == "auto":
         dtype = "bfloat16" if chosen.startswith("cuda") else "float32"
     engine = Engine(registry, base, mode=cast(Mode, mode), device=chosen, pool_bytes=pool_mb << 20,
-                    dtype=getattr(torch, dtype))
+                    dtype=getattr(torch, dtype), decoder=decoder)
     for ref in adapter:
         engine.load(ref)
     config = ServerConfig(

@@ -39,6 +39,15 @@ def test_generate_matches_the_engine(capsys: pytest.CaptureFixture[str], reg: st
     assert code == 0 and json.loads(out)["text"] == expected.text and json.loads(out)["merged"] == "r8-attn@1"
     code, out, _ = run(capsys, "-R", reg, "generate", "r8-attn", "Hello", "-n", "8", "--stream")
     assert code == 0 and out == expected.text + "\n"
+    code, out, _ = run(capsys, "-R", reg, "generate", "r8-attn", "Hello", "-n", "8", "--decoder", "static", "--json")
+    assert code == 0 and json.loads(out)["text"] == expected.text
+
+
+def test_generate_decoder_errors_name_the_fix(capsys: pytest.CaptureFixture[str], reg: str) -> None:
+    code, _, err = run(capsys, "-R", reg, "generate", "r8-attn", "Hi", "--decoder", "graph", "--device", "cpu")
+    assert code != 0 and "CUDA graphs need a CUDA device" in err and "decoder='static'" in err
+    code, _, err = run(capsys, "-R", reg, "generate", "r8-attn", "Hi", "--decoder", "turbo")
+    assert code != 0 and "unknown decoder 'turbo'" in err
 
 
 def test_generate_sampling_options_and_bare_base(capsys: pytest.CaptureFixture[str], reg: str) -> None:

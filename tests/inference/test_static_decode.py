@@ -181,3 +181,15 @@ def test_decoder_choice_errors_name_the_fix(zoo: Registry) -> None:
         assert resolve_decoder("auto", torch.device("cuda"), model) == "dynamic"
     finally:
         model.config._attn_implementation = original
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decoding_equals_the_eager_static_step(zoo: Registry) -> None:
+    eager = Engine(zoo, "tiny", device="cuda", decoder="static")
+    graph = Engine(zoo, "tiny", device="cuda")
+    assert graph.decoder == "graph"
+    for _ in range(2):
+        assert [r.token_ids for r in graph.generate(requests())] == [r.token_ids for r in eager.generate(requests())]
+    assert graph.static_decoder.captures == 1
+    dynamic = Engine(zoo, "tiny", device="cuda", decoder="dynamic").generate(requests())
+    assert [r.token_ids for r in graph.generate(requests())] == [r.token_ids for r in dynamic]

@@ -21,7 +21,7 @@ from adapterhub_local.registry import Registry
 
 @pytest.mark.parametrize("extra", [["--mode", "fast"], ["--max-batch", "0"], ["--timeout", "0"],
                                    ["--protect-public"], ["--dtype", "int3"], ["--threads", "0"],
-                                   ["--pool-mb", "0"]])
+                                   ["--pool-mb", "0"], ["--decoder", "turbo"]])
 def test_bad_options_are_refused(served_registry: Registry, extra: list[str],
                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny", *extra]) == 1

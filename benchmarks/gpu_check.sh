@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks of the inference engine, as one device call (about 5 minutes on an H100/H200):
+#   1. the CUDA-graph decoder's tests (replayed graph == eager static step == dynamic cache, on the GPU);
+#   2. benchmarks/serving.py --preset gpu (~1B Llama-shaped, bf16, 32 rows x (128 + 128) tokens), every
+#      figure side by side with its baselines (engine base, HF generate, PEFT) and the bandwidth bound.
+# Results land in $OUT (the device tool's output folder) or benchmarks/results.
+# Run from the repository root: bash benchmarks/gpu_check.sh
+set -euo pipefail
+out="${OUT:-benchmarks/results}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+python -m pytest -q -p no:cacheprovider tests/inference/test_static_decode.py 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+python benchmarks/serving.py --preset gpu --out "$out"
