@@ -104,12 +104,11 @@ class GraphBackend(Protocol):
 
 
 class CudaGraphs:
-    """Captures steps as CUDA graphs sharing one memory pool (warm-up runs on a side stream first, as
-    capture requires)."""
+    """Captures steps as CUDA graphs (warm-up runs on a side stream first, as capture requires). Each graph
+    keeps its own memory pool: slabs' graphs replay in any order, which a shared pool does not allow."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pool: Any = None
 
     def capture(self, step: Step) -> tuple[Callable[[], None], torch.Tensor]:
         stream = torch.cuda.Stream(self.device)
@@ -118,10 +117,8 @@ class CudaGraphs:
             for _ in range(2):
                 step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):
             output = step()
         return graph.replay, output
 
@@ -140,6 +137,7 @@ class _Slab:
     logits: torch.Tensor | None = None  # the captured step's output buffer
     layout: int = -1
     lora: bool = False
+    allocated: bool = False
 
 
 class StaticDecoder:
@@ -212,6 +210,10 @@ class StaticDecoder:
             return slab.replay, slab.logits
         slab.mask.fill_(True)  # warm-up steps attend somewhere; the prefill resets the cache and mask after
         slab.cache.reset()
+        if not slab.allocated:  # allocate the cache on this stream (transformers does so on the first write)
+            self._step(slab)
+            slab.cache.reset()
+            slab.allocated = True
         slab.replay, slab.logits = self.graphs.capture(lambda: self._step(slab))
         slab.layout, slab.lora = self.context.layout, lora
         self.captures += 1
