@@ -4,7 +4,8 @@ decode step captured once as a CUDA graph and replayed every step.
 Hugging Face's dynamic cache grows by concatenation, so every decode step allocates, and each of a 1B
 model's ~400 small kernels is launched from Python: at 32 rows the GPU idles between launches. Here a
 batch of ``B`` rows decoding up to ``L`` columns gets a *slab*: transformers' ``StaticCache`` of
-``[B', heads, L', head_dim]`` per layer (``B'``, ``L'`` rounded up to buckets so later batches reuse it),
+``[B', heads, L', head_dim]`` per layer (``L'`` and, when steps are captured, ``B'`` rounded up to buckets so
+later batches reuse it),
 a ``[B', L']`` boolean key mask, and ``[B', 1]`` token and position buffers. The prompt is prefilled
 eagerly into columns ``[0, P)``; step ``t`` writes column ``P + t`` for every row (the cache's own device
 counter advances inside the step) after the host has set the inputs in place: the sampled tokens copied
@@ -169,7 +170,9 @@ class StaticDecoder:
 
     # --------------------------------------------------------------- slabs
     def _slab(self, rows: int, columns: int) -> _Slab:
-        key = (bucket_rows(rows), bucket_length(columns))
+        """The slab for a batch: rows bucketed only when steps are captured (a graph per power of two; run
+        eagerly, spare rows would be pure extra work), columns always (so similar batches reuse the cache)."""
+        key = (bucket_rows(rows) if self.graphs is not None else rows, bucket_length(columns))
         slab = self._slabs.get(key)
         if slab is None:
             from transformers import StaticCache
