@@ -21,13 +21,17 @@ Two batched operations, in the spirit of Punica's BGMV/SGMV and S-LoRA, both pla
 
 Neither loops over adapters in Python, has data-dependent shapes, or synchronises with the host inside a
 step (per-batch bookkeeping happens once, before the first step). For CUDA-graph capture
-(:mod:`static_decode`) the context switches to *static* mode: each step maps the rows' global slots (a
-persistent buffer that :meth:`BatchContext.set_rows` copies into) to local slots on the device and runs over
-the full padded stacks, so a captured step stays valid for any later batch until a stack is reallocated;
-every such reallocation bumps :attr:`BatchContext.layout`, which tells the decoder to capture again.
+(:mod:`static_decode`) the decoder *stages* each batch before its first step (:meth:`MultiLoraLinear.stage`):
+every module copies what the batch needs into persistent buffers owned by the decoder's slab — for ``dense``
+the batch's adapters at the batch's rank bucket plus the row-ownership mask, for ``gather`` the rows' local
+slots — and returns the buffers' shapes. A captured step reads only those buffers (and, for ``gather``, views
+of the stacks), so it stays valid while the shapes match and no stack was reallocated (each reallocation
+bumps :attr:`BatchContext.layout`); a batch of rank-16 adapters never pays for a resident rank-256 one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,11 +53,11 @@ class BatchContext:
         """The distinct global slots of the batch (host side, set once per batch)."""
         self.version = 0
         """Bumped per batch, so modules recompute their per-batch rank once (not per step)."""
-        self.static = False
-        """Static mode: every step recomputes local slots on the device over the full stacks (capturable)."""
+        self.staged: int | None = None
+        """Static mode: the slab whose staged operands every module reads (see :meth:`MultiLoraLinear.stage`)."""
         self.layout = 0
-        """Bumped whenever a tensor a captured step reads is reallocated, or a module gains or loses its
-        first adapter: a CUDA graph captured under an older layout must be captured again."""
+        """Bumped whenever a stack is reallocated: a CUDA graph captured under an older layout reads freed
+        memory and must be captured again."""
 
     def set_rows(self, slots: list[int]) -> None:
         """Point the batch at these global slots (copied into a persistent device buffer)."""
@@ -64,7 +68,6 @@ class BatchContext:
             return
         if len(slots) > self._buffer.numel():
             self._buffer = torch.zeros(2 * len(slots), dtype=torch.long, device=self.device)
-            self.layout += 1
         view = self._buffer[: len(slots)]
         view.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
         self.slots = view
@@ -77,7 +80,38 @@ class BatchContext:
 
 STRATEGIES = ("auto", "gather", "dense")
 SLOT_GROWTH = 8
-"""Slots a full stack grows by (free slots hold zeros, and the static step reads them too)."""
+"""Slots a full stack grows by when all are taken."""
+
+
+def rank_bucket(rank: int) -> int:
+    """A rank rounded up to a power of two (the static step's shapes; fewer distinct captures)."""
+    return 1 << max(0, rank - 1).bit_length()
+
+
+def adapter_bucket(count: int) -> int:
+    """How many adapter places a staged dense operand has: a power of two up to 8, then multiples of 8."""
+    return rank_bucket(count) if count <= 8 else -(-count // 8) * 8
+
+
+@dataclass
+class Staged:
+    """One module's operands for one slab's batches (persistent: a captured step reads their addresses)."""
+
+    rank: int
+    """The rank the step computes at (the batch's largest on this module, bucketed, at most the stack's)."""
+    rows_local: torch.Tensor
+    """``[B]`` each row's local slot (the ``gather`` operand)."""
+    a: torch.Tensor | None = None
+    """``dense``: ``[P·rank, d_in]``, the batch's adapters (zero-padded to ``P`` places)."""
+    b: torch.Tensor | None = None
+    """``dense``: ``[P·rank, d_out]``."""
+    owner: torch.Tensor | None = None
+    """``dense``: ``[B, P]``, 1 where a row uses a place's adapter."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        places = 0 if self.owner is None else int(self.owner.shape[1])
+        return (int(self.rows_local.shape[0]), places, self.rank)
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> str:
@@ -154,6 +188,7 @@ class MultiLoraLinear(nn.Module):
         self._batch_rank = 0  # largest rank among this batch's adapters on this module (0 = none)
         self._rows_local = torch.zeros(1, dtype=torch.long, device=self._device)
         self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._staged: dict[int, Staged] = {}  # slab id -> operands (static decoding)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -172,23 +207,35 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
+        if self._context.staged is not None:
+            return self._static_forward(x, y, self._context.staged)
         rows = self._context.slots
         if rows is None or not self._local:
             return y
+        if self._seen_version != self._context.version:
+            self._prepare_batch(rows)
+        if self._batch_rank == 0:  # no row of this batch has an adapter on this module
+            return y
         x3 = x.reshape(rows.shape[0], -1, self.d_in).to(self._dtype)
-        if self._context.static:
-            delta = self._static_delta(x3, rows)
+        if self._dense is not None:
+            a_cat, b_cat, owner = self._dense
+            delta = dense_lora(x3, a_cat, b_cat, owner, self._batch_rank)
         else:
-            if self._seen_version != self._context.version:
-                self._prepare_batch(rows)
-            if self._batch_rank == 0:  # no row of this batch has an adapter on this module
-                return y
-            if self._dense is not None:
-                a_cat, b_cat, owner = self._dense
-                delta = dense_lora(x3, a_cat, b_cat, owner, self._batch_rank)
-            else:
-                rank = self._batch_rank
-                delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], self._rows_local)
+            rank = self._batch_rank
+            delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], self._rows_local)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _static_forward(self, x: torch.Tensor, y: torch.Tensor, slab: int) -> torch.Tensor:
+        """The LoRA term from the slab's staged operands only: what a CUDA graph captures."""
+        staged = self._staged.get(slab)
+        if staged is None:  # no row of the batch has an adapter on this module
+            return y
+        x3 = x.reshape(staged.rows_local.shape[0], -1, self.d_in).to(self._dtype)
+        if staged.a is not None and staged.b is not None and staged.owner is not None:
+            delta = dense_lora(x3, staged.a, staged.b, staged.owner, staged.rank)
+        else:
+            rank = staged.rank
+            delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], staged.rows_local)
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def _local_slots(self, rows: torch.Tensor) -> torch.Tensor:
@@ -197,16 +244,40 @@ class MultiLoraLinear(nn.Module):
         known = rows < self.slot_map.numel()
         return self.slot_map.index_select(0, torch.where(known, rows, torch.zeros_like(rows)))
 
-    def _static_delta(self, x3: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The LoRA term over the full padded stacks, from device state only: what a CUDA graph captures."""
-        local = self._local_slots(rows)
-        if self._context.strategy == "dense":
-            slots, rank = self.a_stack.shape[0], self.rank
-            ids = torch.arange(slots, device=self._device)
-            owner = (local[:, None] == ids[None, :]).to(self._dtype)
-            return dense_lora(x3, self.a_stack.view(slots * rank, self.d_in),
-                              self.b_stack.view(slots * rank, self.d_out), owner, rank)
-        return gathered_lora(x3, self.a_stack, self.b_stack, local)
+    # ----------------------------------------------------------- staging
+    def stage(self, slab: int, slots: list[int]) -> tuple[int, ...]:
+        """Before a slab's batch runs statically: copy what its rows need into the slab's persistent buffers
+        (reallocated only when their shape changes) and return that shape; ``()`` when no row of the batch has
+        an adapter here (the step skips the module). Host bookkeeping and device copies, no host sync."""
+        local = [self._local.get(g, 0) for g in slots]
+        present = sorted(set(local) - {0})
+        if not present:
+            self._staged.pop(slab, None)
+            return ()
+        rank = min(rank_bucket(max(self._ranks[s] for s in present)), self.rank)
+        dense = self._context.strategy == "dense"
+        places = adapter_bucket(len(present)) if dense else 0
+        staged = self._staged.get(slab)
+        if staged is None or staged.shape != (len(slots), places, rank):
+            staged = Staged(rank, torch.zeros(len(slots), dtype=torch.long, device=self._device))
+            if dense:
+                staged.a = torch.zeros(places * rank, self.d_in, dtype=self._dtype, device=self._device)
+                staged.b = torch.zeros(places * rank, self.d_out, dtype=self._dtype, device=self._device)
+                staged.owner = torch.zeros(len(slots), places, dtype=self._dtype, device=self._device)
+            self._staged[slab] = staged
+        rows_local = torch.tensor(local, dtype=torch.long)
+        staged.rows_local.copy_(rows_local)
+        if staged.a is not None and staged.b is not None and staged.owner is not None:
+            index = torch.tensor(present + [0] * (places - len(present)), dtype=torch.long)  # slot 0: zeros
+            on_device = index.to(self._device)
+            staged.a.view(places, rank, self.d_in).copy_(self.a_stack[:, :rank].index_select(0, on_device))
+            staged.b.view(places, rank, self.d_out).copy_(self.b_stack[:, :rank].index_select(0, on_device))
+            staged.owner.copy_((rows_local[:, None] == index[None, :]) & (index[None, :] != 0))
+        return staged.shape
+
+    def unstage(self, slab: int) -> None:
+        """Free a slab's buffers (the slab is gone)."""
+        self._staged.pop(slab, None)
 
     def _prepare_batch(self, rows: torch.Tensor) -> None:
         """Once per batch (host-side bookkeeping plus a few device ops, no host sync): the largest rank this
@@ -237,8 +308,6 @@ class MultiLoraLinear(nn.Module):
                 "linear", "use an adapter made for this base")
         if global_slot in self._local:
             self.uninstall(global_slot)
-        if not self._local:  # the module joins the LoRA path: captured steps skipped it
-            self._context.layout += 1
         if rank > self.rank:
             self._resize(rank, self.a_stack.shape[0])
         used = set(self._local.values())
@@ -250,7 +319,6 @@ class MultiLoraLinear(nn.Module):
             grown = torch.zeros(2 * global_slot + 2, dtype=torch.long, device=self._device)
             grown[: self.slot_map.numel()] = self.slot_map
             self.slot_map = grown
-            self._context.layout += 1
         self.a_stack[local].zero_()
         self.b_stack[local].zero_()
         self.a_stack[local, :rank].copy_(a)
@@ -269,8 +337,6 @@ class MultiLoraLinear(nn.Module):
         self.a_stack[local].zero_()
         self.b_stack[local].zero_()
         self._ranks.pop(local, None)
-        if not self._local:
-            self._context.layout += 1
         top = max(self._ranks.values(), default=1)
         if top < self.rank:  # the largest adapter left: shrink, so the stacks hold what the pool budgets
             self._resize(top, self.a_stack.shape[0])

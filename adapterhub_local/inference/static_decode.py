@@ -11,9 +11,10 @@ eagerly into columns ``[0, P)``; step ``t`` writes column ``P + t`` for every ro
 counter advances inside the step) after the host has set the inputs in place: the sampled tokens copied
 into the token buffer, positions ``+= 1``, mask column ``P + t`` set. With nothing in the step reading the
 host, the whole forward — LoRA included, in the multi-adapter modules' *static* mode — is captured once
-per slab and replayed (:class:`torch.cuda.CUDAGraph`). A slab's graph is captured again when a tensor it
-reads was reallocated (:attr:`BatchContext.layout`) or when the batch switches between having LoRA rows
-and having none.
+per slab and replayed (:class:`torch.cuda.CUDAGraph`). Before each batch every multi-adapter module stages
+the batch's LoRA operands into the slab's buffers (:meth:`MultiLoraLinear.stage`); the slab's graph is
+captured again only when those buffers' shapes change (another rank or adapter-count bucket, LoRA rows or
+none) or a stack was reallocated (:attr:`BatchContext.layout`).
 
 Masks are 4-D (``[B', 1, q, L']``) and built here, so transformers' mask code only passes them through.
 Under left padding every row's keys are its own real tokens; a padding *query* (prefill) attends to
@@ -37,7 +38,7 @@ from torch import nn
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.generation import RowState, Sampler, cache_keyword
-from adapterhub_local.inference.multi_lora import BatchContext
+from adapterhub_local.inference.multi_lora import BatchContext, wrappers
 from adapterhub_local.inference.soft_prompt import Batch
 
 log = logging.getLogger("adapterhub_local.inference")
@@ -134,10 +135,12 @@ class _Slab:
     tokens: torch.Tensor  # [rows, 1] long
     positions: torch.Tensor  # [rows, 1] long
     mask: torch.Tensor  # [rows, columns] bool: which key columns each row may attend to
+    ident: int = 0
+    """The slab's id: which staged operands the multi-adapter modules read."""
     replay: Callable[[], None] | None = None  # the captured step
     logits: torch.Tensor | None = None  # the captured step's output buffer
-    layout: int = -1
-    lora: bool = False
+    captured_for: tuple[Any, ...] | None = None
+    """(layout, staged shapes) at capture: the capture is valid while both are unchanged."""
     allocated: bool = False
 
 
@@ -165,6 +168,7 @@ class StaticDecoder:
         self.eager_mask = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
         self._cache_kw = cache_keyword(model)
         self._slabs: OrderedDict[tuple[int, int], _Slab] = OrderedDict()
+        self._next_ident = 1
         self.captures = 0
         """Graphs captured so far (each costs one warm-up and one capture of the step)."""
 
@@ -178,12 +182,16 @@ class StaticDecoder:
             from transformers import StaticCache
 
             while len(self._slabs) >= self.max_slabs:
-                self._slabs.popitem(last=False)
+                _, dropped = self._slabs.popitem(last=False)
+                for module in wrappers(self.model):
+                    module.unstage(dropped.ident)
             b, length = key
             slab = _Slab(rows=b, columns=length, cache=StaticCache(config=self.model.config, max_cache_len=length),
                          tokens=torch.zeros((b, 1), dtype=torch.long, device=self.device),
                          positions=torch.zeros((b, 1), dtype=torch.long, device=self.device),
-                         mask=torch.zeros((b, length), dtype=torch.bool, device=self.device))
+                         mask=torch.zeros((b, length), dtype=torch.bool, device=self.device),
+                         ident=self._next_ident)
+            self._next_ident += 1
             self._slabs[key] = slab
         self._slabs.move_to_end(key)
         return slab
@@ -203,13 +211,16 @@ class StaticDecoder:
         logits: torch.Tensor = out.logits[:, -1]
         return logits
 
-    def _capture(self, slab: _Slab) -> tuple[Callable[[], None], torch.Tensor]:
-        """The slab's captured step and its output buffer, captured again unless the capture still matches the
-        model's layout and the batch's LoRA use."""
+    def _stage(self, slab: _Slab, slots: list[int]) -> tuple[Any, ...]:
+        """Every module stages the batch's operands into the slab's buffers; returns what a capture depends on."""
+        shapes = tuple(module.stage(slab.ident, slots) for module in wrappers(self.model))
+        return (self.context.layout, shapes)
+
+    def _capture(self, slab: _Slab, plan: tuple[Any, ...]) -> tuple[Callable[[], None], torch.Tensor]:
+        """The slab's captured step and its output buffer, captured again unless the capture was made for the
+        same layout and staged shapes."""
         assert self.graphs is not None
-        lora = self.context.slots is not None
-        if slab.replay is not None and slab.logits is not None and slab.layout == self.context.layout \
-                and slab.lora == lora:
+        if slab.replay is not None and slab.logits is not None and slab.captured_for == plan:
             return slab.replay, slab.logits
         slab.mask.fill_(True)  # warm-up steps attend somewhere; the prefill resets the cache and mask after
         slab.cache.reset()
@@ -218,9 +229,9 @@ class StaticDecoder:
             slab.cache.reset()
             slab.allocated = True
         slab.replay, slab.logits = self.graphs.capture(lambda: self._step(slab))
-        slab.layout, slab.lora = self.context.layout, lora
+        slab.captured_for = plan
         self.captures += 1
-        log.info("captured the decode step for %d rows x %d columns (lora=%s)", slab.rows, slab.columns, lora)
+        log.info("captured the decode step for %d rows x %d columns", slab.rows, slab.columns)
         return slab.replay, slab.logits
 
     # -------------------------------------------------------------- decode
@@ -232,10 +243,11 @@ class StaticDecoder:
         rows, width = batch.rows, int(batch.input_ids.shape[1])
         steps = max(s.limit for s in states)
         slab = self._slab(rows, width + steps)
-        self.context.set_rows(list(slots) + [0] * (slab.rows - rows))
-        self.context.static = True
+        plan = self._stage(slab, list(slots) + [0] * (slab.rows - rows))
+        self.context.staged = slab.ident
         try:
-            replay = self._capture(slab) if self.graphs is not None and steps > CAPTURE_AFTER_STEPS else None
+            capture = self.graphs is not None and steps > CAPTURE_AFTER_STEPS
+            replay = self._capture(slab, plan) if capture else None
             logits = self._prefill(slab, batch)
             sampler = Sampler(states, tokenizer, eos, self.device)
             for t in range(steps):
@@ -253,7 +265,7 @@ class StaticDecoder:
                     logits = self._step(slab)
             raise AssertionError("a row outlived its token limit")  # every row finishes by its limit
         finally:
-            self.context.static = False
+            self.context.staged = None
             self.context.clear()
 
     def _prefill(self, slab: _Slab, batch: Batch) -> torch.Tensor:

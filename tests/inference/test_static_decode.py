@@ -63,12 +63,14 @@ def record_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     return seen
 
 
-def test_static_decoder_equals_dynamic_on_a_mixed_batch(zoo: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("strategy", ["gather", "dense"])
+def test_static_decoder_equals_dynamic_on_a_mixed_batch(zoo: Registry, monkeypatch: pytest.MonkeyPatch,
+                                                        strategy: str) -> None:
     seen = record_logits(monkeypatch)
     dynamic = Engine(zoo, "tiny", decoder="dynamic").generate(requests())
     dynamic_logits = list(seen)
     seen.clear()
-    static = Engine(zoo, "tiny", decoder="static").generate(requests())
+    static = Engine(zoo, "tiny", decoder="static", lora_strategy=strategy).generate(requests())
     assert [r.token_ids for r in static] == [r.token_ids for r in dynamic]
     assert [r.text for r in static] == [r.text for r in dynamic]
     assert len(seen) == len(dynamic_logits) == 10
@@ -84,7 +86,7 @@ def test_static_rows_equal_each_row_alone(zoo: Registry) -> None:
         assert alone.token_ids == together.token_ids
 
 
-def test_replayed_step_equals_eager_step_and_captures_only_on_layout_change(zoo: Registry) -> None:
+def test_replayed_step_equals_eager_step_and_captures_only_when_its_operands_change(zoo: Registry) -> None:
     eager = Engine(zoo, "tiny", decoder="static")
     replayed = Engine(zoo, "tiny", decoder="static")
     recorder = ReplayRecorder()
@@ -106,6 +108,13 @@ def test_replayed_step_equals_eager_step_and_captures_only_on_layout_change(zoo:
     plain = [Request(prompt=p, sampling=first[0].sampling) for p in ("no", "adapters", "at", "all")]
     assert [r.token_ids for r in replayed.generate(plain)] == [r.token_ids for r in eager.generate(plain)]
     assert recorder.captures == 3, "a batch without LoRA rows runs a step captured without the LoRA path"
+
+    # a bigger adapter reallocates the q/k/v/o stacks: a step captured before reads freed memory
+    assert [r.token_ids for r in replayed.generate(first)] == [r.token_ids for r in eager.generate(first)]
+    captures = recorder.captures
+    replayed.load("r64-ko")
+    assert [r.token_ids for r in replayed.generate(first)] == [r.token_ids for r in eager.generate(first)]
+    assert recorder.captures == captures + 1
 
 
 def test_static_decoder_handles_sampling_stops_and_per_row_limits(zoo: Registry) -> None:
@@ -134,19 +143,20 @@ def test_a_closed_stream_leaves_the_context_in_dynamic_mode(zoo: Registry) -> No
     stream = engine.generate_stream(requests(max_new=6))
     next(stream)
     stream.close()
-    assert not engine.runner.context.static and engine.runner.context.slots is None
+    assert engine.runner.context.staged is None and engine.runner.context.slots is None
 
 
-def test_the_static_step_traces_as_one_graph(zoo: Registry) -> None:
+@pytest.mark.parametrize("strategy", ["dense", "gather"])
+def test_the_static_step_traces_as_one_graph(zoo: Registry, strategy: str) -> None:
     """No host synchronisation or data-dependent Python in the step, LoRA rows included: dynamo traces it
     whole (``fullgraph=True`` raises on any graph break), which is what CUDA-graph capture needs."""
-    engine = Engine(zoo, "tiny", decoder="static", lora_strategy="dense")
+    engine = Engine(zoo, "tiny", decoder="static", lora_strategy=strategy)
     decoder = engine.static_decoder
     slots = [engine.pool.acquire([r])[r] for r in LORA_SPECS]
     with torch.inference_mode():
         slab = decoder._slab(len(slots), 32)
-        engine.runner.context.set_rows(slots + [0] * (slab.rows - len(slots)))
-        engine.runner.context.static = True
+        decoder._stage(slab, slots)
+        engine.runner.context.staged = slab.ident
         try:
             slab.mask.fill_(True)
             eager = decoder._step(slab).clone()
@@ -154,9 +164,26 @@ def test_the_static_step_traces_as_one_graph(zoo: Registry) -> None:
             torch._dynamo.reset()
             traced = torch.compile(lambda: decoder._step(slab), fullgraph=True, backend="eager")()
         finally:
-            engine.runner.context.static = False
-            engine.runner.context.clear()
+            engine.runner.context.staged = None
     torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "gather"])
+def test_staging_uses_the_batch_rank_not_the_largest_resident(zoo: Registry, strategy: str) -> None:
+    """A resident rank-64 adapter on k/o does not make a batch of rank-8 rows compute at rank 64 there."""
+    engine = Engine(zoo, "tiny", decoder="static", lora_strategy=strategy)
+    engine.load("r64-ko")
+    slot = engine.pool.acquire([engine.pool.resolve("r8-attn")])[engine.pool.resolve("r8-attn")]
+    k_proj = engine.runner.model.get_submodule("model.layers.0.self_attn.k_proj")
+    assert k_proj.rank == 64
+    rows, places, rank = k_proj.stage(99, [slot, 0, slot])
+    assert (rows, rank) == (3, 8) and places == (1 if strategy == "dense" else 0)
+    assert k_proj.stage(99, [0, 0]) == (), "no LoRA row on the module: the step skips it"
+    k_proj.unstage(99)
+    batch = [Request(prompt="low rank", adapter="r8-attn", sampling=SamplingParams(max_new_tokens=6)),
+             Request(prompt="high rank", adapter="r64-ko", sampling=SamplingParams(max_new_tokens=6))]
+    dynamic = Engine(zoo, "tiny", decoder="dynamic", lora_strategy=strategy).generate(batch)
+    assert [r.token_ids for r in engine.generate(batch)] == [r.token_ids for r in dynamic]
 
 
 def test_buckets() -> None:
