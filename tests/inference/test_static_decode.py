@@ -28,19 +28,25 @@ PROMPTS = ["hello", "a longer prompt than the rest", "x", "what is it", "tell me
            "soft row", "plain"]
 
 
-class ReplayRecorder:
-    """A graph backend for CPUs: ``replay`` reruns the captured step and writes its output into the one
-    buffer captured, exactly as a CUDA graph does (so the decoder must set every input in place)."""
+class TracedGraphs:
+    """A graph backend for CPUs with CUDA graphs' semantics: capture traces the step once into an FX graph
+    (``make_fx``), baking every Python decision and holding the very tensors the step read; replay runs that
+    graph, never the Python, and writes into the one output buffer. A decoder that forgets to set an input in
+    place, or replays a capture made for other operands, gives wrong tokens here as it would on a GPU."""
 
     def __init__(self) -> None:
         self.captures = 0
 
     def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
         self.captures += 1
-        output = step().clone()
+        step()  # warm-up, as before a CUDA capture
+        graph = make_fx(step)()
+        output = graph()
 
         def replay() -> None:
-            output.copy_(step())
+            output.copy_(graph())
 
         return replay, output
 
@@ -89,7 +95,7 @@ def test_static_rows_equal_each_row_alone(zoo: Registry) -> None:
 def test_replayed_step_equals_eager_step_and_captures_only_when_its_operands_change(zoo: Registry) -> None:
     eager = Engine(zoo, "tiny", decoder="static")
     replayed = Engine(zoo, "tiny", decoder="static")
-    recorder = ReplayRecorder()
+    recorder = TracedGraphs()
     replayed.static_decoder = StaticDecoder(replayed.runner.model, replayed.runner.context, recorder)
     assert replayed.decoder == "graph"
 
@@ -144,6 +150,27 @@ def test_a_closed_stream_leaves_the_context_in_dynamic_mode(zoo: Registry) -> No
     next(stream)
     stream.close()
     assert engine.runner.context.staged is None and engine.runner.context.slots is None
+
+
+def test_a_stale_capture_gives_wrong_tokens(zoo: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above can fail: replaying a capture made for another batch's operands (what skipping a
+    recapture would do) changes the answers."""
+    engine = Engine(zoo, "tiny", decoder="static")
+    engine.static_decoder = StaticDecoder(engine.runner.model, engine.runner.context, TracedGraphs())
+    first = requests(max_new=9)[:4]
+    engine.generate(first)
+    other = [Request(prompt=r.prompt, adapter=a, sampling=r.sampling)
+             for r, a in zip(first, ["r32-all", "r64-ko", "r16-mlp", "r8-attn"], strict=True)]
+    expected = [r.token_ids for r in Engine(zoo, "tiny", decoder="static").generate(other)]
+    original = StaticDecoder._capture
+
+    def stale(self: StaticDecoder, slab: Any, plan: Any) -> Any:
+        if slab.replay is not None and slab.logits is not None:
+            return slab.replay, slab.logits
+        return original(self, slab, plan)
+
+    monkeypatch.setattr(StaticDecoder, "_capture", stale)
+    assert [r.token_ids for r in engine.generate(other)] != expected
 
 
 @pytest.mark.parametrize("strategy", ["dense", "gather"])
