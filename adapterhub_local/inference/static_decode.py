@@ -142,6 +142,7 @@ class _Slab:
     captured_for: tuple[Any, ...] | None = None
     """(layout, staged shapes) at capture: the capture is valid while both are unchanged."""
     allocated: bool = False
+    checked: bool = False
 
 
 class StaticDecoder:
@@ -291,6 +292,12 @@ class StaticDecoder:
         slab.cache.reset()
         out = self.model(**inputs, attention_mask=self._additive(full), position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_kw: slab.cache})
+        if not slab.checked:  # once per slab (one host sync): the cache must keep its own write position
+            if int(slab.cache.get_seq_length()) != width:
+                raise UnsupportedError("this transformers' StaticCache does not advance its own write position, "
+                                       "which the static decoder relies on",
+                                       "upgrade transformers (5.x) or use decoder='dynamic'")
+            slab.checked = True
         slab.mask.zero_()
         slab.mask[:, :width] = real
         slab.positions.copy_(positions[:, -1:])
