@@ -2,19 +2,19 @@
 decode step captured once as a CUDA graph and replayed every step.
 
 Hugging Face's dynamic cache grows by concatenation, so every decode step allocates, and each of a 1B
-model's ~400 small kernels is launched from Python: at 32 rows the GPU idles between launches. Here a
-batch of ``B`` rows decoding up to ``L`` columns gets a *slab*: transformers' ``StaticCache`` of
-``[B', heads, L', head_dim]`` per layer (``L'`` and, when steps are captured, ``B'`` rounded up to buckets so
-later batches reuse it),
-a ``[B', L']`` boolean key mask, and ``[B', 1]`` token and position buffers. The prompt is prefilled
-eagerly into columns ``[0, P)``; step ``t`` writes column ``P + t`` for every row (the cache's own device
-counter advances inside the step) after the host has set the inputs in place: the sampled tokens copied
-into the token buffer, positions ``+= 1``, mask column ``P + t`` set. With nothing in the step reading the
-host, the whole forward — LoRA included, in the multi-adapter modules' *static* mode — is captured once
-per slab and replayed (:class:`torch.cuda.CUDAGraph`). Before each batch every multi-adapter module stages
-the batch's LoRA operands into the slab's buffers (:meth:`MultiLoraLinear.stage`); the slab's graph is
-captured again only when those buffers' shapes change (another rank or adapter-count bucket, LoRA rows or
-none) or a stack was reallocated (:attr:`BatchContext.layout`).
+model's ~400 small kernels is launched from Python: at 32 rows the GPU waits on the launches. Here a batch
+of ``B`` rows decoding up to ``L`` columns gets a *slab*: transformers' ``StaticCache`` of
+``[B', heads, L', head_dim]`` per layer (``L'`` and, when steps are captured, ``B'`` rounded up to buckets
+so later batches reuse it), a ``[B', L']`` boolean key mask, and ``[B', 1]`` token and position buffers.
+The prompt is prefilled eagerly into columns ``[0, P)``; step ``t`` writes column ``P + t`` for every row
+(the cache's own device counter advances inside the step) after the host has set the inputs in place: the
+sampled tokens copied into the token buffer, positions ``+= 1``, mask column ``P + t`` set.
+
+Before each batch every multi-adapter module stages the batch's LoRA operands into buffers owned by the
+slab (:meth:`MultiLoraLinear.stage`). With nothing in the step reading the host, the whole forward, LoRA
+included, is captured once per slab and replayed (:class:`torch.cuda.CUDAGraph`); it is captured again only
+when the staged buffers' shapes change (another rank or adapter-count bucket, LoRA rows or none) or a stack
+was reallocated (:attr:`BatchContext.layout`).
 
 Masks are 4-D (``[B', 1, q, L']``) and built here, so transformers' mask code only passes them through.
 Under left padding every row's keys are its own real tokens; a padding *query* (prefill) attends to
@@ -240,7 +240,7 @@ class StaticDecoder:
     def decode(self, batch: Batch, states: list[RowState], slots: list[int], tokenizer: Any,
                eos: set[int]) -> Generator[list[tuple[int, str, int | None]], None, None]:
         """Run the batch to completion (the same contract as :func:`generation.decode`). ``slots``: each row's
-        global adapter slot (0 = none); the decoder points the batch context at them, padded to the slab."""
+        global adapter slot (0 = none); the modules stage their operands for them, padded to the slab."""
         rows, width = batch.rows, int(batch.input_ids.shape[1])
         steps = max(s.limit for s in states)
         slab = self._slab(rows, width + steps)
