@@ -34,8 +34,9 @@ def serve(
     max_batch: int = typer.Option(64, help="Most requests in one engine batch."),
     window_ms: float = typer.Option(4.0, help="How long an idle engine waits for a batch to fill (ms)."),
     continuous: bool = typer.Option(True, "--continuous/--no-continuous",
-                                    help="Token-level batching in swap mode: requests join the running batch at "
-                                         "the next step and return when done (off: dynamic batching)."),
+                                    help="Token-level batching (swap mode, auto mode while it swaps): requests "
+                                         "join the running batch at the next step and return when done (off: "
+                                         "dynamic batching)."),
     timeout: float = typer.Option(300.0, help="Per-request timeout in seconds (504 after it)."),
     drain: float = typer.Option(30.0, help="Seconds queued work may still run on shutdown."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),

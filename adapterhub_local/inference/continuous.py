@@ -167,14 +167,18 @@ class OpenBatch:
             if not runner.is_causal:
                 raise UnsupportedError(f"base {engine.base_name!r} is an encoder; it cannot generate text",
                                        "use classify() or a decoder base")
-            if engine.mode != "swap" or engine.merged is not None:
-                raise UnsupportedError(f"continuous batching needs swap mode (the engine is in {engine.mode} mode)",
+            if engine.mode == "merge" or engine.merged is not None:
+                raise UnsupportedError("continuous batching needs swap or auto mode with nothing merged (the engine "
+                                       f"is in {engine.mode} mode, merged: {engine.merged})",
                                        "engine.set_mode('swap'), or generate with engine.generate_stream")
             if len(self) + len(requests) > self.max_rows:
                 raise UnsupportedError(f"the batch holds at most {self.max_rows} rows", "wait for rows to finish")
             refs = self._refs(requests)
             pool = engine.pool
             kinds = {ref: pool.get(ref).kind for ref in set(refs) if ref is not None}
+            if engine.mode == "auto":  # the policy sees this traffic too (it may decide to merge: we then drain)
+                engine.policy.observe(refs)
+                engine.policy.decide({ref for ref, kind in kinds.items() if kind == "lora"})
             ids = [runner.encode(r) for r in requests]
             if any(len(i) == 0 for i in ids):
                 raise UnsupportedError("a request has an empty prompt", "send at least one token")

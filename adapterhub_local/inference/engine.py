@@ -312,9 +312,13 @@ class Engine:
 
     @property
     def can_open_batch(self) -> bool:
-        """Whether :meth:`open_batch` works now: a decoder base whose KV cache rows can be edited, in swap mode
-        with nothing merged (the scheduler batches continuously only then)."""
-        if not self.runner.is_causal or self.mode != "swap" or self.merged is not None:
+        """Whether :meth:`open_batch` works now: a decoder base whose KV cache rows can be edited, with nothing
+        merged, in swap mode or in auto mode while the policy chooses swapping (the scheduler batches
+        continuously only then; when auto traffic concentrates on one adapter this turns false, the open batch
+        drains and the scheduler's next batches run merged)."""
+        if not self.runner.is_causal or self.merged is not None or self.mode == "merge":
+            return False
+        if self.mode == "auto" and self.policy.decision is not None:
             return False
         if self._editable_cache is None:
             with self._lock:

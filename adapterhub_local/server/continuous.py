@@ -1,18 +1,20 @@
-"""Continuous batching on the scheduler's engine thread: requests join the engine's open decode batch at the
-next step and leave the moment they finish.
+"""Continuous batching on the scheduler's engine thread: requests join the engine's open decode batch at the next
+step and leave the moment they finish.
 
-The scheduler hands over when a generation job is at the front of its queue and the engine can keep an
-open batch (swap mode). From then on, before every decode step, the jobs at the front of the queue join
-(prefilled in that step, in one forward with the live rows' decode; as many as fit: ``max_batch`` rows,
-and their adapters in the pool beside the live rows' ones; a job that does not fit waits, in order, for
-rows to leave), consecutive classification requests run between steps, and every row's events go to its
-job as they come, so a short request returns as soon as its own tokens are done and a streaming client
-sees each token at once. An admin call or shutdown marker at the front stops admissions; the live rows
-finish and the scheduler runs it (the engine's weights and pool must not change under live rows).
+The scheduler hands over when a generation job is at the front of its queue and the engine can keep an open
+batch (swap mode, or auto mode while its policy swaps). From then on, before every decode step, the jobs at
+the front of the queue join (prefilled in that step, in one forward with the live rows' decode; as many as
+fit: ``max_batch`` rows, and their adapters in the pool beside the live rows' ones; a job that does not fit
+waits, in order, for rows to leave), consecutive classification requests run between steps, and every row's
+events go to its job as they come, so a short request returns as soon as its own tokens are done and a
+streaming client sees each token at once. An admin call or shutdown marker at the front stops admissions; the
+live rows finish and the scheduler runs it (the engine's weights and pool must not change under live rows). In
+auto mode, once the policy decides to merge (one adapter carries nearly all traffic) admissions stop too: the
+batch drains and the scheduler's next batches run with that adapter merged.
 
 Failure isolation: a group of joiners that fails is joined again one by one, so a bad request only fails
-itself; a failing step fails the rows it carried. Cancelled jobs (timeout, disconnect) leave the batch at
-the next step. On abort (shutdown past its deadline) the live rows fail with a 503.
+itself; a failing step fails the rows it carried. Cancelled jobs (timeout, disconnect) leave the batch at the
+next step. On abort (shutdown past its deadline) the live rows fail with a 503.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class ContinuousLoop:
                 while pending and isinstance(pending[0], Classify) and self.live:
                     scheduler._run_classify()  # between steps: the live rows' adapters are busy, never evicted
                 admitted: list[Job] = []
-                while pending and isinstance(pending[0], Job):
+                draining = not getattr(scheduler.engine, "can_open_batch", True)  # auto mode now wants to merge
+                while pending and isinstance(pending[0], Job) and not draining:
                     job = pending[0]
                     if job.cancelled.is_set():
                         pending.popleft()

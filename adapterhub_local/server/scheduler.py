@@ -1,25 +1,24 @@
 """Dynamic and continuous batching: concurrent requests, whatever their adapters, become the engine's mixed
 batches.
 
-Continuous (token-level) batching is the default where the engine supports it (swap mode): see
-:mod:`adapterhub_local.server.continuous`. Otherwise (merge or auto mode, or ``continuous=False``) the
-scheduler batches dynamically, as follows.
+Continuous (token-level) batching is the default where the engine supports it (swap mode, and auto mode while
+its policy swaps): see :mod:`adapterhub_local.server.continuous`. Otherwise (merge mode, auto mode with an
+adapter merged, or ``continuous=False``) the scheduler batches dynamically, as follows.
 
-One engine thread owns the engine. Requests arrive from the event loop into a queue; the thread waits
-a short window after the oldest waiting request (only when the engine was idle and traffic is
-concurrent: requests that queued behind a running batch go at once, a lone client never waits), takes
-up to ``max_batch`` of them and runs them as one mixed batch through the engine's streaming iterator,
-delivering every increment to its request's asyncio queue.
-(In ``merge`` mode the engine itself runs a mixed batch adapter group by adapter group.)
+One engine thread owns the engine. Requests arrive from the event loop into a queue; the thread waits a short
+window after the oldest waiting request (only when the engine was idle and traffic is concurrent: requests
+that queued behind a running batch go at once, a lone client never waits), takes up to ``max_batch`` of them
+and runs them as one mixed batch through the engine's streaming iterator, delivering every increment to its
+request's asyncio queue. (In ``merge`` mode the engine itself runs a mixed batch adapter group by adapter
+group.)
 
-Other engine work runs on the same thread between batches, in arrival order, so the engine is never
-used from two threads: consecutive classification requests as one engine batch, admin calls and
-listings one by one.
+Other engine work runs on the same thread between batches, in arrival order, so the engine is never used from
+two threads: consecutive classification requests as one engine batch, admin calls and listings one by one.
 
-Failure isolation: if a batch fails, each request that has not yet received output is re-run alone, so
-one bad request never fails its neighbours. Timeouts and disconnects mark a request cancelled; a batch
-whose requests are all cancelled stops early. Shutdown refuses new work, drains what is queued (up to a
-deadline) and fails the rest with a 503.
+Failure isolation: if a batch fails, each request that has not yet received output is re-run alone, so one bad
+request never fails its neighbours. Timeouts and disconnects mark a request cancelled; a batch whose requests
+are all cancelled stops early. Shutdown refuses new work, drains what is queued (up to a deadline) and fails
+the rest with a 503.
 """
 
 from __future__ import annotations
@@ -59,8 +58,9 @@ class SchedulerConfig:
     drain_s: float = 30.0
     """On shutdown, how long queued work may still run."""
     continuous: bool = True
-    """Token-level batching (swap mode): requests join the running batch at the next decode step and leave
-    when done (:mod:`adapterhub_local.server.continuous`); off, or in merge/auto mode: dynamic batching."""
+    """Token-level batching (swap mode, auto mode while swapping): requests join the running batch at the next
+    decode step and leave when done (:mod:`adapterhub_local.server.continuous`); off, or while merged: dynamic
+    batching."""
 
 
 @dataclass(eq=False)

@@ -181,11 +181,31 @@ def test_fits_respects_rows_and_the_pool(zoo: Registry) -> None:
 def test_merge_mode_refuses_an_open_batch(zoo: Registry) -> None:
     engine = Engine(zoo, "tiny", mode="merge")
     assert not engine.can_open_batch
-    with pytest.raises(UnsupportedError, match="swap mode"):
+    with pytest.raises(UnsupportedError, match="needs swap or auto mode"):
         engine.open_batch().join([Request(prompt="a")], [0])
     engine.set_mode("swap")
     assert engine.can_open_batch
     assert not Engine(zoo, "enc").can_open_batch  # an encoder cannot generate
+
+
+def test_auto_mode_batches_continuously_until_its_policy_merges(zoo: Registry) -> None:
+    from adapterhub_local.inference.policy import AutoPolicy
+
+    engine = Engine(zoo, "tiny", mode="auto", policy=AutoPolicy(window=8, min_requests=4, threshold=0.75))
+    assert engine.can_open_batch, "auto mode swaps until the traffic says otherwise"
+    batch = engine.open_batch()
+    mixed = [Request(prompt="a", adapter=r, sampling=SamplingParams(max_new_tokens=2)) for r in ("r8-attn", "r2-v")]
+    batch.join(mixed, [0, 1])
+    assert engine.can_open_batch
+    hot = [Request(prompt=f"hot {i}", adapter="r8-attn", sampling=SamplingParams(max_new_tokens=2)) for i in range(6)]
+    batch.join(hot, list(range(2, 8)))
+    assert engine.policy.decision == engine.pool.resolve("r8-attn")
+    assert not engine.can_open_batch, "the policy wants to merge: the scheduler lets this batch drain"
+    while batch:
+        batch.step()
+    batch.close()
+    assert engine.generate(hot[:2])[0].adapter == engine.pool.resolve("r8-attn")
+    assert engine.merged == engine.pool.resolve("r8-attn") and not engine.can_open_batch
 
 
 def test_caches_that_cannot_be_edited_are_refused() -> None:

@@ -189,3 +189,31 @@ def test_merge_mode_and_the_flag_fall_back_to_dynamic_batching(served_registry: 
 
     run(go)
     assert merged.batches == [] and off.batches == []
+
+
+def test_auto_mode_batches_continuously_then_merges_when_one_adapter_dominates(served_registry: Registry) -> None:
+    from adapterhub_local.inference.policy import AutoPolicy
+
+    engine = Recording(Engine(served_registry, "tiny", mode="auto",
+                              policy=AutoPolicy(window=8, min_requests=4, threshold=0.75)))
+    long, short = request("lora1", prompt="a long story", tokens=60), request("lora2", prompt="quick", tokens=3)
+    solo = Engine(served_registry, "tiny", mode="swap")
+    expected_short, expected_hot = solo.generate([short])[0], solo.generate([request("lora1", tokens=4)])[0]
+
+    async def go() -> None:
+        scheduler = Scheduler(cast(ServingEngine, engine), SchedulerConfig(window_ms=0))
+        long_job = scheduler.submit(long, "lora1", streaming=True)
+        events = scheduler.stream(long_job)
+        await events.__anext__()
+        result = await scheduler.result(scheduler.submit(short, "lora2"))
+        assert result.token_ids == expected_short.token_ids and not long_job.finished
+        assert len(engine.batches) == 1, "auto mode, mixed traffic: the short request joined the open batch"
+        [e async for e in events]
+        for _ in range(8):  # traffic now goes to lora1 alone: the policy merges it
+            hot = await scheduler.result(scheduler.submit(request("lora1", tokens=4), "lora1"))
+            assert hot.token_ids == expected_hot.token_ids
+        await scheduler.stop()
+
+    run(go)
+    assert engine.engine.merged == engine.engine.pool.resolve("lora1")
+    assert engine.engine.switches >= 1
