@@ -1,9 +1,10 @@
 """Server load: requests/s and p50/p95 latency at 1, 8 and 64 concurrent clients with 1 and 16 adapters,
-for three servers in one run on the same machine: continuous (token-level) batching, dynamic batching
-(``--no-continuous``: a batch forms in a short window and decodes to completion) and one request at a
-time (``--max-batch 1 --no-continuous``, the baseline).
+for four servers in one run on the same machine: continuous (token-level) batching, dynamic batching
+(``--no-continuous``: a batch forms in a short window and decodes to completion), one request at a
+time (``--max-batch 1 --no-continuous``, the baseline), all in swap mode, and the default ``--mode auto``
+(continuous while its policy swaps, merged and dynamically batched when one adapter carries the traffic).
 
-Each server is a real ``adapterhub serve --mode swap`` process on 127.0.0.1; clients are asyncio tasks in
+Each server is a real ``adapterhub serve`` process on 127.0.0.1; clients are asyncio tasks in
 this process (one keep-alive connection each), each sending its requests back to back (closed loop),
 greedy, with mixed ``max_tokens`` (``--tokens``, cycled over the requests) so that short requests share
 batches with long ones: that is where continuous batching returns early finishers at once while dynamic
@@ -86,10 +87,10 @@ def free_port() -> int:
 
 
 def start_server(registry: Path, max_batch: int, continuous: bool, log: Path,
-                 threads: int) -> tuple[subprocess.Popen[bytes], str]:
+                 threads: int, mode: str = "swap") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-c", "from adapterhub_local.cli import run; run()", "--registry", str(registry),
-               "serve", "--base", "bench", "--port", str(port), "--mode", "swap", "--max-batch", str(max_batch),
+               "serve", "--base", "bench", "--port", str(port), "--mode", mode, "--max-batch", str(max_batch),
                "--continuous" if continuous else "--no-continuous",
                "--log-level", "warning", "--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -205,21 +206,28 @@ def markdown(rows: list[Scenario], meta: dict[str, object]) -> str:
         "latency of the requests with the smallest max_tokens; *cont/dyn*, *dyn/1*: req/s ratios; *batch*: mean "
         "rows per engine batch (continuous: rows decoding together after each admission).",
         "",
+        "*auto*: the default `serve --mode auto` (continuous while its policy swaps; one adapter carrying nearly "
+        "all traffic is merged and batched dynamically); the others run `--mode swap`.",
+        "",
         "| clients | adapters | req/s cont / dyn / 1-at-a-time | cont/dyn | dyn/1 | p50 ms cont / dyn / 1 | "
-        "p95 ms cont / dyn / 1 | short p50 ms cont / dyn / 1 | batch cont / dyn | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "p95 ms cont / dyn / 1 | short p50 ms cont / dyn / 1 | batch cont / dyn | auto: req/s, p50, short p50 | "
+        "errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for clients in meta["clients"]:  # type: ignore[attr-defined]
         for adapters in meta["adapter_counts"]:  # type: ignore[attr-defined]
             c = by_key[("continuous", clients, adapters)]
             d = by_key[("dynamic", clients, adapters)]
             s = by_key[("one-at-a-time", clients, adapters)]
+            a = by_key[("auto", clients, adapters)]
             lines.append(f"| {clients} | {adapters} | {c.rps:.1f} / {d.rps:.1f} / {s.rps:.1f} | "
                          f"{c.rps / d.rps:.2f}× | {d.rps / s.rps:.2f}× | "
                          f"{c.p50_ms:.0f} / {d.p50_ms:.0f} / {s.p50_ms:.0f} | "
                          f"{c.p95_ms:.0f} / {d.p95_ms:.0f} / {s.p95_ms:.0f} | "
                          f"{c.short_p50_ms:.0f} / {d.short_p50_ms:.0f} / {s.short_p50_ms:.0f} | "
-                         f"{c.mean_batch:.1f} / {d.mean_batch:.1f} | {c.errors + d.errors + s.errors} |")
+                         f"{c.mean_batch:.1f} / {d.mean_batch:.1f} | "
+                         f"{a.rps:.1f}, {a.p50_ms:.0f}, {a.short_p50_ms:.0f} | "
+                         f"{c.errors + d.errors + s.errors + a.errors} |")
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +292,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows: list[Scenario] = []
-    servers = {"continuous": (args.max_batch, True), "dynamic": (args.max_batch, False), "one-at-a-time": (1, False)}
+    servers = {"continuous": (args.max_batch, True, "swap"), "dynamic": (args.max_batch, False, "swap"),
+               "one-at-a-time": (1, False, "swap"), "auto": (args.max_batch, True, "auto")}
     with tempfile.TemporaryDirectory(prefix="server-load-") as tmp:
         work = Path(tmp)
         registry = build(work, max(args.adapters), args.hidden, args.layers)
@@ -294,9 +303,9 @@ def main() -> None:
         urls: dict[str, str] = {}
         processes = []
         try:
-            for server, (max_batch, continuous) in servers.items():
+            for server, (max_batch, continuous, mode) in servers.items():
                 process, urls[server] = start_server(registry, max_batch, continuous, work / f"{server}.log",
-                                                     args.threads)
+                                                     args.threads, mode)
                 processes.append(process)
                 asyncio.run(run_load(urls[server], names, len(names), 1, [2], "warm up"))  # load every adapter
             for clients in args.clients:
@@ -328,7 +337,8 @@ def main() -> None:
 
     ratios = {f"{c}x{a}": {"continuous/one-at-a-time": rps("continuous", c, a) / rps("one-at-a-time", c, a),
                            "dynamic/one-at-a-time": rps("dynamic", c, a) / rps("one-at-a-time", c, a),
-                           "continuous/dynamic": rps("continuous", c, a) / rps("dynamic", c, a)}
+                           "continuous/dynamic": rps("continuous", c, a) / rps("dynamic", c, a),
+                           "auto/continuous": rps("auto", c, a) / rps("continuous", c, a)}
               for c in args.clients for a in args.adapters}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "server_load.json").write_text(json.dumps(
