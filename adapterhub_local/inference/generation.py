@@ -143,4 +143,4 @@ def decode(model: nn.Module, batch: Batch, states: list[RowState], tokenizer: An
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         position = (mask.sum(-1, keepdim=True) - 1)
         out = forward_cached(model, input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                       **{cache_kw: cache_of(out)})
+                             **{cache_kw: cache_of(out)})
