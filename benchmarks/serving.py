@@ -227,23 +227,7 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
     other = "gather" if engine.runner.context.strategy == "dense" else "dense"
     engine_other = Engine(registry, "bench", mode="swap", pool_bytes=8 << 30, device=p.device, dtype=dtype,
                           lora_strategy=other)
-    other_requests = [Request(prompt=ids, adapter=ref, sampling=SamplingParams(max_new_tokens=p.new,
-                                                                                stop_at_eos=False))
-                      for ids, ref in zip(prompts, mixed, strict=True)]
-
-    def other_run() -> tuple[float, float]:
-        sync(p.device)
-        start = time.perf_counter()
-        first = None
-        for _ in engine_other.generate_stream(other_requests):
-            if first is None:
-                sync(p.device)
-                first = time.perf_counter()
-        sync(p.device)
-        assert first is not None
-        return first - start, time.perf_counter() - start
-
-    systems[f"engine_adapters_{other}"] = other_run
+    systems[f"engine_adapters_{other}"] = engine_gen(mixed, engine_other)
     results["strategy"] = {"default": engine.runner.context.strategy, "other": other}
 
     # the other decoder: on CUDA the default replays a captured graph, so time the dynamic cache beside it;
