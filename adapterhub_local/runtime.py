@@ -26,11 +26,11 @@ def configure_threads(threads: int | None = None) -> int:
             try:
                 threads = int(raw)
             except ValueError:
-                raise ConfigError(
-                    f"${THREADS_ENV}={raw!r} is not an integer; set it to a thread count such as 2"
-                ) from None
+                raise ConfigError([f"${THREADS_ENV}={raw!r} is not an integer"],
+                                  "set it to a thread count such as 2", what="environment") from None
     if threads is not None:
         if threads < 1:
-            raise ConfigError(f"--threads must be at least 1 (got {threads}); pass a positive thread count")
+            raise ConfigError([f"--threads must be at least 1 (got {threads})"], "pass a positive thread count",
+                              what="options")
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import random
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import IO, Any
 
 from adapterhub_local import assets
 from adapterhub_local.errors import FormatError, UnsupportedError
+from adapterhub_local.task_spec import render as render
+from adapterhub_local.task_spec import template_fields as template_fields
 
 Row = dict[str, Any]
 
@@ -124,19 +125,6 @@ def rename(rows: Iterable[Row], mapping: dict[str, str]) -> list[Row]:
                 new[name] = row[column]
         out.append(new)
     return out
-
-
-def template_fields(template: str) -> list[str]:
-    """Field names a ``str.format`` template refers to (``"{mr}\\n"`` → ``["mr"]``)."""
-    names = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name != "":
-            names.append(name.split(".")[0].split("[")[0])
-    return names
-
-
-def render(template: str, row: Row) -> str:
-    return template.format(**{k: "" if v is None else v for k, v in row.items()})
 
 
 def split_rows(rows: Sequence[Row], by: str | None, validation_fraction: float, test_fraction: float,
