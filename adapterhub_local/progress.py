@@ -4,7 +4,7 @@ On a TTY a :class:`Progress` draws a tqdm bar; otherwise (output redirected to a
 it writes a plain line at most every ``every_s`` seconds, plus the first and the last step — never a
 bar's carriage-return stream, and never silence for the length of a run::
 
-    train: step 120/1400 (8.6%) · 2.51 s/step · elapsed 5m01s · eta 53m34s · loss=2.31
+    train: step 120/1400 (8.6%) · 2.51 s/step · eta 53m34s · elapsed 5m01s · loss=2.31
 
 ``train`` drives one from the runner's ``on_step`` callback; the sweep can use one per rank, or one for
 the whole plan. Use it as a context manager, or call :meth:`close`.
@@ -43,7 +43,7 @@ class Progress:
         stream: where reports go (default: stderr, so stdout stays clean for ``--json``).
         tty: draw a bar (``True``) or write plain lines (``False``); default: whether ``stream`` is a TTY.
         every_s: seconds between plain lines.
-        initial: steps already done (a resumed run).
+        initial: steps already done (a resumed run); speed is measured from the first update on.
         clock: time source (tests pass a fake one).
     """
 
@@ -59,6 +59,8 @@ class Progress:
         self._clock = clock
         self._started = clock()
         self._last_line: float | None = None
+        self._anchor: tuple[int, float] | None = None
+        """(step, time) of the first update: speed is measured from there, not from construction."""
         self._written_step: int | None = None
         self._postfix: dict[str, Any] = {}
         self._bar: Any = None
@@ -81,6 +83,8 @@ class Progress:
     def advance_to(self, step: int, **postfix: Any) -> None:
         """The job is at ``step`` now (for callers that know the absolute step, like ``on_step``)."""
         done = step - self.step
+        if self._anchor is None:
+            self._anchor = (step, self._clock())
         self.step = step
         self._postfix.update(postfix)
         if self._bar is not None:
@@ -98,17 +102,17 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """The plain report for the current step."""
         now = self._clock() if now is None else now
-        elapsed = now - self._started
-        done = self.step - self._initial
         parts = [f"{self.desc}: step {self.step}" + (f"/{self.total}" if self.total is not None else "")]
         if self.total:
             parts[0] += f" ({100 * self.step / self.total:.1f}%)"
-        if done > 0:
-            per_step = elapsed / done
+        anchor_step, anchor_time = self._anchor or (self.step, now)
+        done, spent = self.step - anchor_step, now - anchor_time
+        if done > 0 and spent > 0:
+            per_step = spent / done
             parts.append(f"{per_step:.2f} s/step" if per_step >= 1 else f"{1 / per_step:.1f} steps/s")
-        parts.append(f"elapsed {duration(elapsed)}")
-        if done > 0 and self.total is not None and self.step < self.total:
-            parts.append(f"eta {duration(elapsed / done * (self.total - self.step))}")
+            if self.total is not None and self.step < self.total:
+                parts.append(f"eta {duration(per_step * (self.total - self.step))}")
+        parts.append(f"elapsed {duration(now - self._started)}")
         parts += [f"{k}={_short(v)}" for k, v in self._postfix.items()]
         return " · ".join(parts)
 

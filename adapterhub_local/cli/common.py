@@ -72,11 +72,14 @@ def verbose() -> bool:
 def configure_output(verbose: bool) -> None:
     """Quiet library output unless ``verbose``: transformers' load reports, info logs and progress bars,
     hub progress bars, and deprecation/future warnings from the libraries we call."""
-    level = "info" if verbose else "error"
+    level = "warning" if verbose else "error"  # warning: the libraries' own default
     os.environ["TRANSFORMERS_VERBOSITY"] = level
     if verbose:
         return
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # transformers reads this switch when its logging module is first imported
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*")

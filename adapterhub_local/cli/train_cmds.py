@@ -59,7 +59,7 @@ class _LogProgress:
 
     def __call__(self, step: int) -> None:
         if self.progress is None:
-            self.progress = Progress(self.total, "train", tty=False, initial=step - 1)
+            self.progress = Progress(self.total, "train", tty=False, initial=step)
         self.progress.advance_to(step)
 
     def close(self) -> None:
@@ -120,7 +120,8 @@ def train(
         table("forgetting (general-text perplexity)", ["", "value"], _metric_rows(result.training["forgetting"]))
     if result.samples:
         columns = list(result.samples[0])
-        table("sample predictions (held-out)", columns, [[s[c] for c in columns] for s in result.samples])
+        table("sample predictions (held-out)", columns, [[s[c] for c in columns] for s in result.samples],
+              key_columns=0)
     if result.card:
         console.print(f"registered [bold]{escape(result.card.ref)}[/] — run directory {escape(str(result.run_dir))}",
                       highlight=False)
