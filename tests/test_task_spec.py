@@ -21,7 +21,7 @@ def test_several_fields_take_a_json_object_or_a_mapping_and_name_what_is_missing
     spec = TaskSpec("generation", "Q: {question}\nContext: {context}\nA:")
     assert spec.apply_template('{"question": "why", "context": "because"}') == "Q: why\nContext: because\nA:"
     assert spec.apply_template({"question": "a", "context": "b"}) == "Q: a\nContext: b\nA:"
-    with pytest.raises(ConfigError, match="needs fields question, context.*--raw"):
+    with pytest.raises(ConfigError, match=r"needs fields question, context.*--raw"):
         spec.apply_template("just text")
     with pytest.raises(ConfigError, match="needs field 'context'"):
         spec.apply_template('{"question": "why"}')
