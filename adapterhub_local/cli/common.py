@@ -71,23 +71,23 @@ def verbose() -> bool:
 
 def configure_output(verbose: bool) -> None:
     """Quiet library output unless ``verbose``: transformers' load reports, info logs and progress bars,
-    hub progress bars, and deprecation/future warnings from the libraries we call."""
-    level = "warning" if verbose else "error"  # warning: the libraries' own default
-    os.environ["TRANSFORMERS_VERBOSITY"] = level
-    if verbose:
-        return
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from huggingface_hub.utils import disable_progress_bars
+    hub progress bars, and deprecation/future warnings from the libraries we call. ``verbose`` restores the
+    libraries' own defaults (warnings and load reports shown)."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    disable_progress_bars()  # transformers reads this switch when its logging module is first imported
-    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
+    # transformers reads the hub's switch when its logging module is first imported.
+    (enable_progress_bars if verbose else disable_progress_bars)()
+    if not verbose:
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*")
     if "transformers" in sys.modules:  # already imported: its logging read the environment long ago
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_warning() if verbose else hf_logging.set_verbosity_error()
+        hf_logging.enable_progress_bar() if verbose else hf_logging.disable_progress_bar()
 
 
 def hoist_global_options(argv: list[str], group: Any) -> list[str]:
