@@ -64,3 +64,13 @@ def test_a_tty_gets_a_bar_and_messages_do_not_break_it() -> None:
 
 def test_durations() -> None:
     assert duration(4.24) == "4.2s" and duration(65) == "1m05s" and duration(3725.2) == "1h02m05s"
+
+
+def test_reaching_the_total_reports_at_once_without_waiting_for_close() -> None:
+    out, clock = io.StringIO(), Clock()
+    progress = Progress(3, "train", stream=out, tty=False, every_s=1000, clock=clock)
+    for _ in range(3):
+        clock.now += 1
+        progress.update()
+    assert [line.split(" · ")[0] for line in out.getvalue().splitlines()] == ["train: step 1/3 (33.3%)",
+                                                                              "train: step 3/3 (100.0%)"]
