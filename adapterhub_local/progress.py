@@ -45,10 +45,12 @@ class Progress:
         every_s: seconds between plain lines.
         initial: steps already done (a resumed run); speed is measured from the first update on.
         clock: time source (tests pass a fake one).
+        started: when the job began, on ``clock`` (default: now), for the elapsed time.
     """
 
     def __init__(self, total: int | None, desc: str, *, stream: TextIO | None = None, tty: bool | None = None,
-                 every_s: float = 30.0, initial: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 every_s: float = 30.0, initial: int = 0, clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
         self.total = total
         self.desc = desc
         self.stream = stream if stream is not None else sys.stderr
@@ -57,7 +59,7 @@ class Progress:
         self.step = initial
         self._initial = initial
         self._clock = clock
-        self._started = clock()
+        self._started = clock() if started is None else started
         self._last_line: float | None = None
         self._anchor: tuple[int, float] | None = None
         """(step, time) of the first update: speed is measured from there, not from construction."""
@@ -68,7 +70,8 @@ class Progress:
         if self.tty:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream, dynamic_ncols=True,
+                             disable=False)  # asked for: not subject to $TQDM_DISABLE
 
     def __enter__(self) -> Progress:
         return self

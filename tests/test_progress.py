@@ -74,3 +74,10 @@ def test_reaching_the_total_reports_at_once_without_waiting_for_close() -> None:
         progress.update()
     assert [line.split(" · ")[0] for line in out.getvalue().splitlines()] == ["train: step 1/3 (33.3%)",
                                                                               "train: step 3/3 (100.0%)"]
+
+
+def test_elapsed_counts_from_when_the_job_began() -> None:
+    out, clock = io.StringIO(), Clock()
+    progress = Progress(10, "train", stream=out, tty=False, clock=clock, started=clock.now - 90)
+    progress.advance_to(1)
+    assert "elapsed 1m30s" in out.getvalue()

@@ -8,7 +8,14 @@ message — the traceback only with ``--verbose``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+if not sys.stderr.isatty():
+    # Progress bars are for terminals; in a log their carriage returns are noise. Libraries that draw their own
+    # tqdm bars (transformers' GGUF conversion, hub downloads) read $TQDM_DISABLE when tqdm is first imported —
+    # by torch, below — so it is set here, first. Bars this project draws on purpose pass `disable` explicitly.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
 

@@ -11,6 +11,7 @@ import contextlib
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,12 @@ class _LogProgress:
 
     def __init__(self, total: int | None) -> None:
         self.total = total
+        self.started = time.monotonic()
         self.progress: Progress | None = None
 
     def __call__(self, step: int) -> None:
         if self.progress is None:
-            self.progress = Progress(self.total, "train", tty=False, initial=step)
+            self.progress = Progress(self.total, "train", tty=False, initial=step, started=self.started)
         self.progress.advance_to(step)
 
     def close(self) -> None:

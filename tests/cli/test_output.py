@@ -108,3 +108,20 @@ def test_a_logged_train_run_is_quiet_and_reports_progress_in_plain_lines(world: 
     assert "train: step 1/3" in text and "train: step 3/3 (100.0%)" in text
     for noise in ("\r", "LOAD REPORT", "Warning", "warn(", "Loading weights", "Writing model shards"):
         assert noise not in text, noise
+
+
+def test_library_progress_bars_stay_out_of_logs(tmp_path: Path) -> None:
+    """Libraries that draw their own tqdm bars (transformers' GGUF conversion) draw none when stderr is a log."""
+    script = ("import adapterhub_local.cli\nfrom tqdm.auto import tqdm\n"
+              "for _ in tqdm(range(3), desc='library-bar'):\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env["PYTHONPATH"] = str(REPO)
+    log = tmp_path / "log"
+    with log.open("w") as handle:
+        subprocess.run([sys.executable, "-c", script], stdout=handle, stderr=subprocess.STDOUT, env=env,
+                       check=True, timeout=120)
+    assert "library-bar" not in log.read_text()
+    with log.open("w") as handle:  # the same bar without the CLI's setting: the test can tell
+        subprocess.run([sys.executable, "-c", script.replace("import adapterhub_local.cli\n", "")],
+                       stdout=handle, stderr=subprocess.STDOUT, env=env, check=True, timeout=120)
+    assert "library-bar" in log.read_text()
