@@ -70,15 +70,18 @@ def verbose() -> bool:
 
 
 def configure_output(verbose: bool) -> None:
-    """Quiet library output unless ``verbose``: transformers' load reports, info logs and progress bars,
-    hub progress bars, and deprecation/future warnings from the libraries we call. ``verbose`` restores the
-    libraries' own defaults (warnings and load reports shown)."""
+    """Quiet library output unless ``verbose``: transformers' load reports, info logs and progress bars, the
+    hub's progress bars and retry warnings, and deprecation/future warnings from the libraries we call.
+    ``verbose`` restores the libraries' own defaults (warnings and load reports shown)."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
 
     os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
     # transformers reads the hub's switch when its logging module is first imported.
     (enable_progress_bars if verbose else disable_progress_bars)()
+    # The hub logs each network retry as a warning; the command's own error says what failed, once.
+    hub_logging.set_verbosity_warning() if verbose else hub_logging.set_verbosity_error()
     if not verbose:
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)

@@ -125,3 +125,16 @@ def test_library_progress_bars_stay_out_of_logs(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", script.replace("import adapterhub_local.cli\n", "")],
                        stdout=handle, stderr=subprocess.STDOUT, env=env, check=True, timeout=120)
     assert "library-bar" in log.read_text()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_hub_retry_warnings_are_quiet_unless_verbose(verbose: bool, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from huggingface_hub.utils import logging as hub_logging
+
+    flags = ["--verbose"] if verbose else []
+    assert run(capsys, "base", "list", "-R", tmp_path / "r", *flags).code == 0
+    hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    shown = capsys.readouterr().err + caplog.text
+    assert ("Retrying" in shown) == verbose
