@@ -204,8 +204,11 @@ def spec_from_card(extra: Mapping[str, Any] | None, recipe: Mapping[str, Any] | 
 
 
 def _fields_from_text(text: str, names: list[str]) -> dict[str, Any]:
-    if len(names) <= 1:
-        return {names[0]: text} if names else {}
+    if not names:
+        raise ConfigError(["the adapter's template has no field for the input, so the input would be dropped"],
+                          "use --raw to send the text as it is", what="input")
+    if len(names) == 1:
+        return {names[0]: text}
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError:

@@ -31,6 +31,11 @@ def test_no_template_means_the_input_is_used_as_given() -> None:
     assert TaskSpec("classification").apply_template("A [bracketed] {braced} text") == "A [bracketed] {braced} text"
 
 
+def test_a_template_without_fields_refuses_rather_than_drop_the_input() -> None:
+    with pytest.raises(ConfigError, match=r"no field for the input.*--raw"):
+        TaskSpec("generation", "Describe a restaurant:").apply_template("name[Alimentum]")
+
+
 @pytest.mark.parametrize(("generated", "answer"), [
     (" The Alimentum serves Chinese food.", "The Alimentum serves Chinese food."),
     (" First line.\nMeaning representation: name[X]", "First line."),
