@@ -12,7 +12,7 @@ import pytest
 
 from adapterhub_local.cli import main
 from adapterhub_local.cli.common import cell
-from adapterhub_local.registry import CardInfo
+from adapterhub_local.registry import CardInfo, Registry
 from tests.cli.tiny import World, make_world, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,6 +134,7 @@ def test_hub_retry_warnings_are_quiet_unless_verbose(verbose: bool, tmp_path: Pa
     from huggingface_hub.utils import logging as hub_logging
 
     flags = ["--verbose"] if verbose else []
+    Registry(tmp_path / "r")  # an existing registry: reading commands need not create one
     assert run(capsys, "base", "list", "-R", tmp_path / "r", *flags).code == 0
     hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
     shown = capsys.readouterr().err + caplog.text
