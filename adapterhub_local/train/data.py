@@ -1,4 +1,5 @@
-"""Training data: read JSONL, CSV or saved ``datasets`` directories into rows, rename fields, render
+"""Training data: read JSONL, CSV (either may be gzip-compressed, ``.jsonl.gz``) or saved ``datasets``
+directories into rows, rename fields, render
 templates, split by group (no movie / MR on both sides), and fingerprint what was used.
 
 A row is a ``dict[str, Any]`` keyed by field name after the recipe's ``fields`` mapping.
@@ -7,17 +8,19 @@ A row is a ``dict[str, Any]`` keyed by field name after the recipe's ``fields`` 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import random
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from adapterhub_local import assets
 from adapterhub_local.errors import FormatError, UnsupportedError
+from adapterhub_local.task_spec import render as render
+from adapterhub_local.task_spec import template_fields as template_fields
 
 Row = dict[str, Any]
 
@@ -39,12 +42,24 @@ def detect_format(path: Path, declared: str = "auto") -> str:
         return declared
     if path.is_dir():
         return "datasets"
-    suffix = path.suffix.lower()
+    suffix = _plain_suffix(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if suffix in (".csv", ".tsv"):
         return "csv"
-    raise FormatError(f"cannot tell the format of {path}", "name it .jsonl/.csv or set data.format")
+    raise FormatError(f"cannot tell the format of {path}", "name it .jsonl/.csv (optionally .gz) or set data.format")
+
+
+def _plain_suffix(path: Path) -> str:
+    """The suffix that says the format, under a ``.gz`` (``x.jsonl.gz`` → ``.jsonl``)."""
+    inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
+    return inner.suffix.lower()
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return path.open(encoding="utf-8", newline="")
 
 
 def read_rows(ref: str, declared: str = "auto") -> list[Row]:
@@ -55,7 +70,7 @@ def read_rows(ref: str, declared: str = "auto") -> list[Row]:
     kind = detect_format(path, declared)
     if kind == "jsonl":
         rows: list[Row] = []
-        with path.open(encoding="utf-8") as handle:
+        with _open_text(path) as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -68,8 +83,8 @@ def read_rows(ref: str, declared: str = "auto") -> list[Row]:
                 rows.append(item)
         return rows
     if kind == "csv":
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with path.open(encoding="utf-8", newline="") as handle:
+        delimiter = "\t" if _plain_suffix(path) == ".tsv" else ","
+        with _open_text(path) as handle:
             return [dict(r) for r in csv.DictReader(handle, delimiter=delimiter)]
     if kind == "datasets":
         return _read_datasets_dir(path)
@@ -110,19 +125,6 @@ def rename(rows: Iterable[Row], mapping: dict[str, str]) -> list[Row]:
                 new[name] = row[column]
         out.append(new)
     return out
-
-
-def template_fields(template: str) -> list[str]:
-    """Field names a ``str.format`` template refers to (``"{mr}\\n"`` → ``["mr"]``)."""
-    names = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name != "":
-            names.append(name.split(".")[0].split("[")[0])
-    return names
-
-
-def render(template: str, row: Row) -> str:
-    return template.format(**{k: "" if v is None else v for k, v in row.items()})
 
 
 def split_rows(rows: Sequence[Row], by: str | None, validation_fraction: float, test_fraction: float,

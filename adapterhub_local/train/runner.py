@@ -26,6 +26,7 @@ from adapterhub_local.config import Recipe
 from adapterhub_local.errors import ConfigError, NotFoundError
 from adapterhub_local.models import load_base_model, load_tokenizer
 from adapterhub_local.registry import AdapterCard, BaseRecord, CardInfo, Registry
+from adapterhub_local.task_spec import SPEC_KEY
 from adapterhub_local.train import evaluate as ev
 from adapterhub_local.train import tasks
 from adapterhub_local.train.checks import PreparedData
@@ -301,7 +302,9 @@ def register_result(recipe: Recipe, data: PreparedData, registry: Registry, trai
         recipe=recipe.to_dict(), dataset_fingerprint=data.fingerprint, metrics=final, labels=labels,
         training=training,
         extra={"pooling": "native", "method": trained.method, "run_dir": str(run_dir), "method_note": trained.note,
-               "splits": {s.name: s.splits.sources for s in data.sources}},
+               "splits": {s.name: s.splits.sources for s in data.sources},
+               SPEC_KEY: tasks.task_spec(labels is not None, [(s.spec, s.splits.train) for s in data.sources],
+                                         labels, recipe.task.pooling).to_dict()},
     )
     card = registry.register_adapter(recipe.name, run_dir / "adapter", recipe.base, info)
     if recipe.output.tag:

@@ -4,6 +4,8 @@
 * generation — a prompt and a completion, tokenized separately so the loss can be restricted to the
   completion tokens (prompt positions get label -100); optional packing concatenates examples into full
   ``max_length`` rows; several datasets can be mixed, each with its own template and a sampling weight.
+
+:func:`task_spec` turns a trained task's templates and data into the :class:`TaskSpec` its card carries.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from adapterhub_local.task_spec import TaskSpec, derive_stops, literal_prefix
 from adapterhub_local.train.data import Row, render
 
 IGNORE = -100
@@ -174,3 +177,29 @@ def mix(per_source: dict[str, list[Example]], weights: dict[str, float], seed: i
         out.extend(picked)
     return out
 
+
+
+# ----------------------------------------------------------------- the spec
+def task_spec(classification: bool, sources: Sequence[tuple[TemplateSpec, Sequence[Row]]],
+              labels: Sequence[str] | None, pooling: str | None) -> TaskSpec:
+    """The spec an adapter trained on ``sources`` (each: its template spec and training rows) carries.
+
+    Classification: the input template (``None`` = the text field as is), labels and pooling.
+    Generation from one dataset: its prompt template, the completion template's literal prefix and the
+    stops its completions justify. A mix of datasets has no single template that raw input could fill,
+    so its spec has none (input is used as given) and only the stops every dataset agrees on.
+    """
+    if classification:
+        template = sources[0][0].template if sources else None
+        return TaskSpec("classification", template, labels=tuple(labels) if labels is not None else None,
+                        pooling=pooling)
+    stops_per_source = []
+    for spec, rows in sources:
+        assert spec.template is not None and spec.completion is not None
+        stops_per_source.append(derive_stops(spec.template, (render(spec.completion, r) for r in rows)))
+    if len(sources) == 1:
+        spec = sources[0][0]
+        assert spec.completion is not None
+        return TaskSpec("generation", spec.template, literal_prefix(spec.completion), tuple(stops_per_source[0]))
+    shared = [s for s in stops_per_source[0] if all(s in other for other in stops_per_source[1:])]
+    return TaskSpec("generation", None, "", tuple(shared))
