@@ -38,9 +38,11 @@ def _global_options(
     _state["registry"] = registry
 
 
-def get_registry() -> Registry:
-    """The registry chosen by ``--registry`` / ``$ADAPTERHUB_HOME`` / ``./registry``."""
-    return Registry(_state["registry"])
+def get_registry(create: bool = False) -> Registry:
+    """The registry chosen by ``--registry`` / ``$ADAPTERHUB_HOME`` / ``./registry``. Only commands that
+    add to it (base add, import, pull, train, sweep) pass ``create=True``; every other command refuses a
+    path that holds no registry instead of creating an empty one."""
+    return Registry(_state["registry"], create=create)
 
 
 def print_json(data: Any) -> None:

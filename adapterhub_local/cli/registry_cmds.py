@@ -31,7 +31,7 @@ def base_add(
     """Register a base model (GGUF is dequantized once to safetensors) and fingerprint it."""
     if assets.is_asset(source):
         source = str(assets.resolve(source))
-    record = get_registry().add_base(name, source, revision)
+    record = get_registry(create=True).add_base(name, source, revision)
     console.print(f"registered base [bold]{record.name}[/] ({record.architecture}, {record.source_kind}) "
                   f"fingerprint {record.short}")
 
@@ -172,7 +172,8 @@ def import_adapter(
     task: str | None = typer.Option(None, help="Task name to record."),
 ) -> None:
     """Import a PEFT adapter directory as a new version (shapes checked against the base)."""
-    card = get_registry().register_adapter(name, directory, base, CardInfo(task=task, source=str(directory)))
+    card = get_registry(create=True).register_adapter(name, directory, base,
+                                                      CardInfo(task=task, source=str(directory)))
     console.print(f"imported {card.ref} ({card.kind}, rank {card.rank}) on base {card.base}")
 
 
@@ -202,5 +203,5 @@ def pull(
     revision: str | None = typer.Option(None, help="Repo revision."),
 ) -> None:
     """Download an adapter repo and register it."""
-    card = remote.pull(get_registry(), repo_id, name, base, revision)
+    card = remote.pull(get_registry(create=True), repo_id, name, base, revision)
     console.print(f"pulled {repo_id} as {card.ref}")

@@ -54,7 +54,7 @@ def train(
                       + (f" (split by {splits.split_by})" if splits.split_by else ""), highlight=False)
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            result = runner.run(parsed, data, get_registry(), resume=resume, run_dir=run_dir,
+            result = runner.run(parsed, data, get_registry(create=True), resume=resume, run_dir=run_dir,
                                 progress=not no_progress and sys.stderr.isatty())
         except KeyboardInterrupt:
             again = shlex.join(["adapterhub", "train", str(recipe), *(overrides or []), "--resume"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_local.errors import RemoteError
-from adapterhub_local.registry.cards import CARD_FILE, AdapterCard, CardInfo
+from adapterhub_local.registry.cards import CARD_FILE, CardInfo
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapterhub_local.registry.maintenance import export
 from adapterhub_local.registry.store import Registry
@@ -51,10 +51,5 @@ def pull(registry: Registry, repo_id: str, name: str, base: str, revision: str |
                     continue  # a plain PEFT repo has no card
                 raise RemoteError(f"cannot download {fname} from {repo_id}@{revision or 'main'}: {exc}",
                                   "check the repo id, revision, token and network") from exc
-        info = CardInfo(source=f"hub:{repo_id}@{revision or 'main'}")
-        card_path = folder / CARD_FILE
-        if card_path.exists():
-            theirs = AdapterCard.load(card_path)
-            info = CardInfo(**{k: getattr(theirs, k) for k in CardInfo.__dataclass_fields__})
-            info.source = f"hub:{repo_id}@{revision or 'main'}"
-        return registry.register_adapter(name, folder, base, info)
+        # A card that came along keeps its task, metrics and lineage (the import merges it).
+        return registry.register_adapter(name, folder, base, CardInfo(source=f"hub:{repo_id}@{revision or 'main'}"))
