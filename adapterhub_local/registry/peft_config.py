@@ -28,6 +28,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and int(value) >= 1
+
+
 def _is_number(value: Any) -> bool:
     return (isinstance(value, int | float)) and not isinstance(value, bool)
 
@@ -67,7 +71,7 @@ def config_problems(config: dict[str, Any]) -> list[Problem]:
 def _prompt_problems(config: dict[str, Any]) -> list[Problem]:
     problems: list[Problem] = []
     n_virtual = config.get("num_virtual_tokens")
-    if not _is_int(n_virtual) or n_virtual < 1:
+    if not _positive_int(n_virtual):
         problems.append(Problem(f"num_virtual_tokens must be an integer >= 1, not {n_virtual!r}",
                                 fix="fix adapter_config.json"))
     for key in ("token_dim", "num_attention_heads", "num_layers"):
@@ -88,7 +92,7 @@ def _lora_problems(config: dict[str, Any]) -> list[Problem]:
     fix = "fix adapter_config.json (PEFT writes r as an integer and lora_alpha as a number)"
     problems: list[Problem] = []
     rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not _is_int(rank) or rank < 1:
+    if not _positive_int(rank):
         problems.append(Problem(f"r must be an integer >= 1, not {rank!r}", fix=fix))
     if not _positive_finite(alpha):
         problems.append(Problem(f"lora_alpha must be a finite number > 0, not {alpha!r}", fix=fix))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_local.errors import RemoteError
-from adapterhub_local.registry.cards import CARD_FILE, CardInfo
+from adapterhub_local.registry.cards import CARD_FILE, AdapterCard, CardInfo
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapterhub_local.registry.maintenance import export
 from adapterhub_local.registry.store import Registry

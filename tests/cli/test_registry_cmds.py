@@ -60,17 +60,23 @@ def test_verify_names_damaged_file_and_exits_nonzero(
     assert code == 3 and "qa@1: adapter_model.safetensors" in out and "1 problem" in err
 
 
+def _one_line_error(env: dict[str, str], args: list[str], needle: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "adapterhub_local", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
+    from adapterhub_local.registry import Registry
+
     env = {**os.environ, "ADAPTERHUB_HOME": str(tmp_path / "home"), "COLUMNS": "400"}
+    Registry.create(tmp_path / "home")
     for args, needle in [
         (["show", "../x"], "invalid adapter name '../x'"),
         (["show", "nothing"], "adapter 'nothing' is not registered"),
         (["base", "add", "b", str(tmp_path / "missing")], "was not found"),
         (["import", str(tmp_path), "--name", "/etc/x", "--base", "b"], "invalid adapter name '/etc/x'"),
     ]:
-        proc = subprocess.run([sys.executable, "-m", "adapterhub_local", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode != 0
-        assert needle in proc.stderr and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert (tmp_path / "home").is_dir()  # ADAPTERHUB_HOME chose the store
+        _one_line_error(env, args, needle)
