@@ -131,11 +131,10 @@ def untag(name: str, tag_name: str = typer.Argument(..., metavar="TAG")) -> None
 def delete(ref: str, yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
     """Delete one adapter version."""
     registry = get_registry()
-    card = registry.resolve(ref)
-    if not yes and not typer.confirm(f"delete {card.ref}?"):
+    name, version = registry.locate(ref)
+    if not yes and not typer.confirm(f"delete {name}@{version}?"):
         raise typer.Exit(1)
-    registry.delete(card.ref)
-    console.print(f"deleted {card.ref}")
+    console.print(f"deleted {registry.delete(f'{name}@{version}')}")
 
 
 @app.command("verify")

@@ -98,7 +98,7 @@ class AdapterCard(CardInfo):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise FormatError(f"{where}: unknown card fields {unknown}", "upgrade adapterhub_local or fix the card")
+            raise FormatError(f"{where}: unknown card fields {unknown}", f"upgrade adapterhub_local, or {_CARD_FIX}")
         problems = card_problems(data)
         if problems:
             raise FormatError(f"{where}: malformed card: {'; '.join(problems[:6])}", _CARD_FIX)

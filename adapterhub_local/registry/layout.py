@@ -69,6 +69,8 @@ class Layout:
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name`` (real directories with canonical numbers), ascending."""
         validate_name(name, "adapter name")
+        if not self.is_real_dir(self.adapters / name):  # a planted symlink is never listed through
+            return []
         return sorted(int(n) for n, mode in _entries(self.adapters / name)
                       if stat.S_ISDIR(mode) and is_version_text(n))
 
@@ -94,7 +96,9 @@ class Layout:
             for entry, mode in _entries(self.adapters / name):
                 if entry == TAGS_FILE and stat.S_ISREG(mode):
                     continue
-                if not (stat.S_ISDIR(mode) and is_version_text(entry)):
+                if stat.S_ISLNK(mode):
+                    out.append(f"adapters/{name}/{entry} is a symlink; it is never followed — remove it")
+                elif not (stat.S_ISDIR(mode) and is_version_text(entry)):
                     out.append(f"adapters/{name}/{entry} is not a version directory — remove it")
         return out
 

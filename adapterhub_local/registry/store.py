@@ -269,9 +269,15 @@ class Registry:
     # ------------------------------------------------------------ resolving
     def resolve(self, ref: str) -> AdapterCard:
         """Turn ``name``, ``name@N``, ``name:tag`` or ``sha256:<prefix>`` into a version's card."""
+        return self.card_of(*self.locate(ref))
+
+    def locate(self, ref: str) -> tuple[str, int]:
+        """The (name, version) a reference points at, without reading the version's card (so a version
+        whose card is damaged can still be named, e.g. to delete it)."""
         parsed = parse_reference(ref)
         if parsed.sha_prefix is not None:
-            return self._resolve_sha(parsed.sha_prefix)
+            card = self._resolve_sha(parsed.sha_prefix)
+            return card.name, card.version
         assert parsed.name is not None
         name = parsed.name
         versions = self.versions_on_disk(name)
@@ -293,7 +299,7 @@ class Registry:
             version = parsed.version
         else:
             version = versions[-1]
-        return self.card_of(name, version)
+        return name, version
 
     def _resolve_sha(self, prefix: str) -> AdapterCard:
         self.list_adapters()  # heal the index first: a version published by a killed writer counts too
@@ -436,24 +442,25 @@ class Registry:
         except OSError as exc:
             raise storage_error(exc, self.layout.tags_path(name), "write") from exc
 
-    def delete(self, ref: str) -> AdapterCard:
-        """Remove one version (and tags pointing at it). The directory vanishes in one rename — the
-        commit point; clean-up after it is best effort and never reports failure."""
+    def delete(self, ref: str) -> str:
+        """Remove one version (and tags pointing at it); returns its ``name@N``. Works on a version whose
+        card is damaged. The directory vanishes in one rename — the commit point; clean-up after it is
+        best effort and never reports failure."""
         with self.locked():
-            card = self.resolve(ref)
+            name, version = self.locate(ref)
             try:
-                self.layout.raise_highwater(card.name, card.version)  # its number stays used
+                self.layout.raise_highwater(name, version)  # its number stays used
             except OSError as exc:
-                raise storage_error(exc, self.layout.highwater_path(card.name), "write") from exc
-            self._trash(self.path_of(card))
+                raise storage_error(exc, self.layout.highwater_path(name), "write") from exc
+            self._trash(self.layout.version_dir(name, version))
             with contextlib.suppress(OSError, FormatError):
-                if self.versions_on_disk(card.name):
-                    tags = {t: v for t, v in self.tag_map(card.name).items() if v != card.version}
-                    self.layout.write_tags(card.name, tags)
+                if self.versions_on_disk(name):
+                    tags = {t: v for t, v in self.tag_map(name).items() if v != version}
+                    self.layout.write_tags(name, tags)
                 else:
-                    atomic.remove_tree(self.layout.adapters / card.name)
-        self._after_commit(lambda index: index.remove(card.name, card.version))
-        return card
+                    atomic.remove_tree(self.layout.adapters / name)
+        self._after_commit(lambda index: index.remove(name, version))
+        return f"{name}@{version}"
 
     def _trash(self, directory: Path) -> None:
         """Move ``directory`` out of sight in one rename (the commit), then remove it (best effort)."""
