@@ -78,16 +78,23 @@ def publish_directory(staged: Path, target: Path) -> None:
 
     If making the rename durable fails, the rename is undone before the error propagates: an error
     from here always means nothing was published."""
-    if not target.parent.is_dir():
-        target.parent.mkdir(parents=True)
-        fsync_path(target.parent.parent)
-    if target.exists() or target.is_symlink():
-        raise FileExistsError(target)
-    os.rename(staged, target)
+    created = not target.parent.is_dir()
     try:
-        fsync_path(target.parent)
+        if created:
+            target.parent.mkdir(parents=True)
+            fsync_path(target.parent.parent)
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(target)
+        os.rename(staged, target)
+        try:
+            fsync_path(target.parent)
+        except BaseException:
+            os.rename(target, staged)
+            raise
     except BaseException:
-        os.rename(target, staged)
+        if created:  # leave no empty name directory behind either
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()
         raise
 
 

@@ -310,6 +310,11 @@ class Registry:
                 card = self.card_of(name, version)
                 if card.weights_sha256.startswith(prefix):
                     cards.append(card)
+        if not cards:  # the index may be stale or tampered with: ask the cards themselves, then heal it
+            rows, tags = self.scan()
+            cards = [self.card_of(r.name, r.version) for r in rows if r.sha256.startswith(prefix)]
+            if cards:
+                self._after_commit(lambda index: index.replace_all(rows, tags))
         if not cards:
             raise NotFoundError(f"no adapter version has sha256 starting {prefix}", "see `adapterhub list` for hashes")
         if len(cards) > 1:
