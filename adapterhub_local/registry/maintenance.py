@@ -100,11 +100,11 @@ def _verify_version(registry: Registry, card: AdapterCard, bases: dict[str, Base
 
 
 def _name_problems(registry: Registry, name: str, versions: list[int]) -> list[str]:
+    # A tag left pointing at a deleted version (a delete killed after its commit) is not a problem:
+    # numbers are never reused, so it can never point at other bytes; resolving it says so and gc prunes it.
     problems = []
     try:
-        for tag, version in registry.tag_map(name).items():
-            if version not in versions:
-                problems.append(f"adapters/{name}/tags.json: tag {tag!r} points at missing version {version}")
+        registry.tag_map(name)
     except AdapterHubError as exc:
         problems.append(str(exc))
     try:
@@ -130,8 +130,8 @@ class GcReport:
 
 
 def collect_garbage(registry: Registry, min_age_s: float = STALE_STAGING_SECONDS) -> GcReport:
-    """Remove staging directories of dead writers (or older than ``min_age_s``) and empty name
-    directories, under the writer lock; heal the index."""
+    """Remove staging directories of dead writers (or older than ``min_age_s``), empty name directories
+    and tags left pointing at deleted versions, under the writer lock; heal the index."""
     report = GcReport()
     staging = registry.root / atomic.STAGING_DIR
     now = time.time()
@@ -152,10 +152,14 @@ def collect_garbage(registry: Registry, min_age_s: float = STALE_STAGING_SECONDS
             report.freed_bytes += size
             report.removed.append(str(item.relative_to(registry.root)))
         for name in registry.adapter_names():
-            if not registry.versions_on_disk(name):
+            versions = registry.versions_on_disk(name)
+            if not versions:
                 with contextlib.suppress(FileNotFoundError):
                     atomic.remove_tree(registry.layout.adapters / name)
                     report.removed.append(f"adapters/{name}")
+                continue
+            with contextlib.suppress(AdapterHubError):
+                report.removed.extend(f"tag {name}:{t}" for t in registry.prune_tags(name, versions))
     registry.list_adapters()  # reconciles the index with the directories
     return report
 

@@ -441,6 +441,16 @@ class Registry:
             self._write_tags(name, tags)
         self._after_commit(lambda index: index.set_tags(name, tags))
 
+    def prune_tags(self, name: str, versions: list[int]) -> list[str]:
+        """Drop tags of ``name`` pointing at versions not in ``versions`` (call under the lock); returns them."""
+        tags = self.tag_map(name)
+        dangling = sorted(t for t, v in tags.items() if v not in versions)
+        if dangling:
+            kept = {t: v for t, v in tags.items() if t not in dangling}
+            self._write_tags(name, kept)
+            self._after_commit(lambda index: index.set_tags(name, kept))
+        return dangling
+
     def _write_tags(self, name: str, tags: dict[str, int]) -> None:
         try:
             self.layout.write_tags(name, tags)

@@ -223,4 +223,4 @@ def test_a_delete_that_succeeded_never_reports_failure(
     assert result == "x@2"
     assert reg.versions_on_disk("x") == [1] and [r.ref for r in reg.list_adapters("x")] == ["x@1"]
     assert reg.resolve("x:prod").ref == "x@1"
-    assert verify(reg).ok or all("points at missing version 2" in p for p in verify(reg).problems)
+    assert verify(reg).ok
