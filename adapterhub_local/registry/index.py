@@ -78,7 +78,12 @@ class Index:
         self.path = None if path is None else Path(path)
         self._memory = sqlite3.connect(":memory:", check_same_thread=False) if path is None else None
         with self._connect() as conn:
-            conn.executescript(_SCHEMA)
+            try:
+                conn.executescript(_SCHEMA)
+            except sqlite3.OperationalError as exc:
+                if "column" in str(exc):  # a table of another shape: damage, not a read-only file
+                    raise sqlite3.DatabaseError(f"{self.path} has an unexpected schema ({exc})") from exc
+                raise
             if self._memory is None:
                 if conn.execute("PRAGMA quick_check").fetchone() != ("ok",):
                     raise sqlite3.DatabaseError(f"{self.path} failed its integrity check")

@@ -19,6 +19,7 @@ import pytest
 
 from adapterhub_local.errors import StorageError
 from adapterhub_local.registry import Registry
+from adapterhub_local.registry.index import Index
 from adapterhub_local.registry.maintenance import rebuild_index, verify
 from tests.registry.attack_kit import adapter_dir, assert_nothing_published, lora_tensors
 
@@ -59,10 +60,15 @@ def test_damaged_index_is_rebuilt_or_bypassed(reg: Registry, damage: str) -> Non
     for suffix in ("-wal", "-shm"):
         Path(f"{index}{suffix}").unlink(missing_ok=True)
     DAMAGE[damage](index)
+    if damage != "missing":
+        with pytest.raises(sqlite3.DatabaseError):  # the damage is real
+            Index(index)
     fresh = Registry.open(reg.root)
     assert [(r.ref, r.sha256) for r in fresh.list_adapters()] == expected
     assert fresh.resolve(f"sha256:{sha[:8]}").ref == "y@1"
     assert fresh.tags() == [("x", "prod", 1)]
+    if damage != "a directory":  # detected and rebuilt on disk, not just bypassed
+        assert [(r.ref, r.sha256) for r in Index(index).rows()] == expected
     assert rebuild_index(Registry.open(reg.root)) == 3  # also on the damaged file
     assert verify(fresh).ok
 
