@@ -13,6 +13,7 @@ removed, or the index rebuilt.
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from adapterhub_local.registry.names import is_version_text, validate_name, vali
 from adapterhub_local.registry.safefiles import read_regular
 
 TAGS_FILE = "tags.json"
+TEMP_FILE = re.compile(r"\.[A-Za-z0-9._-]+\.[0-9a-f]{32}\.tmp", re.ASCII)
+"""What :func:`atomic.write_text_atomic` leaves behind if its writer is killed (gc removes them)."""
 HIGHWATER_DIR = ".versions"
 _TAGS_FIX = "fix the file to map tag names to version numbers, or delete it and re-tag with `adapterhub tag`"
 
@@ -94,13 +97,19 @@ class Layout:
                     out.append(f"{directory.name}/{name} is not a valid {what} directory — remove it")
         for name in self.adapter_names():
             for entry, mode in _entries(self.adapters / name):
-                if entry == TAGS_FILE and stat.S_ISREG(mode):
+                if (entry == TAGS_FILE or TEMP_FILE.fullmatch(entry)) and stat.S_ISREG(mode):
                     continue
                 if stat.S_ISLNK(mode):
                     out.append(f"adapters/{name}/{entry} is a symlink; it is never followed — remove it")
                 elif not (stat.S_ISDIR(mode) and is_version_text(entry)):
                     out.append(f"adapters/{name}/{entry} is not a version directory — remove it")
         return out
+
+    def temp_files(self) -> list[Path]:
+        """Temporary files of killed writers (regular files only) beside tag files and high-water marks."""
+        directories = [self.adapters / n for n in self.adapter_names()] + [self.highwater_dir]
+        return [d / n for d in directories for n, mode in _entries(d)
+                if TEMP_FILE.fullmatch(n) and stat.S_ISREG(mode)]
 
     # ---------------------------------------------------------------- tags
     def tags_path(self, name: str) -> Path:

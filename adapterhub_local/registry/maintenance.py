@@ -151,6 +151,10 @@ def collect_garbage(registry: Registry, min_age_s: float = STALE_STAGING_SECONDS
                 raise storage_error(exc, item, "remove") from exc
             report.freed_bytes += size
             report.removed.append(str(item.relative_to(registry.root)))
+        for temp in registry.layout.temp_files():  # under the lock: no live writer owns one
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+                report.removed.append(str(temp.relative_to(registry.root)))
         for name in registry.adapter_names():
             versions = registry.versions_on_disk(name)
             if not versions:
