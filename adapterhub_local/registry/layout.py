@@ -86,6 +86,10 @@ class Layout:
         except FileNotFoundError:
             return False
 
+    def symlinks_in(self, directory: Path) -> list[Path]:
+        """Symlinks directly inside ``directory`` (the registry itself never writes one)."""
+        return [directory / n for n, mode in _entries(directory) if stat.S_ISLNK(mode)]
+
     def strays(self) -> list[str]:
         """Entries no registry command wrote (symlinks, odd names, stray files): one line each."""
         out: list[str] = []

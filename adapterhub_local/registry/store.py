@@ -210,6 +210,10 @@ class Registry:
             raise NotFoundError(
                 f"base {name!r} is not registered (known: {known})", "add it with `adapterhub base add`"
             )
+        linked = self.layout.symlinks_in(directory)
+        if linked:  # `base add` copies real files: a link was planted, and is never followed
+            raise FormatError(f"{linked[0]} is a symlink; registry files are never read through links",
+                              f"remove the base directory {directory} and register the base again")
         return BaseRecord.load(directory)
 
     def list_bases(self) -> list[BaseRecord]:

@@ -164,6 +164,19 @@ def test_symlinked_file_inside_a_version_is_refused(reg: Registry, tmp_path: Pat
         reg.load_adapter("x")
 
 
+@pytest.mark.parametrize("fname", ["model.safetensors", "config.json", "base.json"])
+def test_symlinked_file_inside_a_base_is_refused(reg: Registry, tmp_path: Path, fname: str) -> None:
+    directory = reg.root / "bases/tiny"
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes((directory / fname).read_bytes())
+    os.chmod(directory, 0o755)
+    (directory / fname).unlink()
+    os.symlink(outside, directory / fname)
+    with pytest.raises(FormatError, match=f"bases/tiny/{fname} is a symlink"):
+        reg.load_adapter("x", base="tiny")
+    assert any("is a symlink" in p for p in verify(reg).problems)
+
+
 def test_gc_unlinks_a_planted_staging_symlink_without_following_it(reg: Registry, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()
