@@ -106,7 +106,7 @@ def _size(n: int) -> str:
 def show(ref: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show a version's card."""
     card = get_registry().resolve(ref)
-    data = dataclasses.asdict(card)
+    data = {**dataclasses.asdict(card), "content_hash": card.content_hash}
     if as_json:
         print_json(data)
         return

@@ -34,7 +34,7 @@ def test_full_registry_tour(capsys: pytest.CaptureFixture[str], tiny_llama_dir: 
     listing = {row["ref"]: row for row in json.loads(out)}
     assert set(listing) == {"qa@1", "soft@1"} and listing["qa@1"]["tags"] == ["prod"]
     code, out, _ = run(capsys, "-R", reg, "show", "qa:prod", "--json")
-    assert json.loads(out)["rank"] == 4
+    assert json.loads(out)["rank"] == 4 and len(json.loads(out)["content_hash"]) == 64
     assert run(capsys, "-R", reg, "verify")[0] == 0
     assert run(capsys, "-R", reg, "export", "qa", str(tmp_path / "out"))[0] == 0
     assert (tmp_path / "out/adapter_model.safetensors").exists()
