@@ -39,7 +39,7 @@ from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BASE_FILE, BaseRecord, describe, materialize, source_kind
 from adapterhub_local.registry.cards import CARD_FILE, AdapterCard, CardInfo
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tensors, read_json
-from adapterhub_local.registry.index import Index, IndexRow, open_index
+from adapterhub_local.registry.index import Index, IndexRow, discard, open_index
 from adapterhub_local.registry.layout import Layout
 from adapterhub_local.registry.names import parse_reference, validate_name, validate_tag
 from adapterhub_local.registry.safefiles import sha256_regular, storage_error
@@ -165,13 +165,10 @@ class Registry:
             rows, tags = self.scan()
             try:
                 self.index.replace_all(rows, tags)
-            except sqlite3.Error:
+            except sqlite3.Error:  # the file is damaged beyond the open-time check: start a new one
                 with contextlib.suppress(OSError):
-                    from adapterhub_local.registry.index import discard
-
                     discard(self.root / "index.db")
-                self._index = None
-                self.index  # noqa: B018 — reopen: populates a fresh file (or memory) from the directories
+                self._index = open_index(self.root / "index.db", self._populate)
         return len(rows)
 
     # ---------------------------------------------------------------- bases
