@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from adapterhub_local.errors import (
+    AdapterHubError,
     AlreadyExistsError,
     FingerprintMismatchError,
     FormatError,
@@ -142,8 +143,9 @@ class Registry:
             return query(self._index)
 
     def _after_commit(self, update: Callable[[Index], None]) -> None:
-        """Index update after a commit: never fails the command (the index heals from the directories)."""
-        with contextlib.suppress(sqlite3.Error, OSError):
+        """Index update after a commit, still under the lock (so it is ordered with other writers): never
+        fails the command — the commit stands, and the index heals from the directories."""
+        with contextlib.suppress(sqlite3.Error, OSError, AdapterHubError):
             update(self.index)
 
     def scan(self) -> tuple[list[IndexRow], dict[str, dict[str, int]]]:
@@ -244,9 +246,9 @@ class Registry:
                 atomic.write_text_atomic(staged / CARD_FILE, card.to_json())
                 atomic.seal_directory(staged)
                 atomic.publish_directory(staged, self.layout.version_dir(card.name, card.version))
+                self._after_commit(lambda index: index.upsert(self.index_row(card)))
         except OSError as exc:
             raise storage_error(exc, self.layout.version_dir(card.name, card.version), "publish") from exc
-        self._after_commit(lambda index: index.upsert(self.index_row(card)))
         return card
 
     def index_row(self, card: AdapterCard) -> IndexRow:
@@ -428,7 +430,7 @@ class Registry:
             tags = self.tag_map(card.name)
             tags[tag] = card.version
             self._write_tags(card.name, tags)
-        self._after_commit(lambda index: index.set_tags(card.name, tags))
+            self._after_commit(lambda index: index.set_tags(card.name, tags))
         return card
 
     def untag(self, name: str, tag: str) -> None:
@@ -440,7 +442,7 @@ class Registry:
                 raise NotFoundError(f"adapter {name!r} has no tag {tag!r}", "see `adapterhub list --tags`")
             del tags[tag]
             self._write_tags(name, tags)
-        self._after_commit(lambda index: index.set_tags(name, tags))
+            self._after_commit(lambda index: index.set_tags(name, tags))
 
     def prune_tags(self, name: str, versions: list[int]) -> list[str]:
         """Drop tags of ``name`` pointing at versions not in ``versions`` (call under the lock); returns them."""
@@ -475,7 +477,7 @@ class Registry:
                     self.layout.write_tags(name, tags)
                 else:
                     atomic.remove_tree(self.layout.adapters / name)
-        self._after_commit(lambda index: index.remove(name, version))
+            self._after_commit(lambda index: index.remove(name, version))
         return f"{name}@{version}"
 
     def _trash(self, directory: Path) -> None:
