@@ -230,3 +230,31 @@ def test_a_delete_that_succeeded_never_reports_failure(
     assert reg.versions_on_disk("x") == [1] and [r.ref for r in reg.list_adapters("x")] == ["x@1"]
     assert reg.resolve("x:prod").ref == "x@1"
     assert verify(reg).ok
+
+
+POST_COMMIT = {
+    "version deleted right after publish": ("index_row", NotImplemented),
+    "index locked": ("upsert", sqlite3.OperationalError("database is locked")),
+    "index corrupt": ("upsert", sqlite3.DatabaseError("database disk image is malformed")),
+    "disk full in the index": ("upsert", OSError(errno.ENOSPC, "No space left on device")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POST_COMMIT))
+def test_an_import_that_published_never_reports_failure(
+    reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """After the rename nothing may fail the import: the index is a cache and heals itself."""
+    from adapterhub_local.errors import NotFoundError
+    from adapterhub_local.registry.index import Index as IndexClass
+
+    where, error = POST_COMMIT[case]
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise NotFoundError("adapter version vanished") if error is NotImplemented else error
+
+    monkeypatch.setattr(Registry if where == "index_row" else IndexClass, where, boom)
+    card = reg.register_adapter("late", adapter_dir(tmp_path / "late", tensors=lora_tensors(seed=7)), "tiny")
+    monkeypatch.undo()
+    assert card.ref == "late@1" and [r.ref for r in reg.list_adapters("late")] == ["late@1"]
+    assert verify(reg).ok
