@@ -42,6 +42,10 @@ class IntegrityError(AdapterHubError):
     exit_code = 3
 
 
+class StorageError(AdapterHubError):
+    """The file system refused a write (disk full, read-only, permissions); nothing was half-published."""
+
+
 class FormatError(AdapterHubError):
     """A file that is not what it claims (bad safetensors header, bad JSON, pickle where safetensors is needed)."""
 

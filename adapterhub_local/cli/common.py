@@ -124,9 +124,11 @@ def hoist_global_options(argv: list[str], group: Any) -> list[str]:
     return front + rest
 
 
-def get_registry() -> Registry:
-    """The registry chosen by ``--registry`` / ``$ADAPTERHUB_HOME`` / ``./registry``."""
-    return Registry(_state["registry"])
+def get_registry(create: bool = False) -> Registry:
+    """The registry chosen by ``--registry`` / ``$ADAPTERHUB_HOME`` / ``./registry``. Only commands that
+    add to it (base add, import, pull, train, sweep) pass ``create=True``; every other command refuses a
+    path that holds no registry instead of creating an empty one."""
+    return Registry(_state["registry"], create=create)
 
 
 def print_json(data: Any) -> None:

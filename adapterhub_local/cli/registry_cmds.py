@@ -31,7 +31,7 @@ def base_add(
     """Register a base model (GGUF is dequantized once to safetensors) and fingerprint it."""
     if assets.is_asset(source):
         source = str(assets.resolve(source))
-    record = get_registry().add_base(name, source, revision)
+    record = get_registry(create=True).add_base(name, source, revision)
     console.print(f"registered base [bold]{record.name}[/] ({record.architecture}, {record.source_kind}) "
                   f"fingerprint {record.short}")
 
@@ -106,7 +106,7 @@ def _size(n: int) -> str:
 def show(ref: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show a version's card."""
     card = get_registry().resolve(ref)
-    data = dataclasses.asdict(card)
+    data = {**dataclasses.asdict(card), "content_hash": card.content_hash}
     if as_json:
         print_json(data)
         return
@@ -131,11 +131,10 @@ def untag(name: str, tag_name: str = typer.Argument(..., metavar="TAG")) -> None
 def delete(ref: str, yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
     """Delete one adapter version."""
     registry = get_registry()
-    card = registry.resolve(ref)
-    if not yes and not typer.confirm(f"delete {card.ref}?"):
+    name, version = registry.locate(ref)
+    if not yes and not typer.confirm(f"delete {name}@{version}?"):
         raise typer.Exit(1)
-    registry.delete(card.ref)
-    console.print(f"deleted {card.ref}")
+    console.print(f"deleted {registry.delete(f'{name}@{version}')}")
 
 
 @app.command("verify")
@@ -172,7 +171,8 @@ def import_adapter(
     task: str | None = typer.Option(None, help="Task name to record."),
 ) -> None:
     """Import a PEFT adapter directory as a new version (shapes checked against the base)."""
-    card = get_registry().register_adapter(name, directory, base, CardInfo(task=task, source=str(directory)))
+    card = get_registry(create=True).register_adapter(name, directory, base,
+                                                      CardInfo(task=task, source=str(directory)))
     console.print(f"imported {card.ref} ({card.kind}, rank {card.rank}) on base {card.base}")
 
 
@@ -202,5 +202,5 @@ def pull(
     revision: str | None = typer.Option(None, help="Repo revision."),
 ) -> None:
     """Download an adapter repo and register it."""
-    card = remote.pull(get_registry(), repo_id, name, base, revision)
+    card = remote.pull(get_registry(create=True), repo_id, name, base, revision)
     console.print(f"pulled {repo_id} as {card.ref}")

@@ -86,7 +86,7 @@ def sweep_cmd(
         seeds=[int(s) for s in seeds.split(",") if s.strip()] if seeds else None, tolerance=tolerance,
         sweep_id=sweep_id, knee_metric=knee_metric,
     )
-    summary = run_sweep(get_registry(), loaded, config, progress=progress,
+    summary = run_sweep(get_registry(create=True), loaded, config, progress=progress,
                         log=lambda line: console.print(line, markup=False, highlight=False))
     if as_json:
         print_json(summary)

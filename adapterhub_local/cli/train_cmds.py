@@ -99,7 +99,7 @@ def train(
         tty = is_tty(sys.stderr)
         log_progress = _LogProgress(planned_steps(parsed, data)) if not (no_progress or tty) else None
         try:
-            result = runner.run(parsed, data, get_registry(), resume=resume, run_dir=run_dir,
+            result = runner.run(parsed, data, get_registry(create=True), resume=resume, run_dir=run_dir,
                                 progress=not no_progress and tty, on_step=log_progress)
         except KeyboardInterrupt:
             again = shlex.join(["adapterhub", "train", str(recipe), *all_overrides, "--resume"])

@@ -38,11 +38,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so readers see the old or the new content, never a mix."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(text.encode("utf-8"))
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_path(path.parent)
 
 
@@ -65,22 +74,47 @@ def seal_directory(directory: Path) -> None:
 
 
 def publish_directory(staged: Path, target: Path) -> None:
-    """Move a sealed staging directory into place with one ``rename``; refuse to replace anything."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        raise FileExistsError(target)
-    os.rename(staged, target)
-    fsync_path(target.parent)
+    """Move a sealed staging directory into place with one ``rename``; refuse to replace anything.
+
+    If making the rename durable fails, the rename is undone before the error propagates: an error
+    from here always means nothing was published."""
+    created = not target.parent.is_dir()
+    try:
+        if created:
+            target.parent.mkdir(parents=True)
+            fsync_path(target.parent.parent)
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(target)
+        os.rename(staged, target)
+        try:
+            fsync_path(target.parent)
+        except BaseException:
+            os.rename(target, staged)
+            raise
+    except BaseException:
+        if created:  # leave no empty name directory behind either
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()
+        raise
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a directory tree, making read-only files writable first."""
+    """Delete a directory tree, making read-only files writable first. Symlinks inside are removed,
+    never followed (nothing outside the tree is touched); a symlink at ``path`` itself is unlinked."""
     path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
-    for item in path.rglob("*"):
-        with contextlib.suppress(OSError):
-            item.chmod(0o755 if item.is_dir() else 0o644)
+    with contextlib.suppress(OSError):
+        path.chmod(0o755)
+    for top, dirs, files in os.walk(path, followlinks=False):
+        for item in [*dirs, *files]:
+            full = os.path.join(top, item)
+            with contextlib.suppress(OSError):
+                if not os.path.islink(full):
+                    os.chmod(full, 0o755 if os.path.isdir(full) else 0o644)
     shutil.rmtree(path)
 
 

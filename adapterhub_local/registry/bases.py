@@ -6,8 +6,10 @@ tokenizer and ``base.json`` (source, architecture, fingerprint).
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,25 @@ from adapterhub_local.registry.fingerprint import fingerprint, weight_files
 from adapterhub_local.registry.formats import read_json, refuse_pickle_dir
 
 BASE_FILE = "base.json"
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+def _opt_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+_BASE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "source_kind": (lambda v: v in ("local", "gguf", "hub"), "local, gguf or hub"),
+    "revision": (_opt_str, "a string or null"),
+    "architecture": (lambda v: isinstance(v, str), "a string"),
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "hidden_size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                    "a positive integer or null"),
+    "fingerprint": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None, "64 hex digits"),
+    "created": (lambda v: isinstance(v, str), "a string"),
+}
 # Files copied from a model directory besides *.safetensors (weights are listed separately).
 _MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -47,11 +68,19 @@ class BaseRecord:
 
     @classmethod
     def load(cls, directory: Path) -> BaseRecord:
-        data = read_json(directory / BASE_FILE, "base record")
-        try:
-            return cls(path=Path(directory), **data)
-        except TypeError as exc:
-            raise FormatError(f"{directory / BASE_FILE} is malformed ({exc})", "re-register the base") from exc
+        """Read ``base.json`` as untrusted input: exact fields, right types, the name of its directory."""
+        path = Path(directory) / BASE_FILE
+        fix = f"restore {path} or remove the base directory and register the base again with `adapterhub base add`"
+        data = read_json(path, "base record", fix)
+        expected = {f.name for f in fields(cls)} - {"path"}
+        if set(data) != expected:
+            raise FormatError(f"{path} is malformed (fields {sorted(set(data) ^ expected)} missing or unknown)", fix)
+        problems = [f"{key} must be {rule}" for key, (check, rule) in _BASE_CHECKS.items() if not check(data[key])]
+        if data["name"] != Path(directory).name:
+            problems.append(f"name {data['name']!r} is not the directory's name {Path(directory).name!r}")
+        if problems:
+            raise FormatError(f"{path} is malformed: {'; '.join(problems)}", fix)
+        return cls(path=Path(directory), **data)
 
     @property
     def short(self) -> str:

@@ -1,14 +1,17 @@
 """The SQLite index (WAL mode): a fast, queryable view of what the directories hold.
 
 It is never the source of truth — ``rebuild`` recreates it from the version directories, tag files and
-base records — so a lost or damaged ``index.db`` costs nothing but a rebuild.
+base records — so a lost or damaged ``index.db`` costs nothing but a rebuild. :func:`open_index` does
+that by itself: a corrupt file is discarded and rebuilt, and where the file cannot be written (a
+read-only registry) an in-memory index is built from the directories instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,16 +65,43 @@ class IndexRow:
         return f"{self.name}@{self.version}"
 
 
-class Index:
-    """Thin wrapper over the SQLite file; every method opens a short transaction."""
+_COLUMNS = ["name", "version", "kind", "rank", "alpha", "task", "base", "base_fingerprint", "sha256", "created",
+            "size_bytes", "metrics"]
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+
+class Index:
+    """Thin wrapper over the SQLite file (or, with ``path=None``, an in-memory database); every method
+    opens a short transaction. Opening checks the file's integrity and schema (``sqlite3.DatabaseError``
+    if either is wrong)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._memory = sqlite3.connect(":memory:", check_same_thread=False) if path is None else None
         with self._connect() as conn:
-            conn.executescript(_SCHEMA)
+            try:
+                conn.executescript(_SCHEMA)
+            except sqlite3.OperationalError as exc:
+                if "column" in str(exc):  # a table of another shape: damage, not a read-only file
+                    raise sqlite3.DatabaseError(f"{self.path} has an unexpected schema ({exc})") from exc
+                raise
+            if self._memory is None:
+                if conn.execute("PRAGMA quick_check").fetchone() != ("ok",):
+                    raise sqlite3.DatabaseError(f"{self.path} failed its integrity check")
+                columns = [row[1] for row in conn.execute("PRAGMA table_info(adapters)")]
+                if columns != _COLUMNS:
+                    raise sqlite3.DatabaseError(f"{self.path} has an unexpected schema {columns}")
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        if self._memory is not None:
+            with self._memory:
+                yield self._memory
+            return
+        assert self.path is not None
         conn = sqlite3.connect(self.path, timeout=60.0)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -136,3 +166,28 @@ def _row(values: tuple[Any, ...]) -> IndexRow:
         name=name, version=int(version), kind=kind, rank=rank, alpha=alpha, task=task, base=base,
         base_fingerprint=fp, sha256=sha, created=created, size_bytes=int(size), metrics=json.loads(metrics),
     )
+
+
+def open_index(path: Path, populate: Callable[[Index], None]) -> Index:
+    """The index at ``path``; if it is corrupt it is discarded and rebuilt with ``populate``; if it
+    cannot be opened for writing (read-only registry) an in-memory index is populated instead."""
+    path = Path(path)
+    try:
+        return Index(path)
+    except sqlite3.OperationalError:
+        index = Index(None)  # cannot open or write the file: leave it alone
+    except sqlite3.DatabaseError:
+        try:
+            discard(path)
+            index = Index(path)
+        except (OSError, sqlite3.Error):
+            index = Index(None)
+    populate(index)
+    return index
+
+
+def discard(path: Path) -> None:
+    """Remove an index file and its WAL companions."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()

@@ -1,31 +1,33 @@
-"""Understanding a PEFT adapter directory: its kind, rank, alpha and targets from
-``adapter_config.json``, and a check of every tensor's shape against a base model's tensor shapes.
+"""Understanding a PEFT adapter: its kind, rank, alpha and targets from ``adapter_config.json``, the
+consistency of its tensors with that config, and the fit of every tensor to a base model's shapes.
 
 PEFT names LoRA tensors ``base_model.model.<module path>.lora_A.weight`` (shape ``[r, in]``) and
 ``...lora_B.weight`` (shape ``[out, r]``); ``modules_to_save`` copies (e.g. a classifier head) as
 ``base_model.model.<module path>.<param>``; a prompt-tuning adapter holds ``prompt_embeddings`` of shape
 ``[num_virtual_tokens * num_transformer_submodules, token_dim]``.
+
+Checks collect every :class:`Problem` rather than stopping at the first, so one error (or one ``verify``
+report) lists all of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from adapterhub_local.errors import FormatError, ShapeMismatchError, UnsupportedError
-from adapterhub_local.registry.formats import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    TensorInfo,
-    read_json,
-    read_safetensors_header,
-    refuse_pickle_dir,
+from adapterhub_local.errors import AdapterHubError, FormatError, ShapeMismatchError, UnsupportedError
+from adapterhub_local.registry.peft_config import (
+    HEAD_MODULES,
+    SUPPORTED_TYPES,
+    Problem,
+    config_problems,
+    pattern_value,
 )
+from adapterhub_local.registry.safetensors_check import TensorInfo
 
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-SUPPORTED_TYPES = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
+_RESAVE = "re-save the adapter with PEFT's save_pretrained"
 
 
 @dataclass
@@ -45,97 +47,126 @@ class AdapterSummary:
     task_type: str | None = None
 
 
-def summarize_adapter_dir(directory: Path) -> AdapterSummary:
-    """Read and check a PEFT adapter directory; raise :class:`FormatError` on anything malformed."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FormatError(f"{directory} is not a directory", "give the path of a PEFT adapter directory")
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.exists():
-        refuse_pickle_dir(directory)
-        raise FormatError(
-            f"{directory} has no {ADAPTER_WEIGHTS}",
-            "a PEFT adapter directory holds adapter_model.safetensors and adapter_config.json",
-        )
-    config = read_json(directory / ADAPTER_CONFIG, "adapter config")
-    tensors = read_safetensors_header(weights)
-    return summarize(config, tensors, str(directory))
-
-
-def summarize(config: dict[str, Any], tensors: dict[str, TensorInfo], where: str) -> AdapterSummary:
-    """Summarize a PEFT config plus tensor header; ``where`` names the source in errors."""
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in SUPPORTED_TYPES:
-        raise UnsupportedError(
-            f"{where}: adapter type {config.get('peft_type')!r} is not supported",
-            "use a LoRA (peft_type LORA) or prompt-tuning (PROMPT_TUNING) adapter",
-        )
-    kind = SUPPORTED_TYPES[peft_type]
+def inspect(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> tuple[AdapterSummary | None, list[Problem]]:
+    """Summarize a PEFT config plus tensor header and list every problem (summary is None when the
+    adapter type itself is unknown or the config is unusable)."""
+    problems = config_problems(config)
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() not in SUPPORTED_TYPES:
+        return None, problems
+    if any(p.kind == "format" for p in problems):
+        return None, problems
     task_type = config.get("task_type")
-    if kind == "prompt":
-        return _summarize_prompt(config, tensors, where, task_type)
-    return _summarize_lora(config, tensors, where, task_type)
+    if SUPPORTED_TYPES[peft_type.upper()] == "prompt":
+        summary, more = _inspect_prompt(config, tensors, task_type)
+    else:
+        summary, more = _inspect_lora(config, tensors, task_type)
+    return summary, problems + more
 
 
-def _summarize_prompt(
-    config: dict[str, Any], tensors: dict[str, TensorInfo], where: str, task_type: str | None
-) -> AdapterSummary:
-    if "prompt_embeddings" not in tensors:
-        raise FormatError(f"{where}: prompt-tuning adapter without 'prompt_embeddings'", "re-save it with PEFT")
-    shape = tensors["prompt_embeddings"].shape
-    n_virtual = int(config.get("num_virtual_tokens") or 0)
+def _inspect_prompt(
+    config: dict[str, Any], tensors: dict[str, TensorInfo], task_type: str | None
+) -> tuple[AdapterSummary | None, list[Problem]]:
+    info = tensors.get("prompt_embeddings")
+    if info is None:
+        return None, [Problem("prompt-tuning adapter without a 'prompt_embeddings' tensor", fix=_RESAVE)]
+    problems: list[Problem] = []
+    shape = info.shape
+    n_virtual = int(config["num_virtual_tokens"])
     submodules = int(config.get("num_transformer_submodules") or 1)
-    if len(shape) != 2 or n_virtual <= 0 or shape[0] != n_virtual * submodules:
-        raise FormatError(
-            f"{where}: prompt_embeddings shape {list(shape)} disagrees with num_virtual_tokens={n_virtual} "
-            f"× num_transformer_submodules={submodules}",
-            "re-save the adapter with PEFT so config and tensor agree",
-        )
-    return AdapterSummary(
-        kind="prompt", config=config, tensors=tensors, num_virtual_tokens=n_virtual,
-        token_dim=shape[1], task_type=task_type,
-    )
+    if len(shape) != 2 or shape[0] != n_virtual * submodules or shape[1] < 1:
+        problems.append(Problem(f"prompt_embeddings shape {list(shape)} disagrees with num_virtual_tokens="
+                                f"{n_virtual} × num_transformer_submodules={submodules}", fix=_RESAVE))
+    token_dim = config.get("token_dim")
+    if token_dim is not None and len(shape) == 2 and shape[1] != token_dim:
+        problems.append(Problem(f"prompt_embeddings width {shape[1]} != token_dim {token_dim}", fix=_RESAVE))
+    rest = {k: v for k, v in tensors.items() if k != "prompt_embeddings"}
+    saved, head_problems = _saved_modules(rest, config)
+    summary = AdapterSummary(kind="prompt", config=config, tensors=tensors, num_virtual_tokens=n_virtual,
+                             token_dim=shape[-1] if shape else None, task_type=task_type, saved_modules=saved)
+    return summary, problems + head_problems
 
 
-def _summarize_lora(
-    config: dict[str, Any], tensors: dict[str, TensorInfo], where: str, task_type: str | None
-) -> AdapterSummary:
-    rank = config.get("r")
-    alpha = config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
-        raise FormatError(f"{where}: LoRA config needs integer r >= 1 and numeric lora_alpha", "fix the config")
+def _inspect_lora(
+    config: dict[str, Any], tensors: dict[str, TensorInfo], task_type: str | None
+) -> tuple[AdapterSummary | None, list[Problem]]:
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    problems: list[Problem] = []
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    saved: list[str] = []
+    rest: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if not name.startswith(PEFT_PREFIX):
-            raise FormatError(f"{where}: tensor {name!r} lacks PEFT's '{PEFT_PREFIX}' prefix", "re-save with PEFT")
+            problems.append(Problem(f"tensor {name!r} lacks PEFT's '{PEFT_PREFIX}' prefix", fix=_RESAVE))
+            continue
         for suffix in LORA_SUFFIXES:
             if name.endswith(suffix):
-                path = name[len(PEFT_PREFIX) : -len(suffix)]
-                modules.setdefault(path, {})[suffix[1:7]] = info.shape
+                modules.setdefault(name[len(PEFT_PREFIX) : -len(suffix)], {})[suffix[1:7]] = info.shape
                 break
         else:
             if ".lora_" in name:
-                raise UnsupportedError(f"{where}: unsupported LoRA tensor {name!r}", "only LoRA on linear layers")
-            saved.append(name)
+                what = "DoRA magnitude" if "lora_magnitude" in name else "LoRA on a non-linear layer"
+                problems.append(Problem(f"tensor {name!r} ({what}) cannot be served by the engine", "unsupported",
+                                        "retrain with plain LoRA on linear layers"))
+            else:
+                rest[name] = info
     lora_modules: dict[str, tuple[int, int, int]] = {}
+    rank_pattern = config.get("rank_pattern") or {}
     for path, pair in sorted(modules.items()):
         a, b = pair.get("lora_A"), pair.get("lora_B")
         if a is None or b is None or len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise FormatError(
-                f"{where}: module {path!r} has mismatched LoRA tensors (A {a}, B {b})",
-                "each module needs lora_A [r, in] and lora_B [out, r] with the same r",
-            )
+            problems.append(Problem(f"module {path!r} has mismatched LoRA tensors (A {a}, B {b})",
+                                    fix="each module needs lora_A [r, in] and lora_B [out, r] with the same r"))
+            continue
+        expected = pattern_value(rank_pattern, path, rank)
+        if a[0] != expected:
+            problems.append(Problem(f"module {path!r} has rank {a[0]} but the config says r={expected}",
+                                    fix="fix r (or rank_pattern) in adapter_config.json to match the tensors"))
         lora_modules[path] = (a[0], a[1], b[0])
-    if not lora_modules:
-        raise FormatError(f"{where}: LoRA adapter holds no lora_A/lora_B tensors", "re-save the adapter with PEFT")
+    if not modules and not problems:
+        problems.append(Problem("LoRA adapter holds no lora_A/lora_B tensors", fix=_RESAVE))
     targets = config.get("target_modules") or []
     target_list = [targets] if isinstance(targets, str) else [str(t) for t in targets]
-    return AdapterSummary(
-        kind="lora", config=config, tensors=tensors, rank=rank, alpha=float(alpha),
-        target_modules=sorted(target_list), lora_modules=lora_modules, saved_modules=sorted(saved),
-        task_type=task_type,
+    if not isinstance(targets, str) and target_list and "all-linear" not in target_list:
+        for path in lora_modules:
+            if not any(path == t or path.endswith("." + t) for t in target_list):
+                problems.append(Problem(f"module {path!r} has LoRA tensors but is not in target_modules "
+                                        f"{target_list}", fix="fix target_modules in adapter_config.json"))
+    saved, head_problems = _saved_modules(rest, config)
+    summary = AdapterSummary(
+        kind="lora", config=config, tensors=tensors, rank=rank, alpha=alpha, target_modules=sorted(target_list),
+        lora_modules=lora_modules, saved_modules=saved, task_type=task_type,
     )
+    return summary, problems + head_problems
+
+
+def _saved_modules(rest: dict[str, TensorInfo], config: dict[str, Any]) -> tuple[list[str], list[Problem]]:
+    """``modules_to_save`` tensors: the engine runs exactly one linear head (classifier/score)."""
+    if not rest:
+        return [], []
+    grouped: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in rest.items():
+        module, _, param = name[len(PEFT_PREFIX):].rpartition(".") if name.startswith(PEFT_PREFIX) else ("", "", name)
+        grouped.setdefault(module, {})[param] = info
+    problems: list[Problem] = []
+    declared = set(config.get("modules_to_save") or [])
+    for module, params in sorted(grouped.items()):
+        last = module.rpartition(".")[2]
+        if last not in HEAD_MODULES:
+            problems.append(Problem(f"tensors {sorted(params)} of module {module!r} are neither LoRA weights nor a "
+                                    "classification head", "unsupported",
+                                    "only LoRA pairs and one linear head (classifier or score) can be served"))
+        elif last not in declared:
+            problems.append(Problem(f"head {module!r} is saved but not listed in modules_to_save",
+                                    fix="add it to modules_to_save in adapter_config.json"))
+        elif set(params) - {"weight", "bias"} or "weight" not in params or len(params["weight"].shape) != 2:
+            problems.append(Problem(f"head {module!r} is not a single linear layer ({sorted(params)})", "unsupported",
+                                    "train the head as one nn.Linear"))
+        elif "bias" in params and params["bias"].shape != params["weight"].shape[:1]:
+            problems.append(Problem(f"head {module!r}: bias {list(params['bias'].shape)} does not match weight "
+                                    f"{list(params['weight'].shape)}", fix=_RESAVE))
+    if len([m for m in grouped if m.rpartition(".")[2] in HEAD_MODULES]) > 1:
+        problems.append(Problem(f"several heads saved ({sorted(grouped)})", "unsupported", "keep one head"))
+    return sorted(rest), problems
 
 
 def find_base_weight(module_path: str, base_shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -155,10 +186,9 @@ def find_base_weight(module_path: str, base_shapes: dict[str, tuple[int, ...]]) 
     return matches[0] if len(matches) == 1 else None
 
 
-def check_against_base(
-    summary: AdapterSummary, base_shapes: dict[str, tuple[int, ...]], hidden_size: int | None, base_name: str
-) -> None:
-    """Raise :class:`ShapeMismatchError` listing every tensor that does not fit the base."""
+def fit_problems(summary: AdapterSummary, base_shapes: dict[str, tuple[int, ...]],
+                 hidden_size: int | None) -> list[Problem]:
+    """Every tensor (and target module) of the adapter that does not fit the base's shapes."""
     problems: list[str] = []
     if summary.kind == "prompt":
         if hidden_size is not None and summary.token_dim != hidden_size:
@@ -176,9 +206,28 @@ def check_against_base(
                 problems.append(
                     f"module {path!r}: adapter wants a {expected[0]}×{expected[1]} weight, base has {list(shape)}"
                 )
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise ShapeMismatchError(
-            f"adapter does not fit base {base_name!r}: {shown}",
-            "import it against the base it was trained on (see `adapterhub base list`)",
-        )
+        module_paths = {name[: -len(".weight")] for name in base_shapes if name.endswith(".weight")}
+        for target in summary.target_modules:
+            if target == "all-linear" or isinstance(summary.config.get("target_modules"), str):
+                continue
+            if not any(m == target or m.endswith("." + target) for m in module_paths):
+                problems.append(f"target module {target!r} does not exist in the base")
+    for name in summary.saved_modules:
+        shape = summary.tensors[name].shape
+        if name.endswith(".weight") and hidden_size is not None and len(shape) == 2 and shape[1] != hidden_size:
+            problems.append(f"head weight {name!r} {list(shape)} does not take the base's hidden size {hidden_size}")
+    return [Problem(p, "shape", "import it against the base it was trained on (see `adapterhub base list`)")
+            for p in problems]
+
+
+def raise_problems(problems: list[Problem], where: str) -> None:
+    """Raise one error listing every problem; its class follows the gravest kind (unsupported > shape >
+    format), its fix lists each distinct fix once."""
+    if not problems:
+        return
+    kinds: dict[str, type[AdapterHubError]] = {
+        "unsupported": UnsupportedError, "shape": ShapeMismatchError, "format": FormatError}
+    cls = next(kinds[k] for k in ("unsupported", "shape", "format") if any(p.kind == k for p in problems))
+    fixes = list(dict.fromkeys(p.fix for p in problems if p.fix))
+    shown = "; ".join(p.text for p in problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
+    raise cls(f"{where}: {shown}", "; ".join(fixes) or None)

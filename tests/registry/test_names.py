@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from adapterhub_local.errors import InvalidNameError, InvalidReferenceError
-from adapterhub_local.registry.names import parse_reference, validate_name
+from adapterhub_local.registry.names import parse_reference, validate_name, validate_tag
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/x", "a/../../b", "..", ".hidden", "a/b", "", "x" * 101, "a b", "a\\b",
@@ -40,3 +42,35 @@ def test_accepted_names_are_safe_path_components(text: str) -> None:
         return
     assert "/" not in name and "\\" not in name and ".." not in name and not name.startswith(".")
     assert str(parse_reference(name)) == name
+
+
+@pytest.mark.parametrize("bad", ["x\n", "x ", " x", "x\t", "x\r\n", "\nx", "x\x7f", "x\u200b", "x\u00e9", "ｘ",
+                                 "x\x1b[31m"])
+def test_names_are_validated_on_the_whole_string(bad: str) -> None:
+    with pytest.raises(InvalidNameError, match="invalid"):
+        validate_name(bad)
+    with pytest.raises(InvalidNameError):
+        validate_tag("t" + bad)
+
+
+@pytest.mark.parametrize("reserved", ["sha256", "SHA256", "Sha256"])
+def test_names_colliding_with_reference_syntax_are_refused(reserved: str) -> None:
+    with pytest.raises(InvalidNameError, match="reference syntax"):
+        validate_name(reserved)
+
+
+@pytest.mark.parametrize("bad", ["x\n", "x ", " x@1", "x@1\n", "x:prod ", "x@\u00b2", "x@01", "x@1\u0660",
+                                 "sha256:abcd\n", "x@99999999999999999999999"])
+def test_references_are_parsed_in_canonical_form_only(bad: str) -> None:
+    with pytest.raises((InvalidReferenceError, InvalidNameError)):
+        parse_reference(bad)
+
+
+def test_registry_refuses_noncanonical_names_end_to_end(tmp_path: Path) -> None:
+    from adapterhub_local.registry import Registry
+
+    registry = Registry(tmp_path / "r")
+    for bad in ("tiny\n", "sha256", "tiny "):
+        with pytest.raises(InvalidNameError):
+            registry.add_base(bad, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "r/bases").iterdir()) == []
