@@ -21,11 +21,22 @@ from adapterhub_local.registry import Registry
 
 @pytest.mark.parametrize("extra", [["--mode", "fast"], ["--max-batch", "0"], ["--timeout", "0"],
                                    ["--protect-public"], ["--dtype", "int3"], ["--threads", "0"],
-                                   ["--pool-mb", "0"], ["--decoder", "turbo"]])
+                                   ["--pool-mb", "0"], ["--decoder", "turbo"], ["--api-key", ""],
+                                   ["--api-key", "   "], ["--api-key", " k"], ["--api-key", "\t"],
+                                   ["--max-body-mb", "0"]])
 def test_bad_options_are_refused(served_registry: Registry, extra: list[str],
                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny", *extra]) == 1
     assert "serve options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["", " ", "\n"])
+def test_an_empty_key_from_the_environment_is_refused(served_registry: Registry, value: str,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ADAPTERHUB_API_KEY", value)
+    assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny"]) == 1
+    assert "API key" in capsys.readouterr().err
 
 
 def test_unknown_base_is_refused(served_registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,4 +87,4 @@ def test_serve_process_answers_and_stops_gracefully(served_registry: Registry, t
     assert messages.index("server ready") < messages.index("draining") < messages.index("stopped")
     assert "Application shutdown complete." in messages
     request = next(e for e in events if e["msg"] == "request" and e["path"] == "/v1/completions")
-    assert request["status"] == 200 and request["model"] == "lora1" and request["ms"] > 0
+    assert request["status"] == 200 and request["model"] == "lora1@1" and request["ms"] > 0
