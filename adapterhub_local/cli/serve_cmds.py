@@ -63,6 +63,8 @@ def serve(
     if protect_public and api_key is None:
         problems.append("--protect-public needs --api-key")
     problems += [f"--api-key: {p}" for p in key_problems(api_key)]
+    if api_key is None and os.environ.get("ADAPTERHUB_API_KEY") is not None:  # typer reads an empty one as unset
+        problems.append("the API key in $ADAPTERHUB_API_KEY is empty (unset it to run without a key, or give a key)")
     if max_body_mb <= 0:
         problems.append("--max-body-mb must be > 0")
     if problems:

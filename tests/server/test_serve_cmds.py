@@ -19,13 +19,18 @@ from adapterhub_local.cli import main
 from adapterhub_local.registry import Registry
 
 
+def never_serve(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the server started despite a refused option")
+
+
 @pytest.mark.parametrize("extra", [["--mode", "fast"], ["--max-batch", "0"], ["--timeout", "0"],
                                    ["--protect-public"], ["--dtype", "int3"], ["--threads", "0"],
                                    ["--pool-mb", "0"], ["--decoder", "turbo"], ["--api-key", ""],
                                    ["--api-key", "   "], ["--api-key", " k"], ["--api-key", "\t"],
                                    ["--max-body-mb", "0"]])
-def test_bad_options_are_refused(served_registry: Registry, extra: list[str],
+def test_bad_options_are_refused(served_registry: Registry, extra: list[str], monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("uvicorn.run", never_serve)
     assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny", *extra]) == 1
     assert "serve options" in capsys.readouterr().err
 
@@ -35,6 +40,7 @@ def test_an_empty_key_from_the_environment_is_refused(served_registry: Registry,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("ADAPTERHUB_API_KEY", value)
+    monkeypatch.setattr("uvicorn.run", never_serve)
     assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny"]) == 1
     assert "API key" in capsys.readouterr().err
 
