@@ -321,6 +321,7 @@ class OpenBatch:
         for row, token, good in zip(rows, tokens, fine, strict=True):
             if not good:  # this row alone ends; its cache row is reclaimed with the finished ones
                 row.state.fail(NON_FINITE)
+                row.pending = int(token)  # the placeholder: a valid id to feed until the row is reclaimed
                 events.append(row.event("", None))
                 continue
             before = len(row.state.generated)

@@ -92,14 +92,16 @@ def test_a_poisoned_row_ends_alone_in_a_one_shot_batch(zoo: Registry, solo: list
 
 
 @pytest.mark.parametrize("mode", ["swap", "auto"])
-def test_a_poisoned_row_ends_alone_in_an_open_batch(zoo: Registry, solo: list[GenerationResult], mode: str) -> None:
+@pytest.mark.parametrize("first", [3, 8], ids=["staggered", "together"])
+def test_a_poisoned_row_ends_alone_in_an_open_batch(zoo: Registry, solo: list[GenerationResult], mode: str,
+                                                    first: int) -> None:
     engine = Engine(zoo, "tiny", mode=mode)  # type: ignore[arg-type]
     poison(engine, f"{POISONED}@1")
     batch = engine.open_batch(max_rows=8)
     reqs = mixed_requests()
-    batch.join(reqs[:3], [0, 1, 2])  # the poisoned row joins with the first group, the rest a step later
+    batch.join(reqs[:first], list(range(first)))  # the poisoned row is in the first group; the rest join later
     events = batch.step()
-    batch.join(reqs[3:], list(range(3, 8)))
+    batch.join(reqs[first:], list(range(first, 8)))
     while batch:
         events += batch.step()
     check_isolated(events, solo, MIX.index(POISONED))
