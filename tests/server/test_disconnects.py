@@ -141,3 +141,32 @@ def test_a_non_streaming_request_whose_client_left_stops_decoding(served_registr
         wait_until_idle(engine, app, seconds=tokens * 0.05)
         steps = sum(b.steps for b in engine.batches)
         assert steps < tokens // 2, f"the abandoned request decoded {steps} of its {tokens} tokens"
+
+
+def test_rows_leaving_beside_a_finished_row_awaiting_reclaim_release_it(served_registry: Registry) -> None:
+    """The last live rows of an open batch leave (their clients went) while a finished row still waits for its
+    cache row to be reclaimed: the batch must release that row too, not keep it (and its adapter) forever."""
+    from adapterhub_local.server.scheduler import Scheduler, SchedulerConfig
+
+    engine = Engine(served_registry, "tiny", mode="swap")
+    short = Request(prompt="short", adapter="lora3", sampling=SamplingParams(max_new_tokens=1, stop_at_eos=False))
+
+    def long(i: int) -> Request:
+        return Request(prompt=f"long {i}", adapter="lora4", sampling=SamplingParams(max_new_tokens=150,
+                                                                                   stop_at_eos=False))
+
+    async def go() -> None:
+        scheduler = Scheduler(engine, SchedulerConfig(window_ms=0))
+        for _ in range(3):
+            jobs = [scheduler.submit(r, "m", streaming=True) for r in (short, long(1), long(2))]
+            streams = [scheduler.stream(j) for j in jobs]
+            assert (await streams[0].__anext__()).finished  # the short row is done; its cache row stays
+            for stream in streams[1:]:
+                await stream.__anext__()  # decoding
+            for stream in streams[1:]:
+                await stream.aclose()  # the clients go
+            rows = await scheduler.call(lambda: (engine.open_rows, engine.pool.busy))
+            assert rows == (0, {}), f"left behind: {rows}"
+        await scheduler.stop()
+
+    asyncio.run(asyncio.wait_for(go(), 60))
