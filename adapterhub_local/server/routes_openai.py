@@ -2,7 +2,9 @@
 server-sent events) and this server's ``/v1/classify``.
 
 Each handler checks its request completely (model, parameters, context) before queueing it, so every
-refusal has its own status and never touches a batch.
+refusal has its own status and never touches a batch. Registry reads and tokenization run in worker
+threads, never on the event loop. A non-streaming handler also watches its connection: if the client goes
+before the answer is ready, the job is cancelled (its row leaves the batch at the next decode step).
 """
 
 from __future__ import annotations
@@ -128,22 +130,22 @@ def build_router(state: ServerState) -> APIRouter:
     @router.get("/models")
     async def list_models() -> ModelList:
         loaded = await state.scheduler.call(lambda: {a.ref for a in state.engine.adapters()})
-        return ModelList(data=state.resolver.models(state.started, loaded))
+        return ModelList(data=await asyncio.to_thread(state.resolver.models, state.started, loaded))
 
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> ModelCard:
-        state.resolver.resolve(model_id)  # 404 / 409 with the usual messages
+        target = await asyncio.to_thread(state.resolver.resolve, model_id)  # 404 / 409 with the usual messages
         loaded = await state.scheduler.call(lambda: {a.ref for a in state.engine.adapters()})
-        for card in state.resolver.models(state.started, loaded):
+        for card in await asyncio.to_thread(state.resolver.models, state.started, loaded):
             if card.id == model_id:
                 return card
-        target = state.resolver.resolve(model_id)  # a tag or sha256 reference: describe its version
+        # a tag or sha256 reference: describe its version
         return ModelCard(id=model_id, created=state.started, root=str(target.adapter), parent=state.base.name,
                          kind="alias", loaded=target.adapter in loaded)
 
     @router.post("/completions", response_model=None)
     async def completions(body: CompletionRequest, http: Request) -> CompletionResponse | StreamingResponse:
-        target = state.resolver.generative(body.model)
+        target = await asyncio.to_thread(state.resolver.generative, body.model)  # registry reads: off the loop
         ids = await asyncio.to_thread(state.prompts.text_ids, body.prompt_text)
         budget = state.prompts.budget(len(ids), target, body.max_tokens, state.config.completion_max_tokens)
         job = queue(http, target, ids, _sampling(body, budget), body.stream)
@@ -167,7 +169,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, http: Request) -> ChatCompletionResponse | StreamingResponse:
-        target = state.resolver.generative(body.model)
+        target = await asyncio.to_thread(state.resolver.generative, body.model)  # registry reads: off the loop
         ids = await asyncio.to_thread(state.prompts.chat_ids, body.messages)
         budget = state.prompts.budget(len(ids), target, body.token_limit, state.config.chat_max_tokens)
         job = queue(http, target, ids, _sampling(body, budget), body.stream)
@@ -196,7 +198,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/classify")
     async def classify(body: ClassifyRequest, http: Request) -> ClassifyResponse:
-        target = state.resolver.classifier(body.model)
+        target = await asyncio.to_thread(state.resolver.classifier, body.model)
         http.state.model = target.adapter
         texts = body.texts
         limit = state.config.max_classify_inputs
