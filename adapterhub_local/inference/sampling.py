@@ -9,7 +9,7 @@ Fault containment: the sampler never raises for a row. Parameters are validated 
 (:meth:`SamplingParams.problems`): with finite logits, ``(logits - max) / temperature`` lies in
 ``[-inf, 0]`` with at least one 0, top-k and top-p always keep the top token, so every sampled row's
 distribution is finite and sums to one. A row whose logits are not finite (an adapter that overflows, a
-penalty that overflows) is reported in the ``ok`` mask instead, and its token is a harmless placeholder
+penalty that overflows: any NaN or +inf, or nothing finite) is reported in the ``ok`` mask instead, and its token is a harmless placeholder
 (id 0), so the decode loop can end that row with an error and carry on with the others.
 """
 
@@ -85,8 +85,9 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams], history: lis
         logits = logits.clone()
         for i in penalised:
             logits[i] = repetition_penalty(logits[i], history[i], params[i].repetition_penalty)
-    ok = torch.isfinite(logits).all(-1)
-    logits = torch.where(ok[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    # -inf (a masked token) is fine as long as something is finite; NaN or +inf is not
+    ok = ~(torch.isnan(logits) | torch.isposinf(logits)).any(-1) & torch.isfinite(logits).any(-1)
+    logits = torch.where(ok[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))  # [B, V]
     chosen = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if p.temperature != 0]
     if sampled:

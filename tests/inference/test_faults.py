@@ -153,6 +153,9 @@ def test_the_sampler_never_raises_inside_the_validated_ranges() -> None:
         assert not (ok.logical_not() & (tokens != 0)).any()
         chosen = [int(t) for t, good in zip(tokens, ok, strict=True) if good]
         assert all(logits[i, t] > float("-inf") for i, t in enumerate(chosen)), params
+        if sampling.temperature == MIN_TEMPERATURE and sampling.repetition_penalty == 1.0:
+            for i in range(1, len(scales)):  # gaps far above the temperature: sampling is argmax
+                assert int(tokens[i]) == int(logits[i].argmax()), (params, scales[i])
 
 
 def test_non_finite_rows_are_flagged_and_the_others_untouched() -> None:
@@ -160,6 +163,7 @@ def test_non_finite_rows_are_flagged_and_the_others_untouched() -> None:
     logits[1, 5] = float("nan")
     logits[3, 0] = float("inf")
     logits[4] = float("-inf")
+    logits[5, :30] = float("-inf")  # masked tokens: still a valid row
     params = [SamplingParams(temperature=0.9 if i % 2 else 0.0, seed=i) for i in range(6)]
 
     def gens() -> list[torch.Generator | None]:
