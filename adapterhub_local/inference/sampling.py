@@ -8,9 +8,10 @@ The processing order is Hugging Face's: repetition penalty, temperature, top-k, 
 Fault containment: the sampler never raises for a row. Parameters are validated to ranges it handles
 (:meth:`SamplingParams.problems`): with finite logits, ``(logits - max) / temperature`` lies in
 ``[-inf, 0]`` with at least one 0, top-k and top-p always keep the top token, so every sampled row's
-distribution is finite and sums to one. A row whose logits are not finite (an adapter that overflows, a
-penalty that overflows: any NaN or +inf, or nothing finite) is reported in the ``ok`` mask instead, and its token is a harmless placeholder
-(id 0), so the decode loop can end that row with an error and carry on with the others.
+distribution is finite and sums to one. A row whose logits are unusable (an adapter or a penalty that
+overflows: any NaN or +inf, or nothing finite; ``-inf`` alone just masks a token) is reported in the
+``ok`` mask instead, and its token is a harmless placeholder (id 0), so the decode loop can end that row
+with an error and carry on with the others.
 """
 
 from __future__ import annotations
