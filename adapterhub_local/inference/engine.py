@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Literal
 
 import torch
@@ -376,22 +376,18 @@ class Engine:
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
-    def generate_stream(self, requests: list[Request],
-                        cancelled: Callable[[int], bool] | None = None) -> Generator[StreamEvent, None, None]:
-        """Stream new text per request as it is generated; each request ends with a ``finished`` event.
-
-        ``cancelled(i)``, asked after every step for each unfinished request, drops request ``i`` from the rest
-        of the decode (no more events for it; a batch whose remaining rows are all cancelled stops)."""
+    def generate_stream(self, requests: list[Request]) -> Generator[StreamEvent, None, None]:
+        """Stream new text per request as it is generated; each request ends with a ``finished`` event."""
         with self._lock:
             if not self.runner.is_causal:
                 raise UnsupportedError(f"base {self.base.name!r} is an encoder; it cannot generate text",
                                        "use classify() or a decoder base")
             refs = self.resolve_refs(requests)
             for rows, merged in self._groups(refs):
-                yield from self._generate_rows(requests, refs, rows, merged, cancelled)
+                yield from self._generate_rows(requests, refs, rows, merged)
 
     def _generate_rows(self, requests: list[Request], refs: list[str | None], rows: list[int],
-                       merged: str | None, cancelled: Callable[[int], bool] | None = None) -> Iterator[StreamEvent]:
+                       merged: str | None) -> Iterator[StreamEvent]:
         sub_refs = [refs[i] for i in rows]
         slots, adapters = self._adapters_for(sub_refs, merged)
         ids = [self.runner.encode(requests[i]) for i in rows]
@@ -430,10 +426,6 @@ class Engine:
                     if delta or result is not None or token is not None:
                         yield StreamEvent(index=rows[k], text=delta, token_ids=[] if token is None else [token],
                                           finished=result is not None, result=result)
-                if cancelled is not None:
-                    for k, state in enumerate(states):
-                        if not state.finished and cancelled(rows[k]):
-                            state.cancelled = True
         finally:
             steps.close()  # a stream closed early: the decoder restores the batch context now
             self.runner.context.clear()

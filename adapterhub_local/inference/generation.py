@@ -36,12 +36,10 @@ class RowState:
     finish_reason: FinishReason | None = None
     error: str | None = None
     """Why this row failed alone (its logits went non-finite); the row is finished, without a result."""
-    cancelled: bool = False
-    """Its caller stopped waiting: the row is finished, reports nothing more, and no longer keeps the batch going."""
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None or self.error is not None or self.cancelled
+        return self.finish_reason is not None or self.error is not None
 
     def fail(self, reason: str) -> None:
         """End this row with an error (the batch's other rows are unaffected)."""

@@ -7,7 +7,7 @@ objects and hands them over through these methods, all called from the scheduler
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal, Protocol, runtime_checkable
 
 from adapterhub_local.inference.types import (
@@ -43,8 +43,7 @@ class ServingEngine(Protocol):
 
     def generate(self, requests: list[Request]) -> list[GenerationResult]: ...
 
-    def generate_stream(self, requests: list[Request],
-                        cancelled: Callable[[int], bool] | None = None) -> Iterator[StreamEvent]: ...
+    def generate_stream(self, requests: list[Request]) -> Iterator[StreamEvent]: ...
 
     def classify(self, requests: list[Request]) -> list[ClassificationResult]: ...
 

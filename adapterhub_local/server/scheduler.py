@@ -418,9 +418,7 @@ class Scheduler:
                         job.deliver(exc)
 
     def _stream_into(self, batch: list[Job]) -> None:
-        # A job whose client has gone leaves the decode (and a batch of gone clients stops) at the next step.
-        events = self.engine.generate_stream([j.request for j in batch],
-                                             cancelled=lambda i: batch[i].cancelled.is_set())
+        events = self.engine.generate_stream([j.request for j in batch])
         try:
             for event in events:
                 job = batch[event.index]
