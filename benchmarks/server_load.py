@@ -86,13 +86,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(registry: Path, max_batch: int, continuous: bool, log: Path,
-                 threads: int, mode: str = "swap") -> tuple[subprocess.Popen[bytes], str]:
+def start_server(registry: Path, max_batch: int, continuous: bool, log: Path, threads: int, mode: str = "swap",
+                 extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-c", "from adapterhub_local.cli import run; run()", "--registry", str(registry),
                "serve", "--base", "bench", "--port", str(port), "--mode", mode, "--max-batch", str(max_batch),
                "--continuous" if continuous else "--no-continuous",
-               "--log-level", "warning", "--threads", str(threads)]
+               "--log-level", "warning", "--threads", str(threads), *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)

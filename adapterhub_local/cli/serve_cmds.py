@@ -39,9 +39,12 @@ def serve(
                                          "dynamic batching)."),
     timeout: float = typer.Option(300.0, help="Per-request timeout in seconds (504 after it)."),
     drain: float = typer.Option(30.0, help="Seconds queued work may still run on shutdown."),
+    max_body_mb: float = typer.Option(2.0, help="Largest request body read (MiB); 413 beyond it."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
     """Serve the base and its registered adapters over an OpenAI-compatible API (per-request adapters)."""
+    from adapterhub_local.server.auth import key_problems
+
     problems = []
     if mode not in MODES:
         problems.append(f"--mode {mode!r} is not one of {', '.join(MODES)}")
@@ -57,8 +60,13 @@ def serve(
         problems.append("--max-batch must be at least 1")
     if window_ms < 0 or timeout <= 0 or drain < 0:
         problems.append("--window-ms and --drain must be >= 0 and --timeout > 0")
-    if protect_public and not api_key:
+    if protect_public and api_key is None:
         problems.append("--protect-public needs --api-key")
+    problems += [f"--api-key: {p}" for p in key_problems(api_key)]
+    if api_key is None and os.environ.get("ADAPTERHUB_API_KEY") is not None:  # typer reads an empty one as unset
+        problems.append("the API key in $ADAPTERHUB_API_KEY is empty (unset it to run without a key, or give a key)")
+    if max_body_mb <= 0:
+        problems.append("--max-body-mb must be > 0")
     if problems:
         raise ConfigError(problems, "fix the listed options", what="serve options")
 
@@ -88,6 +96,7 @@ def serve(
         auth=AuthConfig(api_key=api_key, protect_public=protect_public),
         scheduler=SchedulerConfig(window_ms=window_ms, max_batch=max_batch, timeout_s=timeout, drain_s=drain,
                                   continuous=continuous),
+        max_body_bytes=int(max_body_mb * (1 << 20)),
     )
     server_app = create_app(engine, registry, base, config)
     uvicorn.run(server_app, host=host, port=port, log_config=None, timeout_graceful_shutdown=int(drain) + 5)

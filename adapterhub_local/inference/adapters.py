@@ -108,7 +108,33 @@ def prepare(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> PreparedAd
                                  "use the base the adapter was trained on")
     rest = {k: v for k, v in loaded.tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
     prepared.head = _head(card, rest, dtype)
-    return prepared
+    return refuse_non_finite(prepared)
+
+
+def refuse_non_finite(adapter: PreparedAdapter) -> PreparedAdapter:
+    """Raise :class:`FormatError` unless every tensor of ``adapter`` is floating point and finite in the engine's
+    dtype (a NaN, or a value that overflows the serving dtype, would poison every row that uses it — and,
+    with the dense multi-LoRA op, its neighbours). Returns the adapter."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, pair in adapter.pairs.items():
+        tensors += [(f"{name}.lora_A", pair.a), (f"{name}.lora_B", pair.b)]
+        if not torch.isfinite(torch.tensor(float(pair.scale))):
+            raise FormatError(f"adapter {adapter.ref}: the LoRA scale of {name} is not finite ({pair.scale})",
+                              "fix lora_alpha / r in adapter_config.json")
+    if adapter.prompt is not None:
+        tensors.append(("prompt_embeddings", adapter.prompt))
+    if adapter.head is not None:
+        tensors.append(("head.weight", adapter.head.weight))
+        if adapter.head.bias is not None:
+            tensors.append(("head.bias", adapter.head.bias))
+    for name, tensor in tensors:
+        if not tensor.is_floating_point():
+            raise FormatError(f"adapter {adapter.ref}: tensor {name} is {tensor.dtype}, not floating point",
+                              "re-save the adapter with PEFT")
+        if not bool(torch.isfinite(tensor.to(adapter.dtype)).all()):
+            raise FormatError(f"adapter {adapter.ref}: tensor {name} holds NaN or inf (in {adapter.dtype})",
+                              "retrain or re-export the adapter; the registry's `verify` reports such files")
+    return adapter
 
 
 def _prepare_prompt(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> PreparedAdapter:
@@ -125,8 +151,9 @@ def _prepare_prompt(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> Pr
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedError(f"adapter {card.ref} prompts an encoder-decoder", "use a decoder-only base")
     rest = {k: v for k, v in loaded.tensors.items() if k != "prompt_embeddings"}
-    return PreparedAdapter(ref=card.ref, card=card, kind="prompt", prompt=prompt[:n_virtual].to(dtype), dtype=dtype,
-                           head=_head(card, rest, dtype))
+    prepared = PreparedAdapter(ref=card.ref, card=card, kind="prompt", prompt=prompt[:n_virtual].to(dtype),
+                               dtype=dtype, head=_head(card, rest, dtype))
+    return refuse_non_finite(prepared)
 
 
 def _head(card: AdapterCard, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> Head | None:

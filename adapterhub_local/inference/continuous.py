@@ -27,9 +27,12 @@ tokens are those it gets alone, whoever joins or leaves around it.
 
 The per-row adapter index stays a device tensor in the model's :class:`BatchContext`; it is rewritten
 only when the membership changes (or another engine call used the context in between), never read back
-on the host by the multi-LoRA op. Adapters of live rows are marked busy in the pool, so other engine work
-between steps (classification, loading) never evicts them; merging and unloading them are refused until
-their rows are gone. Swap mode only (merge mode changes the weights under every row).
+on the host by the multi-LoRA op. Every row is admitted to the pool's
+:class:`~adapterhub_local.inference.rows.RowLedger` at join and released when its cache row is reclaimed,
+when it leaves, or when the batch closes; the ledger holds live rows' adapters busy, so other engine work
+between steps (classification, loading) never evicts them, and merging and unloading them are refused
+until their rows are gone. A row whose logits go non-finite ends alone, with an error event
+(:mod:`sampling`); the others carry on. Swap mode only (merge mode changes the weights under every row).
 """
 
 from __future__ import annotations
@@ -41,10 +44,17 @@ import torch
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference import kv_rows
-from adapterhub_local.inference.generation import RowState, advance, cache_keyword, cache_of, forward_cached
+from adapterhub_local.inference.generation import (
+    NON_FINITE,
+    RowState,
+    advance,
+    cache_keyword,
+    cache_of,
+    forward_cached,
+)
 from adapterhub_local.inference.sampling import make_generator, next_tokens
 from adapterhub_local.inference.soft_prompt import Row, build_batch
-from adapterhub_local.inference.types import GenerationResult, Request, StreamEvent
+from adapterhub_local.inference.types import GenerationResult, Request, RowFailedError, StreamEvent
 
 if TYPE_CHECKING:
     from adapterhub_local.inference.engine import Engine
@@ -79,6 +89,10 @@ class _Row:
     """The soft prompt's virtual tokens (prefilled before the prompt), if any."""
 
     def event(self, delta: str, token: int | None) -> StreamEvent:
+        if self.state.error is not None:
+            error = RowFailedError(self.state.error, "retry; if it recurs, check the adapter's weights with "
+                                   "`adapterhub verify`")
+            return StreamEvent(index=self.key, text="", token_ids=[], finished=True, error=error)
         result = None
         if self.state.finished:
             result = GenerationResult(text=self.state.text, token_ids=list(self.state.generated),
@@ -122,6 +136,8 @@ class OpenBatch:
         self.mask: torch.Tensor | None = None
         self.steps = 0
         self._version = -1  # the BatchContext version our slots were written at
+        self._ledger = engine.pool.rows
+        self._id = self._ledger.new_batch()
         self._cache_kw = cache_keyword(self.runner.model)
 
     # ----------------------------------------------------------------- facts
@@ -139,12 +155,12 @@ class OpenBatch:
         return [r.key for r in (*self.rows, *self.waiting) if not r.state.finished]
 
     def _refs(self, requests: list[Request]) -> list[str | None]:
-        return self.engine._resolve(requests)
+        return self.engine.resolve_refs(requests)
 
     def fits(self, requests: list[Request]) -> bool:
         """Whether ``requests`` can join now: room in the batch, and their LoRA adapters fit the pool together
         with the live rows' (an empty batch always says yes: joining then reports what is wrong)."""
-        with self.engine._lock:
+        with self.engine.exclusive():
             if not self:
                 return len(requests) <= self.max_rows
             if len(self) + len(requests) > self.max_rows:
@@ -158,12 +174,13 @@ class OpenBatch:
     def join(self, requests: list[Request], keys: list[int]) -> None:
         """Check ``requests``, put their adapters in place and queue them: the next :meth:`step` prefills them
         and yields their first tokens. Raises (adding nothing) if any request is invalid."""
-        if len(keys) != len(requests) or len(set(keys)) != len(keys) or set(keys) & set(self.keys):
+        present = {r.key for r in (*self.rows, *self.waiting)}  # finished rows awaiting reclaim included
+        if len(keys) != len(requests) or len(set(keys)) != len(keys) or set(keys) & present:
             raise UnsupportedError("join keys must be unique and one per request", "pass fresh keys")
         if not requests:
             return
         engine, runner = self.engine, self.runner
-        with engine._lock:
+        with engine.exclusive():
             if not runner.is_causal:
                 raise UnsupportedError(f"base {engine.base_name!r} is an encoder; it cannot generate text",
                                        "use classify() or a decoder base")
@@ -197,14 +214,12 @@ class OpenBatch:
             device = self.runner.model.get_input_embeddings().weight.device
             for k, ref in enumerate(refs):
                 lora = ref if ref is not None and kinds[ref] == "lora" else None
-                if lora is not None:
-                    pool.busy[lora] += 1
+                self._ledger.admit(self._id, keys[k], lora)
                 self.waiting.append(_Row(
                     key=keys[k], ref=ref, lora=lora, slot=0 if lora is None else slots[lora], state=states[k],
                     generator=make_generator(states[k].params, device),
                     prompt_hist=torch.tensor(ids[k], dtype=torch.long, device=device),
                     length=virtual[k] + len(ids[k]), prompt=prompts[k]))
-            engine.open_rows += len(requests)
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[StreamEvent]:
@@ -212,7 +227,7 @@ class OpenBatch:
         rows' decode (see ``max_wait_steps`` and ``fuse_budget``); finished rows leave before this returns."""
         if not self:
             return []
-        with self.engine._lock, torch.inference_mode():
+        with self.engine.exclusive(), torch.inference_mode():
             new: list[_Row] = []
             live = [r for r in self.rows if not r.state.finished]
             if self.waiting and (not live or len(self.waiting) >= len(live) or self._waited >= self.max_wait_steps):
@@ -300,9 +315,15 @@ class OpenBatch:
             rows = [rows[k] for k in keep]
         history = [torch.cat([r.prompt_hist, torch.tensor(r.state.generated, dtype=torch.long, device=device)])
                    if r.state.params.repetition_penalty != 1.0 else r.prompt_hist for r in rows]
-        chosen = next_tokens(logits, [r.state.params for r in rows], history, [r.generator for r in rows])
+        chosen, ok = next_tokens(logits, [r.state.params for r in rows], history, [r.generator for r in rows])
         events = []
-        for row, token in zip(rows, chosen.tolist(), strict=True):  # the one host sync per step
+        tokens, fine = torch.stack([chosen, ok.long()]).tolist()  # the one host sync per step
+        for row, token, good in zip(rows, tokens, fine, strict=True):
+            if not good:  # this row alone ends; its cache row is reclaimed with the finished ones
+                row.state.fail(NON_FINITE)
+                row.pending = int(token)  # the placeholder: a valid id to feed until the row is reclaimed
+                events.append(row.event("", None))
+                continue
             before = len(row.state.generated)
             delta = advance(row.state, int(token), self.runner.tokenizer, self.runner.eos_ids)
             row.pending = int(token)
@@ -313,28 +334,27 @@ class OpenBatch:
 
     # ----------------------------------------------------------------- leave
     def leave(self, key: int) -> bool:
-        """Drop an unfinished row now (a cancelled request); returns whether it was there."""
-        if key not in self.keys:
-            return False
-        with self.engine._lock:
-            self._remove({key})
-        return True
+        """Drop a row now (a cancelled request); returns whether it was still unfinished. A finished row
+        awaiting reclaim is released too (so is every row, once no unfinished one is left)."""
+        with self.engine.exclusive():
+            present = any(r.key == key for r in (*self.rows, *self.waiting))
+            unfinished = key in self.keys
+            if present:
+                self._remove({key})
+            if not self:
+                self._remove({r.key for r in (*self.rows, *self.waiting)})
+        return unfinished
 
     def close(self) -> None:
-        """Drop every row (releases their adapters)."""
-        with self.engine._lock:
+        """Drop every row (releases their adapters); the batch can be used again afterwards."""
+        with self.engine.exclusive():
             self._remove({r.key for r in (*self.rows, *self.waiting)})
 
     def _remove(self, keys: set[int]) -> None:
         gone = [r for r in (*self.rows, *self.waiting) if r.key in keys]
         self.waiting = [r for r in self.waiting if r.key not in keys]
         for row in gone:
-            if row.lora is not None:
-                busy = self.engine.pool.busy
-                busy[row.lora] -= 1
-                if busy[row.lora] <= 0:
-                    del busy[row.lora]
-        self.engine.open_rows -= len(gone)
+            self._ledger.release(self._id, row.key)
         keep = [k for k, r in enumerate(self.rows) if r.key not in keys]
         if len(keep) == len(self.rows):
             return

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Literal
 
 import torch
@@ -37,7 +37,7 @@ from adapterhub_local.inference.generation import RowState, decode
 from adapterhub_local.inference.merge import Merger, refuse_prompt
 from adapterhub_local.inference.model_state import EngineModel
 from adapterhub_local.inference.policy import AutoPolicy
-from adapterhub_local.inference.pool import AdapterPool
+from adapterhub_local.inference.pool import AdapterPool, content_key
 from adapterhub_local.inference.sampling import check
 from adapterhub_local.inference.static_decode import CudaGraphs, StaticDecoder, resolve_decoder
 from adapterhub_local.inference.types import (
@@ -47,6 +47,7 @@ from adapterhub_local.inference.types import (
     LogitsResult,
     PoolStats,
     Request,
+    RowFailedError,
     SamplingParams,
     StreamEvent,
 )
@@ -101,8 +102,6 @@ class Engine:
         self.mode: Mode = mode
         self.switches = 0
         self.last_switch_s = 0.0
-        self.open_rows = 0
-        """Live rows of open decode batches (:meth:`open_batch`); merging waits until there are none."""
         self._editable_cache: bool | None = None
         self._lock = threading.RLock()
 
@@ -123,6 +122,17 @@ class Engine:
     @property
     def can_generate(self) -> bool:
         return self.runner.is_causal
+
+    @property
+    def open_rows(self) -> int:
+        """Rows of open decode batches (:meth:`open_batch`) not yet released; merging waits until there are
+        none (the pool's :class:`~adapterhub_local.inference.rows.RowLedger` owns the count)."""
+        return self.pool.rows.open_rows
+
+    def exclusive(self) -> threading.RLock:
+        """The engine's lock, for a friend that runs several engine steps as one (the open batch): hold it
+        while touching the model, the pool or the batch context."""
+        return self._lock
 
     @property
     def merged(self) -> str | None:
@@ -154,8 +164,8 @@ class Engine:
         """Drop an adapter from the device and host caches (unmerging it first if merged)."""
         with self._lock:
             canonical = self.pool.resolve(ref)
-            if canonical in self.pool.busy:
-                raise UnsupportedError(f"adapter {canonical} is in use by {self.pool.busy[canonical]} live row(s)",
+            if self.pool.rows.busy(canonical):
+                raise UnsupportedError(f"adapter {canonical} is in use by {self.pool.rows.busy(canonical)} live row(s)",
                                        "unload it once their generations finish")
             if self.merged == canonical:
                 self._set_merged(None)
@@ -231,13 +241,32 @@ class Engine:
         return self.last_switch_s
 
     # ------------------------------------------------------------- planning
-    def _resolve(self, requests: list[Request]) -> list[str | None]:
-        for request in requests:
+    def resolve_refs(self, requests: list[Request]) -> list[str | None]:
+        """Check every request (raising the project's errors for caller mistakes) and return each one's
+        canonical adapter ref (``None``: the bare base). A merged adapter whose bytes changed in the registry is
+        unmerged here, so a reused or retagged name never serves stale weights."""
+        if not isinstance(requests, list) or any(not isinstance(r, Request) for r in requests):
+            raise UnsupportedError("requests must be a list of Request objects", "wrap each prompt in Request(...)")
+        for i, request in enumerate(requests):
             check(request.sampling)
             if request.sampling.stop and self.runner.tokenizer is None:
                 raise UnsupportedError(f"base {self.base.name!r} has no tokenizer, so stop strings cannot be seen",
                                        "register the base with its tokenizer or drop the stop strings")
-        return [None if r.adapter is None else self.pool.resolve(r.adapter) for r in requests]
+            self.runner.check_prompt(request, f"request {i}")
+        memo: dict[str, str] = {}
+        refs: list[str | None] = []
+        for request in requests:
+            if request.adapter is None:
+                refs.append(None)
+                continue
+            if request.adapter not in memo:
+                memo[request.adapter] = self.pool.resolve(request.adapter)
+            refs.append(memo[request.adapter])
+        merged = self.merger.merged
+        if merged is not None and merged.ref in memo.values() and \
+                content_key(self.pool.get(merged.ref).card) != content_key(merged.card):
+            self._set_merged(None)
+        return refs
 
     def _groups(self, refs: list[str | None]) -> list[tuple[list[int], str | None]]:
         """Row groups to run, each with the adapter to merge (``None`` = swap path on clean weights)."""
@@ -332,21 +361,28 @@ class Engine:
         return OpenBatch(self, max_rows, max_wait_steps, fuse_budget)
 
     def generate(self, requests: list[Request]) -> list[GenerationResult]:
-        """Generate for every request (one batch, or chunks/groups as the mode and pool require)."""
+        """Generate for every request (one batch, or chunks/groups as the mode and pool require). Raises the
+        first row's :class:`RowFailedError` if a row failed (the stream API reports it per row instead)."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        for event in self.generate_stream(requests):
-            if event.finished:
-                results[event.index] = event.result
+        events = self.generate_stream(requests)
+        try:
+            for event in events:
+                if event.error is not None:
+                    raise event.error
+                if event.finished:
+                    results[event.index] = event.result
+        finally:
+            events.close()
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
-    def generate_stream(self, requests: list[Request]) -> Iterator[StreamEvent]:
+    def generate_stream(self, requests: list[Request]) -> Generator[StreamEvent, None, None]:
         """Stream new text per request as it is generated; each request ends with a ``finished`` event."""
         with self._lock:
             if not self.runner.is_causal:
                 raise UnsupportedError(f"base {self.base.name!r} is an encoder; it cannot generate text",
                                        "use classify() or a decoder base")
-            refs = self._resolve(requests)
+            refs = self.resolve_refs(requests)
             for rows, merged in self._groups(refs):
                 yield from self._generate_rows(requests, refs, rows, merged)
 
@@ -376,6 +412,12 @@ class Engine:
             for step in steps:
                 for k, delta, token in step:
                     state = states[k]
+                    if state.error is not None:
+                        yield StreamEvent(index=rows[k], text="", token_ids=[], finished=True,
+                                          error=RowFailedError(f"request {rows[k]}: {state.error}",
+                                                               "retry; if it recurs, check the adapter's weights "
+                                                               "with `adapterhub verify`"))
+                        continue
                     result = None
                     if state.finished:
                         result = GenerationResult(text=state.text, token_ids=list(state.generated),
@@ -394,7 +436,7 @@ class Engine:
         with self._lock:
             if not self.runner.is_causal:
                 raise UnsupportedError(f"base {self.base.name!r} has no language-model head", "use classify()")
-            refs = self._resolve(requests)
+            refs = self.resolve_refs(requests)
             out: list[LogitsResult | None] = [None] * len(requests)
             for rows, merged in self._groups(refs):
                 sub = [refs[i] for i in rows]
@@ -409,7 +451,7 @@ class Engine:
     def classify(self, requests: list[Request]) -> list[ClassificationResult]:
         """Labels and probabilities from classifier adapters (each request's adapter must carry a head)."""
         with self._lock:
-            refs = self._resolve(requests)
+            refs = self.resolve_refs(requests)
             for i, ref in enumerate(refs):
                 adapter = None if ref is None else self.pool.get(ref)
                 if adapter is None or adapter.head is None:

@@ -1,9 +1,9 @@
 """The decode loop: prefill a padded batch once, then one token per row per step with a KV cache.
 
-Rows end on EOS, on a stop string (the text is cut before it) or at ``max_new_tokens`` / the context
-length; finished rows ride along until the whole batch is done (their tokens are ignored). Each step
-yields the rows' new text, holding back a tail that could still grow into a stop string, so a stream
-never shows text that the final answer drops.
+Rows end on EOS, on a stop string (the text is cut before it), at ``max_new_tokens`` / the context length,
+or with an error of their own (non-finite logits: see :mod:`sampling`); finished rows ride along until the
+whole batch is done (their tokens are ignored). Each step yields the rows' new text, holding back a tail
+that could still grow into a stop string, so a stream never shows text that the final answer drops.
 """
 
 from __future__ import annotations
@@ -34,10 +34,21 @@ class RowState:
     emitted: int = 0
     """Characters of ``text`` already streamed."""
     finish_reason: FinishReason | None = None
+    error: str | None = None
+    """Why this row failed alone (its logits went non-finite); the row is finished, without a result."""
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.error is not None
+
+    def fail(self, reason: str) -> None:
+        """End this row with an error (the batch's other rows are unaffected)."""
+        if not self.finished:
+            self.error = reason
+
+
+NON_FINITE = ("the model's next-token scores for this request were not finite (NaN or inf), so no token "
+              "could be chosen")
 
 
 def _holdback(text: str, stops: list[str]) -> int:
@@ -109,16 +120,22 @@ class Sampler:
         return all(s.finished for s in self.states)
 
     def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, str, int | None]]]:
-        """``logits``: ``[B, V]`` for the batch's rows. Returns the chosen tokens (on the device) and, for each
-        live row, ``(row, new text, new token or None)``."""
+        """``logits``: ``[B, V]`` for the batch's rows. Returns the chosen tokens (on the device; a failed
+        row's is a harmless placeholder) and, for each live row, ``(row, new text, new token or None)``; a
+        row that failed this step is reported once, finished, with its ``error`` set."""
         states = self.states
         history = [torch.cat([self.prompts[i], torch.tensor(s.generated, dtype=torch.long, device=self.device)])
                    if s.params.repetition_penalty != 1.0 else self.prompts[i] for i, s in enumerate(states)]
-        tokens = next_tokens(logits, [s.params for s in states], history, self.generators)
+        tokens, ok = next_tokens(logits, [s.params for s in states], history, self.generators)
         step: list[tuple[int, str, int | None]] = []
-        for i, token in enumerate(tokens.tolist()):  # the one host sync per step
+        chosen, fine = torch.stack([tokens, ok.long()]).tolist()  # the one host sync per step
+        for i, (token, good) in enumerate(zip(chosen, fine, strict=True)):
             state = states[i]
             if state.finished:
+                continue
+            if not good:
+                state.fail(NON_FINITE)
+                step.append((i, "", None))
                 continue
             before = len(state.generated)
             delta = advance(state, int(token), self.tokenizer, self.eos)

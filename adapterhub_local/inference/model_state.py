@@ -71,6 +71,41 @@ class EngineModel:
         return sum(w.stack_bytes for w in wrappers(self.model))
 
     # -------------------------------------------------------------- inputs
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the valid token ids are ``0 … vocab_size - 1``."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    def check_prompt(self, request: Request, where: str) -> None:
+        """Raise :class:`UnsupportedError` for a malformed request (the engine API's caller mistakes): wrong
+        types, both or neither of prompt and messages, an empty prompt, token ids outside the vocabulary."""
+        prompt, messages = request.prompt, request.messages
+        if request.adapter is not None and (not isinstance(request.adapter, str) or not request.adapter):
+            raise UnsupportedError(f"{where}: adapter must be a reference string or None (got {request.adapter!r})",
+                                   "pass e.g. adapter='name@1'")
+        if prompt is not None and messages is not None:
+            raise UnsupportedError(f"{where} has both prompt and messages", "send one of them")
+        if prompt is None and messages is None:
+            raise UnsupportedError(f"{where} has neither prompt nor messages", "send a prompt")
+        if isinstance(prompt, list):
+            if not prompt:
+                raise UnsupportedError(f"{where} has an empty prompt", "send at least one token")
+            if any(not isinstance(t, int) or isinstance(t, bool) for t in prompt):
+                raise UnsupportedError(f"{where}: token ids must be integers", "pass a list of int token ids")
+            vocab = self.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise UnsupportedError(f"{where}: token ids {bad[:4]} are outside the vocabulary (0 … {vocab - 1})",
+                                       "encode the prompt with this base's tokenizer")
+        elif prompt is not None and not isinstance(prompt, str):
+            raise UnsupportedError(f"{where}: prompt must be a string or a list of token ids "
+                                   f"(got {type(prompt).__name__})", "pass text or token ids")
+        if messages is not None and (not isinstance(messages, list) or not messages or any(
+                not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+                for m in messages)):
+            raise UnsupportedError(f"{where}: messages must be a non-empty list of {{'role': str, 'content': str}}",
+                                   "fix the chat messages")
+
     def encode(self, request: Request) -> list[int]:
         """Token ids of a request's prompt (chat-formatted where asked)."""
         if request.prompt is not None and request.messages is not None:

@@ -9,8 +9,10 @@ an adapter reloaded later is the same bytes, so answers never change.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,10 +21,19 @@ from torch import nn
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter, prepare
+from adapterhub_local.inference.rows import RowLedger
 from adapterhub_local.inference.types import PoolStats
+from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
 
 log = logging.getLogger("adapterhub_local.inference")
+
+
+def content_key(card: AdapterCard) -> str:
+    """The identity of an adapter version's bytes: a hash of the sha256 of every file its card lists. Two
+    versions share it only when their files are identical, so a deleted-and-reused ``name@N`` or a moved tag
+    never matches what the pool cached before."""
+    return hashlib.sha256(json.dumps(sorted(card.files.items())).encode()).hexdigest()
 
 
 class Installer(Protocol):
@@ -50,21 +61,46 @@ class AdapterPool:
         self.device: OrderedDict[str, tuple[int, PreparedAdapter]] = OrderedDict()  # ref -> (slot, adapter)
         self.host: OrderedDict[str, PreparedAdapter] = OrderedDict()
         self.pinned: set[str] = set()
-        self.busy: Counter[str] = Counter()
-        """Adapters held by live rows of an open decode batch: never evicted, counted like pinned ones."""
+        self.rows = RowLedger()
+        """Rows of open decode batches and the adapters they hold busy: never evicted, counted like pinned."""
         self._free: list[int] = []
         self._next_slot = 1
         self.stats = PoolStats(capacity_bytes=self.capacity_bytes)
-        self._resolved: dict[str, str] = {}
+        self._content: dict[str, str] = {}  # ref -> content_key of the adapter cached under it
         self._fresh: set[str] = set()  # loaded from disk and not installed since (not a host hit)
         self.loader: Callable[[str], PreparedAdapter] = self._load_from_registry
 
+    @property
+    def busy(self) -> dict[str, int]:
+        """A copy: adapter → live rows holding it (see :class:`RowLedger`)."""
+        return self.rows.busy_counts()
+
     # ----------------------------------------------------------- host tier
     def resolve(self, ref: str) -> str:
-        """Canonical ``name@version`` for a reference (``name`` follows the latest version)."""
-        if "@" in ref and not ref.startswith("sha256:"):
-            return self._resolved.setdefault(ref, self.registry.resolve(ref).ref)
-        return self.registry.resolve(ref).ref
+        """Canonical ``name@version`` for a reference (``name`` follows the latest version, a tag its current
+        target). Resolved against the registry every time, and checked against what is cached: entries are
+        keyed by content (:func:`content_key`), so if the bytes behind ``name@N`` changed (a version deleted and
+        its number reused, a re-import) the stale copy is dropped here and the new bytes load on use."""
+        card = self.registry.resolve(ref)
+        canonical = card.ref
+        cached = self._content.get(canonical)
+        if cached is not None and cached != content_key(card):
+            self._drop_stale(canonical)
+        return canonical
+
+    def _drop_stale(self, ref: str) -> None:
+        rows = self.rows.busy(ref)
+        if rows:
+            raise UnsupportedError(f"adapter {ref} changed in the registry while {rows} live row(s) still use "
+                                   "its previous weights", "retry once those generations finish")
+        pinned = ref in self.pinned
+        log.warning("adapter %s changed in the registry; dropping the cached copy", ref)
+        self.evict(ref)
+        self.host.pop(ref, None)
+        self._content.pop(ref, None)
+        self._refresh()
+        if pinned:  # still pinned: bring the new bytes in now
+            self.acquire([ref])
 
     def _load_from_registry(self, ref: str) -> PreparedAdapter:
         loaded = self.registry.load_adapter(ref, base=self.base)
@@ -78,6 +114,7 @@ class AdapterPool:
             self.host.move_to_end(ref)
             return self.host[ref]
         adapter = self.loader(ref)
+        self._content[ref] = content_key(adapter.card)
         self.stats.misses += 1
         self._fresh.add(ref)
         self._keep_on_host(adapter)
@@ -118,7 +155,7 @@ class AdapterPool:
 
     def fits_together(self, refs: set[str]) -> bool:
         """Whether these adapters (plus every pinned or busy one) fit on the device at once, padding included."""
-        return self.footprint(refs | self.pinned | set(self.busy)) <= self.capacity_bytes
+        return self.footprint(refs | self.pinned | set(self.rows.busy_counts())) <= self.capacity_bytes
 
     def acquire(self, refs: list[str]) -> dict[str, int]:
         """Make every adapter in ``refs`` resident at once; returns ref → global slot."""
@@ -160,7 +197,7 @@ class AdapterPool:
         for ref in list(self.device):
             if self.footprint({*self.device, incoming}) <= self.capacity_bytes:
                 return
-            if ref in keep or ref in self.pinned or ref in self.busy:
+            if ref in keep or ref in self.pinned or self.rows.busy(ref):
                 continue
             self.evict(ref)
 
@@ -181,6 +218,7 @@ class AdapterPool:
         self.pinned.discard(ref)
         self.evict(ref)
         self.host.pop(ref, None)
+        self._content.pop(ref, None)
         self._refresh()
 
     def pin(self, ref: str) -> None:

@@ -8,10 +8,30 @@ request, ``Engine.generate_stream`` yields :class:`StreamEvent` s, ``Engine.clas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from adapterhub_local.errors import AdapterHubError
+
+# Ranges the sampler provably handles (see :mod:`adapterhub_local.inference.sampling`); the HTTP schema uses them.
+MIN_TEMPERATURE = 1e-3
+"""Smallest non-zero temperature (smaller ones round to 0 in fp32 and divide by zero; use 0 for greedy)."""
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**63 - 1
+"""Seeds are 0 … 2**63 - 1 (what ``torch.Generator.manual_seed`` takes on every device)."""
+MAX_STOP_CHARS = 256
+"""Longest stop string (the hold-back check is linear in it per token)."""
+
+
+class RowFailedError(AdapterHubError):
+    """One row of a batch could not go on (e.g. its logits became non-finite); the other rows are unaffected."""
+
 
 FinishReason = Literal["stop", "length"]
 """``stop``: EOS or a stop string was produced; ``length``: ``max_new_tokens`` (or the context) ran out."""
@@ -41,19 +61,35 @@ class SamplingParams:
     def problems(self) -> list[str]:
         """Every invalid field, described (empty when valid)."""
         out: list[str] = []
-        if self.max_new_tokens < 1:
-            out.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            out.append(f"temperature must be >= 0 (got {self.temperature})")
-        if self.top_k < 0:
-            out.append(f"top_k must be >= 0 (got {self.top_k})")
-        if not 0 < self.top_p <= 1:
-            out.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.repetition_penalty <= 0:
-            out.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
-        if any(not s for s in self.stop):
-            out.append("stop strings must not be empty")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            out.append(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
+        if not _is_real(self.temperature) or not (
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            out.append(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                       f"(got {self.temperature!r})")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            out.append(f"top_k must be an integer in [0, {MAX_TOP_K}] (got {self.top_k!r})")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            out.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if not _is_real(self.repetition_penalty) or not (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            out.append(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                       f"(got {self.repetition_penalty!r})")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            out.append(f"seed must be an integer in [0, {MAX_SEED}] (got {self.seed!r})")
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) for s in self.stop):
+            out.append("stop must be a list of strings")
+        elif any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            out.append(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
         return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -91,7 +127,8 @@ class GenerationResult:
 class StreamEvent:
     """One increment of a streamed generation: new text for request ``index`` of the batch.
 
-    The last event of a request has ``finished`` set with its ``result``.
+    The last event of a request has ``finished`` set with its ``result`` — or, when that row failed alone
+    (the rest of the batch carries on), with ``error`` and no result.
     """
 
     index: int
@@ -99,6 +136,7 @@ class StreamEvent:
     token_ids: list[int]
     finished: bool = False
     result: GenerationResult | None = None
+    error: RowFailedError | None = None
 
 
 @dataclass

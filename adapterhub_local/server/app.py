@@ -1,6 +1,10 @@
 """The FastAPI application: ``create_app(engine, registry, base)`` wires routes, error handlers, the
 request log and metrics, and the scheduler's lifecycle (started with the app, drained on shutdown).
 
+Request bodies are read in full, up to ``ServerConfig.max_body_bytes``, before any route parses them (413
+beyond it, judged from ``Content-Length`` when sent, else as the bytes arrive), so no body can make the
+server buffer or parse more than the limit.
+
 Open routes: ``/healthz`` and ``/metrics``. ``/v1/*`` may require the key (``AuthConfig.protect_public``);
 ``/admin/*`` always does.
 """
@@ -22,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapterhub_local.registry import Registry
 from adapterhub_local.server import routes_admin, routes_openai
 from adapterhub_local.server.backend import ServingEngine
-from adapterhub_local.server.errors import install_handlers
+from adapterhub_local.server.errors import BodyTooLargeError, error_response, install_handlers
 from adapterhub_local.server.state import ServerConfig, ServerState
 
 log = logging.getLogger("adapterhub.server")
@@ -79,6 +83,53 @@ class RequestLog:
                                                   "ms": round(seconds * 1000, 2)}})
 
 
+class BodyLimit:
+    """Pure ASGI middleware: read an HTTP request's body, at most ``max_bytes`` of it, before the app sees it;
+    413 beyond that. The app then receives the buffered body, and afterwards the connection's own messages
+    (so a route can still wait for ``http.disconnect``)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, int(declared))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nothing to answer
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, size)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        buffered: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            if buffered:
+                return buffered.pop()
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        error = BodyTooLargeError(f"the request body is over {self.max_bytes} bytes (at least {size})",
+                                  "send a shorter prompt (the server's limit is --max-body-mb)")
+        await error_response(error)(scope, receive, send)
+
+
 def create_app(engine: ServingEngine, registry: Registry, base: str, config: ServerConfig | None = None) -> FastAPI:
     """The server for ``engine`` (which holds base ``base`` from ``registry``)."""
     state = ServerState(engine, registry, registry.base(base), config or ServerConfig())
@@ -103,6 +154,7 @@ def create_app(engine: ServingEngine, registry: Registry, base: str, config: Ser
     app.include_router(routes_openai.build_router(state))
     app.include_router(routes_admin.build_router(state))
 
+    app.add_middleware(BodyLimit, max_bytes=state.config.max_body_bytes)
     app.add_middleware(RequestLog, state=state)
 
     @app.get("/healthz")
@@ -115,6 +167,8 @@ def create_app(engine: ServingEngine, registry: Registry, base: str, config: Ser
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         state.metrics.set_gauge("adapterhub_queued_requests", "Requests waiting for a batch.", state.scheduler.queued)
+        state.metrics.set_gauge("adapterhub_open_rows", "Rows held by open decode batches (0 when idle).",
+                                int(getattr(engine, "open_rows", 0)))
         # The engine's counters sit behind its lock, which a running batch holds: read them off the loop.
         text = await asyncio.to_thread(state.metrics.render)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

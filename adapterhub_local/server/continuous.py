@@ -13,8 +13,13 @@ auto mode, once the policy decides to merge (one adapter carries nearly all traf
 batch drains and the scheduler's next batches run with that adapter merged.
 
 Failure isolation: a group of joiners that fails is joined again one by one, so a bad request only fails
-itself; a failing step fails the rows it carried. Cancelled jobs (timeout, disconnect) leave the batch at the
-next step. On abort (shutdown past its deadline) the live rows fail with a 503.
+itself; a row that fails alone in a step (non-finite logits) ends with its error while the others go on; a
+failing step fails the rows it carried. Cancelled jobs (timeout, disconnect) leave the batch at the next
+step. On abort (shutdown past its deadline) the live rows fail with a 503. However the loop ends, it closes
+the open batch, which releases every row it still holds (the engine's row ledger owns that invariant).
+
+The loop uses the scheduler's and the open batch's public interfaces only (``head``/``take``,
+``run_classify``, ``record_batch``, ``aborting``; ``fits``/``join``/``step``/``leave``/``close``).
 """
 
 from __future__ import annotations
@@ -69,35 +74,37 @@ class ContinuousLoop:
         self._keys = count()
 
     def run(self) -> None:
-        """Admit, step and deliver until no row is live and no job at the front can join."""
+        """Admit, step and deliver until no row is live and no job at the front can join. However it ends,
+        the open batch is closed, so every row it held is released (adapters no longer busy, KV rows freed)."""
         from adapterhub_local.server.scheduler import Classify, Job
 
         scheduler = self.scheduler
         try:
             while True:
-                if scheduler._abort.is_set():
+                if scheduler.aborting:
                     self._fail_all(OverloadedError("the server shut down while this request ran", "retry later"))
                     return
-                scheduler._pending.extend(scheduler._drain_inbox())
-                pending = scheduler._pending
-                while pending and isinstance(pending[0], Classify) and self.live:
-                    scheduler._run_classify()  # between steps: the live rows' adapters are busy, never evicted
+                while self.live and isinstance(scheduler.head(), Classify):
+                    scheduler.run_classify()  # between steps: the live rows' adapters are busy, never evicted
                 admitted: list[Job] = []
                 draining = not getattr(scheduler.engine, "can_open_batch", True)  # auto mode now wants to merge
-                while pending and isinstance(pending[0], Job) and not draining:
-                    job = pending[0]
+                while not draining:
+                    job = scheduler.head()
+                    if not isinstance(job, Job):
+                        break
                     if job.cancelled.is_set():
-                        pending.popleft()
+                        scheduler.take()
                         continue
                     try:
                         fits = self.batch.fits([j.request for j in admitted] + [job.request])
                     except Exception as exc:  # e.g. an unknown adapter: this job alone fails
-                        pending.popleft()
+                        scheduler.take()
                         job.deliver(exc)
                         continue
                     if not fits:
                         break
-                    admitted.append(pending.popleft())
+                    scheduler.take()
+                    admitted.append(job)
                 if admitted:
                     self._join(admitted)
                 if not self.live:
@@ -106,9 +113,9 @@ class ContinuousLoop:
         finally:
             if self.live:  # an unexpected error in the loop itself: nobody is left hanging
                 self._fail_all(RuntimeError("the decode loop stopped"))
+            self.batch.close()  # finished rows awaiting reclaim, rows of cancelled jobs: all released
 
     def _join(self, jobs: list[Job]) -> None:
-        scheduler = self.scheduler
         keys = [next(self._keys) for _ in jobs]
         try:
             self.batch.join([j.request for j in jobs], keys)
@@ -121,12 +128,9 @@ class ContinuousLoop:
             for job in jobs:
                 self._join([job])
             return
-        scheduler.batches_run += 1
-        scheduler._last_rows = len(self.batch)
-        if scheduler.metrics is not None:
-            now = time.monotonic()
-            adapters = {j.request.adapter for j in self.live.values()} | {j.request.adapter for j in jobs}
-            scheduler.metrics.batch(len(self.batch), len(adapters), [now - j.arrived for j in jobs])
+        now = time.monotonic()
+        adapters = {j.request.adapter for j in self.live.values()} | {j.request.adapter for j in jobs}
+        self.scheduler.record_batch(len(self.batch), len(adapters), [now - j.arrived for j in jobs])
         self.live.update(zip(keys, jobs, strict=True))
 
     def _step(self) -> None:
@@ -155,6 +159,10 @@ class ContinuousLoop:
             if event.finished:
                 job.finished = True
                 del self.live[event.index]
+        for key, job in list(self.live.items()):  # a job whose client left during this step leaves now
+            if job.cancelled.is_set():
+                self.batch.leave(key)
+                del self.live[key]
 
     def _fail_all(self, error: BaseException) -> None:
         for job in self.live.values():

@@ -11,8 +11,11 @@ prompt beyond the context length            413
 adapter made for another base               409
 missing or wrong API key                    401
 wrong kind of adapter for the endpoint      400
+request body over the server's limit        413
 server overloaded or shutting down          503
 request timed out                           504
+one row failed alone (non-finite logits)    500
+client went away before its answer          499 (logged and counted; nobody reads it)
 =========================================  ======
 """
 
@@ -37,6 +40,7 @@ from adapterhub_local.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
+from adapterhub_local.inference.types import RowFailedError
 
 log = logging.getLogger("adapterhub.server")
 
@@ -59,6 +63,14 @@ class OverloadedError(AdapterHubError):
     """The queue is full or the server is shutting down."""
 
 
+class BodyTooLargeError(AdapterHubError):
+    """A request body over the server's size limit (refused before it is parsed)."""
+
+
+class ClientDisconnectedError(AdapterHubError):
+    """The client closed the connection before its answer was ready (its work was cancelled)."""
+
+
 class UnknownModelError(NotFoundError):
     """``model`` names neither the base nor a registered adapter."""
 
@@ -67,6 +79,9 @@ class UnknownModelError(NotFoundError):
 _STATUS: tuple[tuple[type[AdapterHubError], int, str], ...] = (
     (AuthError, 401, "authentication_error"),
     (PromptTooLongError, 413, "context_length_exceeded"),
+    (BodyTooLargeError, 413, "request_too_large"),
+    (ClientDisconnectedError, 499, "client_closed_request"),
+    (RowFailedError, 500, "server_error"),
     (RequestTimeoutError, 504, "timeout"),
     (OverloadedError, 503, "overloaded"),
     (FingerprintMismatchError, 409, "adapter_base_mismatch"),

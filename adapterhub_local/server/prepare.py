@@ -2,9 +2,15 @@
 before batching so that one bad request never fails a batch.
 
 * ``model`` → the base (``None``) or an adapter version ``name@N`` made for this base (404, 409, 400).
-  Resolutions are kept until ``/admin/registry/reload``, so a name means one version while serving.
+  Only canonical spellings resolve (``name``, ``name@N``, ``name:tag``, ``sha256:<lowercase hex>``; no
+  whitespace, no ``name@01``), so the names the server answers to — and the metric labels derived from
+  them — are bounded by the registry. Resolutions are kept until ``/admin/registry/reload``, so a name
+  means one version while serving.
 * prompt → token ids with the server's own copy of the tokenizer (chat template when the base has one,
-  a plain ``role: text`` transcript otherwise); the engine runs exactly these ids.
+  a plain ``role: text`` transcript otherwise); the engine runs exactly these ids. A prompt whose length in
+  characters already proves it cannot fit the context (every token covers at most ``max_token_chars``
+  characters) is refused before it is tokenized, so a huge prompt costs nothing but its bytes. The
+  routes call the tokenizer off the event loop.
 * length: prompt (+ a soft prompt's virtual tokens) must leave room for at least one new token (413);
   an explicit ``max_tokens`` must fit too (413); a default one is clamped to the room left.
 """
@@ -12,6 +18,7 @@ before batching so that one bad request never fails a batch.
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,10 +73,14 @@ class ModelResolver:
             cached = self._cache.get(name)
         if cached is not None:
             return cached
+        if not _plain(name):
+            raise unknown_model(name, InvalidReferenceError("it contains whitespace or control characters"))
         try:
             card = self.registry.resolve(name)
         except (NotFoundError, InvalidNameError, InvalidReferenceError) as exc:
             raise unknown_model(name, exc) from exc
+        if not _canonical(name, card):
+            raise unknown_model(name, InvalidReferenceError(f"it is not a canonical spelling of {card.ref}"))
         self.registry.check_base(card, self.base.name)
         target = Target(model=name, adapter=card.ref, card=card)
         with self._lock:
@@ -113,6 +124,26 @@ class ModelResolver:
         return cards
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _plain(name: str) -> bool:
+    """No whitespace or control characters anywhere (they never belong to a canonical reference)."""
+    return name.isprintable() and not any(c.isspace() for c in name)
+
+
+def _canonical(name: str, card: AdapterCard) -> bool:
+    """Whether ``name`` is one of the canonical spellings of a reference to ``card``."""
+    if name.startswith("sha256:"):
+        prefix = name[len("sha256:"):]
+        return bool(prefix) and set(prefix) <= _HEX
+    if "@" in name:
+        return name == card.ref
+    if ":" in name:
+        return name.partition(":")[0] == card.name
+    return name == card.name
+
+
 def _epoch(iso: str, default: int) -> int:
     try:
         return int(datetime.fromisoformat(iso).timestamp())
@@ -127,14 +158,30 @@ class PromptBuilder:
         # A private copy: fast tokenizers are not safe to share with the engine thread.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.context_length = int(context_length)
+        self.max_token_chars = max_token_chars(self.tokenizer)
+        """Most characters one token of the vocabulary decodes to (+1 for a leading space a decoder may drop)."""
         self._lock = threading.Lock()
 
+    def refuse_unfittable(self, characters: int) -> None:
+        """413 when a prompt of ``characters`` characters needs more tokens than the context holds whatever
+        its content (each token covers at most ``max_token_chars`` of them) — checked before tokenizing."""
+        floor = math.ceil(characters / self.max_token_chars)
+        if floor >= self.context_length:
+            raise PromptTooLongError(
+                f"the prompt has {characters} characters, so at least {floor} tokens, and the context of this "
+                f"base is {self.context_length} tokens",
+                f"shorten the prompt to well under {self.context_length * self.max_token_chars} characters")
+
     def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` (CPU work: call it off the event loop)."""
+        self.refuse_unfittable(len(text))
         with self._lock:
             return list(self.tokenizer(text)["input_ids"])
 
     def chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of a chat (CPU work: call it off the event loop)."""
         turns = [{"role": m.role, "content": m.text} for m in messages]
+        self.refuse_unfittable(sum(len(t["content"]) for t in turns))
         if getattr(self.tokenizer, "chat_template", None):
             with self._lock:
                 ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
@@ -159,3 +206,15 @@ class PromptBuilder:
                 f"the prompt uses {used} of {self.context_length} context tokens; max_tokens={requested} "
                 f"does not fit", f"ask for at most {room} tokens or shorten the prompt")
         return requested if requested is not None else min(default, room)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """Most characters a single token decodes to, over the whole vocabulary, plus one (a leading space that a
+    decoder drops for a token on its own). A text of ``n`` characters therefore has at least
+    ``n / max_token_chars`` tokens (unless the tokenizer's normalizer deletes characters, which the bases
+    served here — byte-level and SentencePiece decoders — do not)."""
+    if tokenizer is None:
+        return 1
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
+    return max((len(p) for p in pieces), default=1) + 1

@@ -2,11 +2,14 @@
 server-sent events) and this server's ``/v1/classify``.
 
 Each handler checks its request completely (model, parameters, context) before queueing it, so every
-refusal has its own status and never touches a batch.
+refusal has its own status and never touches a batch. Registry reads and tokenization run in worker
+threads, never on the event loop. A non-streaming handler also watches its connection: if the client goes
+before the answer is ready, the job is cancelled (its row leaves the batch at the next decode step).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +23,7 @@ from adapterhub_local.errors import AdapterHubError
 from adapterhub_local.inference.types import GenerationResult, SamplingParams
 from adapterhub_local.inference.types import Request as EngineRequest
 from adapterhub_local.server.auth import require_public
-from adapterhub_local.server.errors import error_body, status_of
+from adapterhub_local.server.errors import ClientDisconnectedError, error_body, status_of
 from adapterhub_local.server.prepare import Target
 from adapterhub_local.server.scheduler import Job
 from adapterhub_local.server.schemas import (
@@ -74,9 +77,25 @@ def build_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
 
     def queue(http: Request, target: Target, ids: list[int], sampling: SamplingParams, streaming: bool) -> Job:
-        http.state.model = target.model
+        http.state.model = target.adapter or state.base.name  # canonical: metric labels bounded by the registry
         return state.scheduler.submit(EngineRequest(prompt=ids, adapter=target.adapter, sampling=sampling),
                                       target.model, streaming)
+
+    async def finish(http: Request, job: Job) -> GenerationResult:
+        """The job's result — unless the client goes first: then the job is cancelled (its row leaves the batch
+        at the next step and releases everything) and the handler ends without a response."""
+        result = asyncio.ensure_future(state.scheduler.result(job))
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not result.done():
+                job.cancelled.set()
+                result.cancel()
+        if not result.done() or result.cancelled():
+            raise ClientDisconnectedError("the client disconnected before its answer was ready")
+        return result.result()
 
     def account(target: Target, result: GenerationResult) -> None:
         state.metrics.tokens(target.adapter or state.base.name, result.prompt_tokens, result.completion_tokens)
@@ -111,23 +130,23 @@ def build_router(state: ServerState) -> APIRouter:
     @router.get("/models")
     async def list_models() -> ModelList:
         loaded = await state.scheduler.call(lambda: {a.ref for a in state.engine.adapters()})
-        return ModelList(data=state.resolver.models(state.started, loaded))
+        return ModelList(data=await asyncio.to_thread(state.resolver.models, state.started, loaded))
 
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> ModelCard:
-        state.resolver.resolve(model_id)  # 404 / 409 with the usual messages
+        target = await asyncio.to_thread(state.resolver.resolve, model_id)  # 404 / 409 with the usual messages
         loaded = await state.scheduler.call(lambda: {a.ref for a in state.engine.adapters()})
-        for card in state.resolver.models(state.started, loaded):
+        for card in await asyncio.to_thread(state.resolver.models, state.started, loaded):
             if card.id == model_id:
                 return card
-        target = state.resolver.resolve(model_id)  # a tag or sha256 reference: describe its version
+        # a tag or sha256 reference: describe its version
         return ModelCard(id=model_id, created=state.started, root=str(target.adapter), parent=state.base.name,
                          kind="alias", loaded=target.adapter in loaded)
 
     @router.post("/completions", response_model=None)
     async def completions(body: CompletionRequest, http: Request) -> CompletionResponse | StreamingResponse:
-        target = state.resolver.generative(body.model)
-        ids = state.prompts.text_ids(body.prompt_text)
+        target = await asyncio.to_thread(state.resolver.generative, body.model)  # registry reads: off the loop
+        ids = await asyncio.to_thread(state.prompts.text_ids, body.prompt_text)
         budget = state.prompts.budget(len(ids), target, body.max_tokens, state.config.completion_max_tokens)
         job = queue(http, target, ids, _sampling(body, budget), body.stream)
         cid, created = new_id("cmpl"), now()
@@ -143,15 +162,15 @@ def build_router(state: ServerState) -> APIRouter:
             wants_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(event_stream(job, target, lambda: None, chunk, usage if wants_usage else None),
                                      media_type="text/event-stream")
-        result = await state.scheduler.result(job)
+        result = await finish(http, job)
         account(target, result)
         return CompletionResponse(id=cid, created=created, model=body.model, usage=_usage(result),
                                   choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
 
     @router.post("/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, http: Request) -> ChatCompletionResponse | StreamingResponse:
-        target = state.resolver.generative(body.model)
-        ids = state.prompts.chat_ids(body.messages)
+        target = await asyncio.to_thread(state.resolver.generative, body.model)  # registry reads: off the loop
+        ids = await asyncio.to_thread(state.prompts.chat_ids, body.messages)
         budget = state.prompts.budget(len(ids), target, body.token_limit, state.config.chat_max_tokens)
         job = queue(http, target, ids, _sampling(body, budget), body.stream)
         cid, created = new_id("chatcmpl"), now()
@@ -171,7 +190,7 @@ def build_router(state: ServerState) -> APIRouter:
                              lambda text, finish: piece(ChatDelta(content=text), finish),
                              usage if wants_usage else None),
                 media_type="text/event-stream")
-        result = await state.scheduler.result(job)
+        result = await finish(http, job)
         account(target, result)
         return ChatCompletionResponse(
             id=cid, created=created, model=body.model, usage=_usage(result),
@@ -179,13 +198,13 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/classify")
     async def classify(body: ClassifyRequest, http: Request) -> ClassifyResponse:
-        target = state.resolver.classifier(body.model)
-        http.state.model = body.model
+        target = await asyncio.to_thread(state.resolver.classifier, body.model)
+        http.state.model = target.adapter
         texts = body.texts
         limit = state.config.max_classify_inputs
         if len(texts) > limit:
             raise_too_many(len(texts), limit)
-        lengths = [len(state.prompts.text_ids(t)) for t in texts]
+        lengths = await asyncio.to_thread(lambda: [len(state.prompts.text_ids(t)) for t in texts])
         for length in lengths:
             state.prompts.budget(length - 1, target, None, 1)
         requests = [EngineRequest(prompt=t, adapter=target.adapter) for t in texts]
@@ -196,6 +215,14 @@ def build_router(state: ServerState) -> APIRouter:
                                 usage={"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)})
 
     return router
+
+
+async def _disconnected(http: Request) -> None:
+    """Return when the client has gone (the body is read by now, so the next ASGI message is the disconnect)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def raise_too_many(count: int, limit: int) -> None:

@@ -81,7 +81,12 @@ class Job:
     finished: bool = False
 
     def deliver(self, item: StreamEvent | BaseException) -> None:
-        """Called from the engine thread."""
+        """Called from the engine thread. A row that failed alone (``item.error``) ends the job with that
+        error; nothing is delivered after the last item."""
+        if self.finished:
+            return
+        if isinstance(item, StreamEvent) and item.error is not None:
+            item = item.error
         last = isinstance(item, BaseException) or item.finished
         if not (last or self.streaming):
             return
@@ -173,6 +178,32 @@ class Scheduler:
             while thread.is_alive() and time.monotonic() < deadline + 10.0:
                 await asyncio.sleep(0.02)
         self._thread = None
+
+    # ----------------------------------------------------- the continuous loop's interface (engine thread)
+    @property
+    def aborting(self) -> bool:
+        """Shutdown passed its deadline: fail live work now."""
+        return self._abort.is_set()
+
+    def head(self) -> object | None:
+        """The item at the front of the queue (after taking in what has arrived), or ``None``."""
+        self._pending.extend(self._drain_inbox())
+        return self._pending[0] if self._pending else None
+
+    def take(self) -> object:
+        """Remove and return the item at the front (seen with :meth:`head`)."""
+        return self._pending.popleft()
+
+    def run_classify(self) -> None:
+        """Run the consecutive classification requests at the front (see :meth:`_run_classify`)."""
+        self._run_classify()
+
+    def record_batch(self, rows: int, adapters: int, waits: list[float]) -> None:
+        """Count a batch (or a join into the open batch) of ``rows`` rows for metrics and the window policy."""
+        self.batches_run += 1
+        self._last_rows = rows
+        if self.metrics is not None:
+            self.metrics.batch(rows, adapters, waits)
 
     @property
     def queued(self) -> int:
@@ -365,11 +396,7 @@ class Scheduler:
 
     def _run_batch(self, batch: list[Job]) -> None:
         started = time.monotonic()
-        self.batches_run += 1
-        self._last_rows = len(batch)
-        if self.metrics is not None:
-            self.metrics.batch(len(batch), len({j.request.adapter for j in batch}),
-                               [started - j.arrived for j in batch])
+        self.record_batch(len(batch), len({j.request.adapter for j in batch}), [started - j.arrived for j in batch])
         try:
             self._stream_into(batch)
         except Exception as exc:

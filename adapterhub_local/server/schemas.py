@@ -1,9 +1,10 @@
 """OpenAI-compatible request and response bodies (pydantic), plus this server's own ``/v1/classify``
 and admin bodies.
 
-Requests validate every sampling parameter (a bad value is a 422, never a crash). Fields that OpenAI
-clients may send but this server does not implement are accepted when they are at their neutral value
-(``n=1``, zero penalties) and refused with a 422 otherwise, so nothing is silently ignored.
+Requests validate every sampling parameter to the ranges the engine's sampler provably handles (the
+constants in :mod:`adapterhub_local.inference.types`; a bad value is a 422 naming the field, never a
+crash). Fields that OpenAI clients may send but this server does not implement are accepted when they
+are at their neutral value (``n=1``, zero penalties) and refused with a 422 otherwise, so nothing is silently ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapterhub_local.inference.types import (
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+)
 
 MAX_STOP_STRINGS = 8
 
@@ -27,16 +38,19 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Sampling parameters shared by ``/v1/completions`` and ``/v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field(min_length=1, description="An adapter reference (name, name@N, name:tag) or the base name.")
+    model: str = Field(min_length=1, max_length=256,
+                       description="An adapter reference (name, name@N, name:tag) or the base name.")
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=min(2.0, MAX_TEMPERATURE),
+                               description=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 = off (extension).")
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="1.0 = off (extension).")
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K, description="0 = off (extension).")
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=min(10.0, MAX_REPETITION_PENALTY),
+                                      description="1.0 = off (extension).")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -56,6 +70,15 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in items):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         return value
 
     @model_validator(mode="after")

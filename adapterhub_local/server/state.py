@@ -25,6 +25,8 @@ class ServerConfig:
     """Default ``max_tokens`` for ``/v1/chat/completions`` (clamped to the context left)."""
     max_classify_inputs: int = 256
     """Most texts in one ``/v1/classify`` call."""
+    max_body_bytes: int = 2 << 20
+    """Largest request body read (413 beyond it, before parsing)."""
 
 
 class ServerState:

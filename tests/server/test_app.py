@@ -179,7 +179,7 @@ def test_metrics_count_requests_tokens_and_batches(client: TestClient) -> None:
     client.post("/v1/completions", json={**GOOD, "model": "ghost"})
     text = client.get("/metrics").text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert float(lines['adapterhub_requests_total{endpoint="completions",model="lora3",status="200"}']) >= 3
+    assert float(lines['adapterhub_requests_total{endpoint="completions",model="lora3@1",status="200"}']) >= 3
     assert float(lines['adapterhub_requests_total{endpoint="completions",model="-",status="404"}']) >= 1
     assert float(lines['adapterhub_completion_tokens_total{model="lora3@1"}']) >= 3
     assert float(lines["adapterhub_batch_size_count"]) >= 3

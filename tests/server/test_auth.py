@@ -1,11 +1,12 @@
-"""API keys: bearer or X-API-Key, constant-time compared; admin always needs one; public only when
-protected."""
+"""API keys: bearer or X-API-Key, compared as given in constant time; admin always needs one; public only
+when protected; keys that could open the server by accident (or never match) are refused at start-up."""
 
 from __future__ import annotations
 
 import pytest
 from starlette.requests import Request
 
+from adapterhub_local.errors import ConfigError
 from adapterhub_local.server.auth import AuthConfig, presented_key, require_admin, require_public
 from adapterhub_local.server.errors import AuthError
 
@@ -17,11 +18,25 @@ def http(headers: dict[str, str]) -> Request:
 
 def test_presented_key_forms() -> None:
     assert presented_key(http({"Authorization": "Bearer k1"})) == "k1"
-    assert presented_key(http({"authorization": "bearer  k2 "})) == "k2"
+    assert presented_key(http({"authorization": "bearer  k2 "})) == " k2 "  # as given: no normalisation
     assert presented_key(http({"X-API-Key": "k3"})) == "k3"
     assert presented_key(http({"Authorization": "Basic abc"})) is None
-    assert presented_key(http({"Authorization": "Bearer "})) is None
+    assert presented_key(http({"Authorization": "Bearer "})) == ""
     assert presented_key(http({})) is None
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t\n", "  \u3000 ", " secret", "secret ", "sec ret", "sé", "a\x00b"])
+def test_unusable_keys_are_refused_at_start_up(key: str) -> None:
+    with pytest.raises(ConfigError, match="API key"):
+        AuthConfig(api_key=key)
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": "Bearer  secret"}, {"Authorization": "Bearer secret "},
+                                     {"Authorization": "Bearer SECRET"}, {"X-API-Key": " secret"},
+                                     {"Authorization": "Bearer "}, {"X-API-Key": ""}])
+def test_keys_are_compared_as_given(headers: dict[str, str]) -> None:
+    with pytest.raises(AuthError):
+        require_admin(AuthConfig(api_key="secret"), http(headers))
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"X-API-Key": "secret2"},

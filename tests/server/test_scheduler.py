@@ -231,6 +231,31 @@ def test_a_dropped_stream_stops_its_dynamic_batch_early(engine: Engine) -> None:
     assert 1 <= counting.events < 200
 
 
+def test_an_abandoned_non_streaming_row_stops_its_dynamic_batch(engine: Engine) -> None:
+    """The short row answers, then the long row's client goes (the route cancels its job): every job of the
+    batch is done or abandoned, so the batch stops instead of decoding the long row to its end."""
+    counting = CountingEngine(engine)
+    short = Request(prompt="quick", adapter="lora2", sampling=SamplingParams(max_new_tokens=3, stop_at_eos=False))
+    long = Request(prompt="go on", adapter="lora1", sampling=SamplingParams(max_new_tokens=200, stop_at_eos=False))
+
+    async def go() -> None:
+        scheduler = Scheduler(cast(ServingEngine, counting), SchedulerConfig(continuous=False, window_ms=0))
+        gate = threading.Event()
+        held = asyncio.ensure_future(scheduler.call(lambda: gate.wait(30)))
+        await asyncio.sleep(0.05)
+        jobs = [scheduler.submit(short, "lora2"), scheduler.submit(long, "lora1")]
+        gate.set()
+        await held
+        await scheduler.result(jobs[0])
+        jobs[1].cancelled.set()  # what the route does when the client disconnects
+        await scheduler.call(lambda: None)  # runs once the batch has stopped
+        assert scheduler.batches_run == 1
+        await scheduler.stop()
+
+    run(go)
+    assert counting.events < 100, f"the abandoned row kept its batch decoding ({counting.events} events)"
+
+
 def test_concurrent_classifications_share_a_batch(engine: Engine) -> None:
     texts = [f"review {i}: fine" for i in range(6)]
     alone = [engine.classify([Request(prompt=t, adapter="sentiment")])[0] for t in texts]

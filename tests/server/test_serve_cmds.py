@@ -19,13 +19,30 @@ from adapterhub_local.cli import main
 from adapterhub_local.registry import Registry
 
 
+def never_serve(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the server started despite a refused option")
+
+
 @pytest.mark.parametrize("extra", [["--mode", "fast"], ["--max-batch", "0"], ["--timeout", "0"],
                                    ["--protect-public"], ["--dtype", "int3"], ["--threads", "0"],
-                                   ["--pool-mb", "0"], ["--decoder", "turbo"]])
-def test_bad_options_are_refused(served_registry: Registry, extra: list[str],
+                                   ["--pool-mb", "0"], ["--decoder", "turbo"], ["--api-key", ""],
+                                   ["--api-key", "   "], ["--api-key", " k"], ["--api-key", "\t"],
+                                   ["--max-body-mb", "0"]])
+def test_bad_options_are_refused(served_registry: Registry, extra: list[str], monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("uvicorn.run", never_serve)
     assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny", *extra]) == 1
     assert "serve options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["", " ", "\n"])
+def test_an_empty_key_from_the_environment_is_refused(served_registry: Registry, value: str,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ADAPTERHUB_API_KEY", value)
+    monkeypatch.setattr("uvicorn.run", never_serve)
+    assert main(["--registry", str(served_registry.root), "serve", "--base", "tiny"]) == 1
+    assert "API key" in capsys.readouterr().err
 
 
 def test_unknown_base_is_refused(served_registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,4 +93,4 @@ def test_serve_process_answers_and_stops_gracefully(served_registry: Registry, t
     assert messages.index("server ready") < messages.index("draining") < messages.index("stopped")
     assert "Application shutdown complete." in messages
     request = next(e for e in events if e["msg"] == "request" and e["path"] == "/v1/completions")
-    assert request["status"] == 200 and request["model"] == "lora1" and request["ms"] > 0
+    assert request["status"] == 200 and request["model"] == "lora1@1" and request["ms"] > 0
