@@ -115,20 +115,18 @@ class TaskSpec:
 
     def clean_stream(self, chunks: Iterable[str]) -> Iterator[str]:
         """:meth:`clean_output` for streamed text: holds back only what could still be the prefix."""
-        held, started = "", not self.completion_prefix
+        stripper = self.prefix_stripper()
         for chunk in chunks:
-            if started:
-                yield chunk
-                continue
-            held += chunk
-            if len(held) < len(self.completion_prefix) and self.completion_prefix.startswith(held):
-                continue
-            started = True
-            out = held[len(self.completion_prefix):] if held.startswith(self.completion_prefix) else held
+            out = stripper.feed(chunk)
             if out:
                 yield out
-        if not started and held:
-            yield held  # the stream ended inside what looked like the prefix: as clean_output, keep it
+        rest = stripper.flush()
+        if rest:
+            yield rest
+
+    def prefix_stripper(self) -> PrefixStripper:
+        """A push-style remover of the completion prefix, for streams that are not iterables (the server)."""
+        return PrefixStripper(self.completion_prefix)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored on the card."""
@@ -191,6 +189,34 @@ class TaskSpec:
             return None
         return cls(kind, template, literal_prefix(completion) if completion else "",
                    tuple(derive_stops(template, [])))
+
+
+class PrefixStripper:
+    """Drops a literal prefix from the start of a stream of text pieces, holding back only what could still
+    be that prefix (``feed`` each piece, then ``flush`` at the end)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._held = ""
+        self._started = not prefix
+
+    def feed(self, piece: str) -> str:
+        """The text to pass on now for ``piece`` (possibly empty while the prefix is undecided)."""
+        if self._started:
+            return piece
+        self._held += piece
+        if len(self._held) < len(self.prefix) and self.prefix.startswith(self._held):
+            return ""
+        self._started = True
+        held, self._held = self._held, ""
+        return held[len(self.prefix):] if held.startswith(self.prefix) else held
+
+    def flush(self) -> str:
+        """What is still held when the stream ends inside what looked like the prefix (kept, as
+        :meth:`TaskSpec.clean_output` keeps it)."""
+        held, self._held = self._held, ""
+        self._started = True
+        return held
 
 
 def spec_from_card(extra: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None,

@@ -11,6 +11,10 @@ before batching so that one bad request never fails a batch.
   characters already proves it cannot fit the context (every token covers at most ``max_token_chars``
   characters) is refused before it is tokenized, so a huge prompt costs nothing but its bytes. The
   routes call the tokenizer off the event loop.
+* task: an adapter's card carries its task spec (:mod:`adapterhub_local.task_spec`): the prompt template it
+  was trained with, the completion prefix and stop strings. Unless the request says ``"raw": true``, the
+  prompt (for chat: the last user message) fills the template, the spec's stops join the request's, and the
+  prefix is stripped from the answer — the adapter is served the way it was trained.
 * length: prompt (+ a soft prompt's virtual tokens) must leave room for at least one new token (413);
   an explicit ``max_tokens`` must fit too (413); a default one is clamped to the room left.
 """
@@ -25,11 +29,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from adapterhub_local.errors import InvalidNameError, InvalidReferenceError, NotFoundError, UnsupportedError
+from adapterhub_local.errors import (
+    AdapterHubError,
+    ConfigError,
+    InvalidNameError,
+    InvalidReferenceError,
+    NotFoundError,
+    UnsupportedError,
+)
 from adapterhub_local.registry import AdapterCard, BaseRecord, Registry
 from adapterhub_local.registry.index import IndexRow
 from adapterhub_local.server.errors import PromptTooLongError, unknown_model
 from adapterhub_local.server.schemas import ChatMessage, ModelCard
+from adapterhub_local.task_spec import PrefixStripper, TaskSpec, spec_from_card
 
 GENERATIVE = (None, "causal_lm")
 CLASSIFIER = "sequence_classification"
@@ -44,6 +56,37 @@ class Target:
     adapter: str | None
     """``name@version``, or None for the bare base."""
     card: AdapterCard | None
+    spec: TaskSpec | None = None
+    """The adapter's task spec (template, completion prefix, stops), when its card has one."""
+
+    def templated(self, raw: bool) -> bool:
+        """Whether a request's input goes through the adapter's template (it has one and ``raw`` is off)."""
+        return not raw and self.spec is not None and self.spec.template is not None
+
+    def prompt_text(self, text: str, raw: bool) -> str:
+        """The text the model runs: ``text`` filled into the adapter's template unless ``raw`` (422 on an input
+        the template cannot take)."""
+        if not self.templated(raw):
+            return text
+        assert self.spec is not None
+        try:
+            return self.spec.apply_template(text)
+        except ConfigError as exc:
+            raise ConfigError(exc.problems, 'send the fields the template names, or "raw": true to run the '
+                              "prompt as it is", what="prompt") from None
+
+    def stops(self, raw: bool, requested: Sequence[str]) -> list[str]:
+        """The request's stop strings plus, unless ``raw``, the adapter's own (each once)."""
+        own = () if raw or self.spec is None else self.spec.stop
+        return list(dict.fromkeys([*requested, *own]))
+
+    def answer(self, text: str, raw: bool) -> str:
+        """The model's text as the answer: the completion prefix dropped and cut at the adapter's stops."""
+        return text if raw or self.spec is None else self.spec.clean_output(text)
+
+    def stripper(self, raw: bool) -> PrefixStripper:
+        """:meth:`answer` for a stream (only the prefix: the engine already stops at every stop string)."""
+        return PrefixStripper("" if raw or self.spec is None else self.spec.completion_prefix)
 
     @property
     def virtual_tokens(self) -> int:
@@ -82,7 +125,8 @@ class ModelResolver:
         if not _canonical(name, card):
             raise unknown_model(name, InvalidReferenceError(f"it is not a canonical spelling of {card.ref}"))
         self.registry.check_base(card, self.base.name)
-        target = Target(model=name, adapter=card.ref, card=card)
+        spec = spec_from_card(card.extra, card.recipe, card.labels, where=f"card of {card.ref}")
+        target = Target(model=name, adapter=card.ref, card=card, spec=spec)
         with self._lock:
             self._cache[name] = target
         return target
@@ -115,13 +159,25 @@ class ModelResolver:
         for row in rows:
             if row.name not in latest or row.version > latest[row.name].version:
                 latest[row.name] = row
+        tasks = {row.ref: self.task_of(row) for row in rows}
         for name, row in sorted(latest.items()):
             cards.append(ModelCard(id=name, created=_epoch(row.created, created), root=row.ref, parent=self.base.name,
-                                   kind="alias", loaded=row.ref in loaded))
+                                   kind="alias", loaded=row.ref in loaded, task=tasks[row.ref]))
         for row in sorted(rows, key=lambda r: (r.name, r.version)):
             cards.append(ModelCard(id=row.ref, created=_epoch(row.created, created), root=row.ref,
-                                   parent=self.base.name, kind=row.kind, loaded=row.ref in loaded))
+                                   parent=self.base.name, kind=row.kind, loaded=row.ref in loaded,
+                                   task=tasks[row.ref]))
         return cards
+
+    def task_of(self, row: IndexRow) -> dict[str, Any] | None:
+        """The task spec of one listed version, as the server applies it (None: none, or an unreadable card —
+        which ``verify`` reports and a request for it refuses with the reason)."""
+        try:
+            card = self.registry.card_of(row.name, row.version)
+            spec = spec_from_card(card.extra, card.recipe, card.labels, where=f"card of {card.ref}")
+        except AdapterHubError:
+            return None
+        return None if spec is None else spec.to_dict()
 
 
 _HEX = frozenset("0123456789abcdef")

@@ -52,10 +52,10 @@ from adapterhub_local.server.state import ServerState
 log = logging.getLogger("adapterhub.server")
 
 
-def _sampling(body: SamplingFields, max_new_tokens: int) -> SamplingParams:
+def _sampling(body: SamplingFields, target: Target, max_new_tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_k=body.top_k,
-                          top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=body.stop_list,
-                          seed=body.seed)
+                          top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                          stop=target.stops(body.raw, body.stop_list), seed=body.seed)
 
 
 def _usage(result: GenerationResult) -> Usage:
@@ -100,9 +100,10 @@ def build_router(state: ServerState) -> APIRouter:
     def account(target: Target, result: GenerationResult) -> None:
         state.metrics.tokens(target.adapter or state.base.name, result.prompt_tokens, result.completion_tokens)
 
-    async def event_stream(job: Job, target: Target, first: Callable[[], dict[str, Any] | None],
+    async def event_stream(job: Job, target: Target, raw: bool, first: Callable[[], dict[str, Any] | None],
                            chunk: Callable[[str, str | None], dict[str, Any]],
                            usage_chunk: Callable[[Usage], dict[str, Any]] | None) -> AsyncIterator[bytes]:
+        stripper = target.stripper(raw)  # the adapter's completion prefix is format, not answer
         opening = first()
         if opening is not None:
             yield _sse(opening)
@@ -114,11 +115,13 @@ def build_router(state: ServerState) -> APIRouter:
                     if event.finished:
                         assert event.result is not None
                         account(target, event.result)
-                        yield _sse(chunk(event.text, event.result.finish_reason))
+                        yield _sse(chunk(stripper.feed(event.text) + stripper.flush(), event.result.finish_reason))
                         if usage_chunk is not None:
                             yield _sse(usage_chunk(_usage(event.result)))
                     elif event.text:
-                        yield _sse(chunk(event.text, None))
+                        text = stripper.feed(event.text)
+                        if text:
+                            yield _sse(chunk(text, None))
         except AdapterHubError as exc:  # headers are sent: report in-band, as OpenAI does
             log.info("stream ended by an error", extra={"fields": {"model": target.model, "error": str(exc)}})
             yield _sse(error_body(str(exc), status_of(exc)[1]))
@@ -146,9 +149,10 @@ def build_router(state: ServerState) -> APIRouter:
     @router.post("/completions", response_model=None)
     async def completions(body: CompletionRequest, http: Request) -> CompletionResponse | StreamingResponse:
         target = await asyncio.to_thread(state.resolver.generative, body.model)  # registry reads: off the loop
-        ids = await asyncio.to_thread(state.prompts.text_ids, body.prompt_text)
+        prompt = target.prompt_text(body.prompt_text, body.raw)
+        ids = await asyncio.to_thread(state.prompts.text_ids, prompt)
         budget = state.prompts.budget(len(ids), target, body.max_tokens, state.config.completion_max_tokens)
-        job = queue(http, target, ids, _sampling(body, budget), body.stream)
+        job = queue(http, target, ids, _sampling(body, target, budget), body.stream)
         cid, created = new_id("cmpl"), now()
         if body.stream:
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -160,19 +164,25 @@ def build_router(state: ServerState) -> APIRouter:
                         "choices": [], "usage": u.model_dump()}
 
             wants_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(event_stream(job, target, lambda: None, chunk, usage if wants_usage else None),
+            return StreamingResponse(event_stream(job, target, body.raw, lambda: None, chunk,
+                                                  usage if wants_usage else None),
                                      media_type="text/event-stream")
         result = await finish(http, job)
         account(target, result)
+        text = target.answer(result.text, body.raw)
         return CompletionResponse(id=cid, created=created, model=body.model, usage=_usage(result),
-                                  choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
+                                  choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)])
 
     @router.post("/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, http: Request) -> ChatCompletionResponse | StreamingResponse:
         target = await asyncio.to_thread(state.resolver.generative, body.model)  # registry reads: off the loop
-        ids = await asyncio.to_thread(state.prompts.chat_ids, body.messages)
+        if target.templated(body.raw):  # trained on its template, not on chat turns: the last user turn fills it
+            prompt = target.prompt_text(_last_user_text(body), body.raw)
+            ids = await asyncio.to_thread(state.prompts.text_ids, prompt)
+        else:
+            ids = await asyncio.to_thread(state.prompts.chat_ids, body.messages)
         budget = state.prompts.budget(len(ids), target, body.token_limit, state.config.chat_max_tokens)
-        job = queue(http, target, ids, _sampling(body, budget), body.stream)
+        job = queue(http, target, ids, _sampling(body, target, budget), body.stream)
         cid, created = new_id("chatcmpl"), now()
         if body.stream:
             def piece(delta: ChatDelta, finish: str | None) -> dict[str, Any]:
@@ -186,7 +196,7 @@ def build_router(state: ServerState) -> APIRouter:
 
             wants_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                event_stream(job, target, lambda: piece(ChatDelta(role="assistant", content=""), None),
+                event_stream(job, target, body.raw, lambda: piece(ChatDelta(role="assistant", content=""), None),
                              lambda text, finish: piece(ChatDelta(content=text), finish),
                              usage if wants_usage else None),
                 media_type="text/event-stream")
@@ -194,13 +204,14 @@ def build_router(state: ServerState) -> APIRouter:
         account(target, result)
         return ChatCompletionResponse(
             id=cid, created=created, model=body.model, usage=_usage(result),
-            choices=[ChatChoice(message=ChatResponseMessage(content=result.text), finish_reason=result.finish_reason)])
+            choices=[ChatChoice(message=ChatResponseMessage(content=target.answer(result.text, body.raw)),
+                                finish_reason=result.finish_reason)])
 
     @router.post("/classify")
     async def classify(body: ClassifyRequest, http: Request) -> ClassifyResponse:
         target = await asyncio.to_thread(state.resolver.classifier, body.model)
         http.state.model = target.adapter
-        texts = body.texts
+        texts = [target.prompt_text(t, body.raw) for t in body.texts]
         limit = state.config.max_classify_inputs
         if len(texts) > limit:
             raise_too_many(len(texts), limit)
@@ -215,6 +226,17 @@ def build_router(state: ServerState) -> APIRouter:
                                 usage={"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)})
 
     return router
+
+
+def _last_user_text(body: ChatCompletionRequest) -> str:
+    """The text of the chat's last user message (what an adapter's template is filled with)."""
+    for message in reversed(body.messages):
+        if message.role == "user":
+            return message.text
+    from adapterhub_local.errors import ConfigError
+
+    raise ConfigError(["the chat has no user message to fill the adapter's template with"],
+                      'add a user message, or send "raw": true to run the chat as it is', what="chat request")
 
 
 async def _disconnected(http: Request) -> None:

@@ -52,6 +52,8 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
+    raw: bool = Field(default=False, description="Extension: skip the adapter's own prompt template, stop strings "
+                      "and completion prefix (its task spec) and run the prompt as sent.")
     stream_options: StreamOptions | None = None
     n: int = 1
     presence_penalty: float = 0.0
@@ -157,6 +159,7 @@ class ClassifyRequest(BaseModel):
 
     model: str = Field(min_length=1)
     input: str | list[str]
+    raw: bool = Field(default=False, description="Skip the classifier's own input template (its task spec).")
 
     @field_validator("input")
     @classmethod
@@ -271,6 +274,8 @@ class ModelCard(BaseModel):
     kind: str | None = None
     task_type: str | None = None
     loaded: bool = False
+    task: dict[str, Any] | None = None
+    """The adapter's task spec (template, completion prefix, stops, labels) that requests get unless raw."""
 
 
 class ModelList(BaseModel):
