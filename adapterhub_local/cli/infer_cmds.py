@@ -90,6 +90,19 @@ def predict(
     from adapterhub_local.inference import Engine, Request, SamplingParams
 
     adapter, base_name = _adapter_and_base(ref, base)
+    from adapterhub_local.train.restore import predict_full
+
+    full = predict_full(get_registry(), adapter, text, max_new_tokens, _device(device)) if adapter else None
+    if full is not None:  # a full fine-tune replaces the base's weights, so it runs alone, outside the engine
+        if as_json:
+            print_json(full)
+        elif "label" in full:
+            console.print(f"[bold]{full['label']}[/]")
+            for label, p in sorted(full["probabilities"].items(), key=lambda kv: -kv[1]):
+                console.print(f"  {label:<20} {p:.4f}")
+        else:
+            typer.echo(full["text"])
+        return
     engine = Engine(get_registry(), base_name, device=_device(device))
     request = Request(prompt=text, adapter=adapter, sampling=SamplingParams(max_new_tokens=max_new_tokens))
     is_classifier = adapter is not None and engine.load(adapter).labels is not None

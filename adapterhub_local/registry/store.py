@@ -30,6 +30,7 @@ from adapterhub_local.errors import (
     IntegrityError,
     InvalidReferenceError,
     NotFoundError,
+    UnsupportedError,
 )
 from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BaseRecord, describe, materialize, source_kind
@@ -46,6 +47,8 @@ from adapterhub_local.registry.names import parse_reference, validate_name, vali
 from adapterhub_local.registry.peft_dir import AdapterSummary, check_against_base, summarize_adapter_dir
 
 HOME_ENV = "ADAPTERHUB_HOME"
+MODEL_WEIGHTS = "model.safetensors"
+"""The weights file of a full fine-tune version (``registry/model_kinds.py``)."""
 _TASK_TYPES = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "sequence_classification", "FEATURE_EXTRACTION": "feature",
                "TOKEN_CLS": "token_classification", "SEQ_2_SEQ_LM": "seq2seq_lm"}
 
@@ -161,6 +164,21 @@ class Registry:
             atomic.remove_tree(staged)
         return card
 
+    def publish_version(self, name: str, staged: Path, card: AdapterCard) -> AdapterCard:
+        """Publish ``staged`` (a private directory from ``atomic.new_staging_dir`` holding every file the card
+        lists) as the next version of ``name``: number allocated, card written, sealed, renamed, indexed —
+        under the lock, so concurrent publishers never collide. For kinds registered outside this class
+        (``registry/model_kinds.py``)."""
+        validate_name(name, "adapter name")
+        with self._lock():
+            versions = self.versions_on_disk(name)
+            card.version = (max(versions) if versions else 0) + 1
+            atomic.write_text_atomic(staged / CARD_FILE, card.to_json())
+            atomic.seal_directory(staged)
+            atomic.publish_directory(staged, self._version_dir(name, card.version))
+            self.index.upsert(self.index_row(card))
+        return card
+
     def _make_card(
         self, name: str, summary: AdapterSummary, record: BaseRecord, info: CardInfo, files: dict[str, str]
     ) -> AdapterCard:
@@ -179,7 +197,8 @@ class Registry:
         return IndexRow(
             name=card.name, version=card.version, kind=card.kind, rank=card.rank, alpha=card.alpha,
             task=card.task, base=card.base, base_fingerprint=card.base_fingerprint,
-            sha256=card.files.get(ADAPTER_WEIGHTS, ""), created=card.created, size_bytes=size,
+            sha256=card.files.get(ADAPTER_WEIGHTS) or card.files.get(MODEL_WEIGHTS, ""), created=card.created,
+            size_bytes=size,
             metrics=card.metrics,
         )
 
@@ -277,6 +296,9 @@ class Registry:
     def load_adapter(self, ref: str, base: str | None = None) -> LoadedAdapter:
         """Load a verified version's tensors and PEFT config."""
         card, path = self.verified_path(ref, base)
+        if card.kind == "full":
+            raise UnsupportedError(f"{card.ref} is a full fine-tune (a whole model), not an adapter of {card.base!r}",
+                                   f"use `adapterhub eval {card.ref} FILE` or `adapterhub predict {card.ref} TEXT`")
         return LoadedAdapter(card=card, config=read_json(path / ADAPTER_CONFIG, "adapter config"),
                              tensors=load_tensors(path / ADAPTER_WEIGHTS), path=path)
 
