@@ -156,7 +156,8 @@ class PooledClassifier(torch.nn.Module):
         return self._model
 
     def get_input_embeddings(self) -> torch.nn.Module:
-        embeddings: torch.nn.Module = self._model.get_input_embeddings()
+        getter: Any = self._model.get_input_embeddings
+        embeddings: torch.nn.Module = getter()
         return embeddings
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

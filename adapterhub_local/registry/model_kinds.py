@@ -133,7 +133,7 @@ def register_head(registry: Registry, name: str, source_dir: Path, base: str, in
         files = {f: atomic.sha256_file(staged / f) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
         fields = {**asdict(info), "task_type": info.task_type or "sequence_classification"}
         card = AdapterCard(**fields, name=name, kind=KIND_HEAD, rank=summary.rank, alpha=summary.alpha,
-                           target_modules=summary.target_modules, modules_to_save=sorted(heads), base=record.name,
+                           target_modules=summary.target_modules, modules_to_save=sorted(set(heads)), base=record.name,
                            base_fingerprint=record.fingerprint, files=files, created=_now())
         return registry.publish_version(name, staged, card)
     finally:
