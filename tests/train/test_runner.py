@@ -12,15 +12,18 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from adapterhub_local.models import load_base_model, load_tokenizer
+from adapterhub_local.inference import Engine, Request
 from adapterhub_local.registry import Registry
 from adapterhub_local.train import methods, runner
 from adapterhub_local.train.checks import check
 from adapterhub_local.train.eval_ref import EvalOptions, evaluate_ref
 from adapterhub_local.train.loop import train_loop
-from adapterhub_local.train.restore import predict_full
+from adapterhub_local.train.restore import predict_full, restore
 from adapterhub_local.train.runner import encode_splits
 from adapterhub_local.train.tasks import collate_classification, collate_generation
-from tests.train.conftest import build_recipe, classification_rows, cls_raw, gen_raw, write_jsonl
+from tests.conftest import make_tiny_bert
+from tests.test_pooling import declare
+from tests.train.conftest import build_recipe, classification_rows, cls_raw, gen_raw, save_tokenizer, write_jsonl
 
 
 def _file_hashes(directory: Path) -> dict[str, str]:
@@ -162,3 +165,39 @@ def test_eval_command_agrees_with_the_run(tmp_path: Path, bert_registry: Registr
     again = evaluate_ref(bert_registry, result.card.ref, test_file, EvalOptions())
     assert again["accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert again["confusion_matrix"] == result.metrics["confusion_matrix"]
+
+
+@pytest.mark.parametrize("method", ["head_only", "lora", "full"])
+def test_declared_mean_pooling_is_trained_stored_and_reproduced(tmp_path: Path, cls_data: Path, method: str) -> None:
+    """A base declaring mean pooling (sentence-transformers files) gets a mean-pooled head under ``auto``; the
+    card says so, and eval, PEFT/transformers loading and the serving engine all reproduce the trained logits."""
+    source = declare(make_tiny_bert(tmp_path / "st-bert"), mean_tokens=True)
+    save_tokenizer(source)
+    registry = Registry(tmp_path / "registry")
+    registry.add_base("tbert", str(source))
+    raw = cls_raw(cls_data, tmp_path / "runs", name=method)
+    raw["data"]["test"] = str(write_jsonl(tmp_path / "test.jsonl", classification_rows(4, 6)))
+    recipe = build_recipe(raw)
+    assert recipe.task.pooling == "auto"
+    result = runner.run(recipe, check(recipe), registry, progress=False)
+    assert result.card is not None and result.model is not None
+    assert result.card.extra["pooling"] == "mean"
+    ids = torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(0))
+    trained = _logits(result.model, ids)
+    restored = restore(registry, result.card.ref)
+    assert torch.allclose(_logits(restored.model, ids), trained, atol=1e-5)
+    native = load_base_model(registry.base("tbert"), "sequence_classification", 2)
+    if method == "full":
+        native = AutoModelForSequenceClassification.from_pretrained(str(registry.verified_path(result.card.ref)[1]))
+    else:
+        native = PeftModel.from_pretrained(native, str(registry.verified_path(result.card.ref)[1]))
+    assert not torch.allclose(_logits(native.eval(), ids), trained, atol=1e-4)  # the pooler's logits differ
+    again = evaluate_ref(registry, result.card.ref, Path(raw["data"]["test"]), EvalOptions())
+    assert again["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    if method == "full":
+        return
+    text = "very good acting"
+    tokenizer = load_tokenizer(registry.base("tbert"))
+    expected = torch.softmax(_logits(result.model, torch.tensor([tokenizer(text)["input_ids"]]))[0], -1)
+    served = Engine(registry, "tbert", device="cpu").classify([Request(prompt=text, adapter=result.card.ref)])[0]
+    assert served.probabilities["positive"] == pytest.approx(float(expected[1]), abs=1e-5)
