@@ -12,7 +12,6 @@ from pathlib import Path
 from adapterhub_local.errors import AdapterHubError, AlreadyExistsError
 from adapterhub_local.registry import atomic
 from adapterhub_local.registry.cards import CARD_FILE
-from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapterhub_local.registry.store import Registry
 
 STALE_STAGING_SECONDS = 3600.0
@@ -91,13 +90,14 @@ def collect_garbage(registry: Registry, min_age_s: float = STALE_STAGING_SECONDS
 
 def export(registry: Registry, ref: str, target: Path, with_card: bool = False) -> Path:
     """Write a verified version as a plain PEFT directory (``adapter_model.safetensors`` +
-    ``adapter_config.json``, byte-identical to the stored files; ``card.json`` too if asked)."""
-    _, source = registry.verified_path(ref)
+    ``adapter_config.json``, byte-identical to the stored files; ``card.json`` too if asked). A ``full``
+    version exports as the plain transformers directory it stores (``config.json`` + ``model.safetensors``)."""
+    card, source = registry.verified_path(ref)
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise AlreadyExistsError(f"export target {target} is not empty", "choose a new or empty directory")
     target.mkdir(parents=True, exist_ok=True)
-    names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG] + ([CARD_FILE] if with_card else [])
+    names = sorted(card.files) + ([CARD_FILE] if with_card else [])  # every file the card hashes
     for fname in names:
         shutil.copyfile(source / fname, target / fname)
     return target

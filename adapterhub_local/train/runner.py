@@ -246,6 +246,8 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         "train_examples": len(encoded.train), "validation_examples": len(encoded.validation),
         "test_examples": len(encoded.test) or len(encoded.prompts),
     }
+    if labels:
+        training["pooling"] = trained.pooling
     forgetting = final.pop("forgetting", None)
     if forgetting is not None:
         training["forgetting"] = forgetting

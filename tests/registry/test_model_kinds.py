@@ -19,6 +19,7 @@ from adapterhub_local.errors import (
     UnsupportedError,
 )
 from adapterhub_local.registry import CardInfo, Registry
+from adapterhub_local.registry.maintenance import export
 from adapterhub_local.registry.model_kinds import full_model_dir, register_full, register_head
 from tests.conftest import make_tiny_bert
 
@@ -131,3 +132,13 @@ def test_a_head_only_classifier_is_kind_head_and_must_not_move_the_backbone(bert
     with pytest.raises(FormatError, match="changes the backbone"):
         register_head(bert_base, "sent-head", _head_dir(tiny_bert_dir, tmp_path / "moved", True), "bert", INFO)
     assert [r.version for r in bert_base.list_adapters("sent-head")] == [1]
+
+
+def test_a_full_version_exports_as_a_plain_transformers_directory(bert_base: Registry, tiny_bert_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    source = fine_tune(tiny_bert_dir, tmp_path / "ft")
+    register_full(bert_base, "sent-full", source, "bert", INFO)
+    out = export(bert_base, "sent-full@1", tmp_path / "out")
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert AutoModelForSequenceClassification.from_pretrained(str(out)).config.num_labels == 2
