@@ -85,7 +85,7 @@ def test_auto_follows_the_declaration_and_native_is_the_fallback(tmp_path: Path)
 
 def test_a_malformed_or_escaping_declaration_is_refused(tmp_path: Path) -> None:
     (tmp_path / "modules.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(FormatError, match="modules.json"):
+    with pytest.raises(FormatError, match=r"modules\.json"):
         declared_pooling(tmp_path)
     modules = [{"path": "../elsewhere", "type": "sentence_transformers.models.Pooling"}]
     (tmp_path / "modules.json").write_text(json.dumps(modules), encoding="utf-8")

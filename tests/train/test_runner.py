@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from adapterhub_local.models import load_base_model, load_tokenizer
 from adapterhub_local.inference import Engine, Request
+from adapterhub_local.models import load_base_model, load_tokenizer
 from adapterhub_local.registry import Registry
 from adapterhub_local.train import methods, runner
 from adapterhub_local.train.checks import check
