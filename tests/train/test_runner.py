@@ -201,3 +201,16 @@ def test_declared_mean_pooling_is_trained_stored_and_reproduced(tmp_path: Path, 
     expected = torch.softmax(_logits(result.model, torch.tensor([tokenizer(text)["input_ids"]]))[0], -1)
     served = Engine(registry, "tbert", device="cpu").classify([Request(prompt=text, adapter=result.card.ref)])[0]
     assert served.probabilities["positive"] == pytest.approx(float(expected[1]), abs=1e-5)
+
+
+def test_a_full_fine_tune_of_a_decoder_is_registered_and_evaluated(tmp_path: Path, llama_tok_registry: Registry,
+                                                                   gen_data: Path) -> None:
+    recipe = build_recipe(gen_raw(gen_data, tmp_path / "runs", name="full"))
+    result = runner.run(recipe, check(recipe), llama_tok_registry, progress=False)
+    assert result.card is not None and result.model is not None
+    assert result.card.kind == "full" and result.card.task_type == "causal_lm"
+    restored = restore(llama_tok_registry, result.card.ref)
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(_logits(restored.model, ids), _logits(result.model, ids), atol=1e-5)
+    again = evaluate_ref(llama_tok_registry, result.card.ref, gen_data, EvalOptions(max_examples=6))
+    assert again["ref"] == result.card.ref and again["val_loss"] > 0 and "bleu" in again
