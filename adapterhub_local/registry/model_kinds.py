@@ -51,12 +51,13 @@ def _now() -> str:
 
 
 def check_full_against_base(weights: Path, record: BaseRecord) -> None:
-    """Raise unless ``weights`` are a fine-tune of ``record``: every base tensor present with its shape
-    (names compared without the task model's backbone prefix, e.g. ``bert.``), nothing else but a head."""
+    """Raise unless ``weights`` are a fine-tune of ``record``: the base's tensors present with their shapes
+    (names compared without the task model's backbone prefix, e.g. ``bert.``; at most a tenth of them
+    dropped, as a tied LM head is), and nothing else but a classification head."""
     tuned = {name: info.shape for name, info in read_safetensors_header(weights).items()}
     base = tensor_shapes(record.path)
-    prefixes = sorted({name.split(".", 1)[0] + "." for name in tuned if name.split(".", 1)[0] + "." not in
-                       _HEAD_PREFIXES and "." in name}, key=len)
+    firsts = {name.split(".", 1)[0] + "." for name in tuned if "." in name}
+    prefixes = sorted(firsts - set(_HEAD_PREFIXES), key=len)
 
     def strip(name: str) -> str:
         for prefix in prefixes:
@@ -70,8 +71,6 @@ def check_full_against_base(weights: Path, record: BaseRecord) -> None:
                 for name, shape in sorted(bare.items()) if name in base and base[name] != shape]
     missing = sorted(set(base) - set(bare))
     extra = sorted(n for n in set(bare) - set(base) if not n.startswith(_HEAD_PREFIXES))
-    # Tied or buffer-like tensors a task model may drop (BERT's pooler when unused, tied LM heads) are not
-    # evidence of another base; a model sharing no tensor with the base is.
     if not set(bare) & set(base):
         problems.append("no tensor name in common with the base")
     problems += [f"{n}: not in the base" for n in extra[:5]]
