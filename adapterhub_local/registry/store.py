@@ -298,7 +298,8 @@ class Registry:
         card, path = self.verified_path(ref, base)
         if card.kind == "full":
             raise UnsupportedError(f"{card.ref} is a full fine-tune (a whole model), not an adapter of {card.base!r}",
-                                   f"use `adapterhub eval {card.ref} FILE` or `adapterhub predict {card.ref} TEXT`")
+                                   f"use `adapterhub eval {card.ref} --data FILE` or "
+                                   f"`adapterhub predict {card.ref} TEXT`")
         return LoadedAdapter(card=card, config=read_json(path / ADAPTER_CONFIG, "adapter config"),
                              tensors=load_tensors(path / ADAPTER_WEIGHTS), path=path)
 
