@@ -88,10 +88,9 @@ def predict(
 ) -> None:
     """Run an adapter on one input: classifiers print the label and probabilities, generators the completion."""
     from adapterhub_local.inference import Engine, Request, SamplingParams
-
-    adapter, base_name = _adapter_and_base(ref, base)
     from adapterhub_local.train.restore import predict_full
 
+    adapter, base_name = _adapter_and_base(ref, base)
     full = predict_full(get_registry(), adapter, text, max_new_tokens, _device(device)) if adapter else None
     if full is not None:  # a full fine-tune replaces the base's weights, so it runs alone, outside the engine
         if as_json:
