@@ -23,7 +23,7 @@ from adapterhub_local.errors import ConfigError
 
 TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "qlora", "prompt", "head_only", "freeze_first_k", "full")
-POOLINGS = ("native", "cls", "last")
+POOLINGS = ("auto", "native", "cls", "mean", "last")  # adapterhub_local/pooling.py implements them
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LORA_INITS = ("default", "gaussian")
 PROMPT_INITS = ("random", "text", "vocab")
@@ -98,8 +98,9 @@ class TaskConfig:
     """Task name recorded on the card (default: the recipe name)."""
     labels: list[str] | None = None
     """Class labels in head order (default: sorted labels found in the training data)."""
-    pooling: str = "native"
-    """``native`` (the architecture's own), ``cls`` (encoders) or ``last`` (decoders)."""
+    pooling: str = "auto"
+    """``auto`` (the base's declared pooling, e.g. sentence-transformers' ``mean``; else ``native``), ``native``
+    (the architecture's own head input), ``cls``, ``mean`` or ``last`` (real tokens of the last hidden states)."""
 
 
 @dataclass

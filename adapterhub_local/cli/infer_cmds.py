@@ -130,10 +130,24 @@ def predict(
 ) -> None:
     """Run an adapter on one input: classifiers print the label and probabilities, generators the completion."""
     from adapterhub_local.inference import Engine, Request, SamplingParams
+    from adapterhub_local.train.restore import predict_full
 
     target = _target(ref, base, raw)
     model_input = target.prompt(text)
-    engine = Engine(get_registry(), target.base, device=check_device(device))
+    registry = get_registry()
+    full = (predict_full(registry, target.adapter, model_input, max_new_tokens, check_device(device))
+            if target.adapter else None)
+    if full is not None:  # a full fine-tune replaces the base's weights, so it runs alone, outside the engine
+        if as_json:
+            print_json(full if "text" not in full else {**full, "text": target.answer(full["text"])})
+        elif "label" in full:
+            console.print(f"[bold]{escape(str(full['label']))}[/]")
+            for label, p in sorted(full["probabilities"].items(), key=lambda kv: -kv[1]):
+                console.print(f"  {escape(label):<20} {p:.4f}", highlight=False)
+        else:
+            typer.echo(target.answer(full["text"]))
+        return
+    engine = Engine(registry, target.base, device=check_device(device))
     request = Request(prompt=model_input, adapter=target.adapter,
                       sampling=SamplingParams(max_new_tokens=max_new_tokens, stop=target.stops([])))
     is_classifier = target.adapter is not None and engine.load(target.adapter).labels is not None

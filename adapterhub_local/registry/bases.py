@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_local.errors import FormatError, RemoteError
+from adapterhub_local.pooling import sentence_transformers_files
 from adapterhub_local.registry.fingerprint import fingerprint, weight_files
 from adapterhub_local.registry.formats import read_json, refuse_pickle_dir
 
@@ -125,6 +126,10 @@ def _copy_model_dir(source: Path, target: Path) -> None:
     for item in source.iterdir():
         if item.is_file() and (item.suffix == ".safetensors" or item.name in _MODEL_FILES):
             shutil.copy2(item, target / item.name)
+    # The base's declared pooling (sentence-transformers modules.json + Pooling config) decides `auto` pooling.
+    for rel in sentence_transformers_files(source):
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, target / rel)
 
 
 def _convert_gguf(source: Path, target: Path) -> None:

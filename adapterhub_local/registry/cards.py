@@ -26,6 +26,8 @@ from adapterhub_local.registry.names import validate_name
 CARD_FILE = "card.json"
 CARD_SCHEMA = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
+FULL_WEIGHTS_FILE = "model.safetensors"
+"""The weights file of a ``full`` version (a whole transformers model)."""
 
 
 @dataclass
@@ -86,8 +88,9 @@ class AdapterCard(CardInfo):
 
     @property
     def weights_sha256(self) -> str:
-        """sha256 of the adapter weights file (``adapter_model.safetensors``), or "" if the kind has none."""
-        return self.files.get(WEIGHTS_FILE, "")
+        """sha256 of the weights file (``adapter_model.safetensors``; ``model.safetensors`` for a full
+        fine-tune), or "" if the kind has none."""
+        return self.files.get(WEIGHTS_FILE) or self.files.get(FULL_WEIGHTS_FILE, "")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -63,6 +63,10 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
     return report
 
 
+_STORED_AS = {"head": "lora"}
+"""Kinds stored in another kind's files: a head-only classifier is a PEFT LoRA dir with a zero LoRA part."""
+
+
 def _verify_version(registry: Registry, card: AdapterCard, bases: dict[str, BaseRecord | str],
                     report: VerifyReport) -> None:
     report.checked.append(card.ref)
@@ -94,7 +98,8 @@ def _verify_version(registry: Registry, card: AdapterCard, bases: dict[str, Base
     facts = {"kind": summary.kind, "rank": summary.rank, "alpha": summary.alpha,
              "target_modules": summary.target_modules, "num_virtual_tokens": summary.num_virtual_tokens}
     for key, value in facts.items():
-        if getattr(card, key) != value:
+        stated = _STORED_AS.get(card.kind, card.kind) if key == "kind" else getattr(card, key)
+        if stated != value:
             report.problems.append(f"{card.ref}: card.json says {key}={getattr(card, key)!r} but the adapter files "
                                    f"say {value!r}")
 
@@ -177,14 +182,15 @@ def _children(directory: Path) -> list[Path]:
 
 def export(registry: Registry, ref: str, target: Path, with_card: bool = False) -> Path:
     """Write a verified version as a plain PEFT directory (``adapter_model.safetensors`` +
-    ``adapter_config.json``, byte-identical to the stored files; ``card.json`` too if asked)."""
-    _, source = registry.verified_path(ref)
+    ``adapter_config.json``, byte-identical to the stored files; ``card.json`` too if asked). A ``full``
+    version exports as the plain transformers directory it stores (``config.json`` + ``model.safetensors``)."""
+    card, source = registry.verified_path(ref)
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AlreadyExistsError(f"export target {target} is not an empty directory", "choose a new or empty directory")
     try:
         target.mkdir(parents=True, exist_ok=True)
-        for fname in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] + ([CARD_FILE] if with_card else []):
+        for fname in sorted(card.files) + ([CARD_FILE] if with_card else []):  # every file the card hashes
             copy_regular(source / fname, source, target / fname, follow_inside=False)
     except OSError as exc:
         raise storage_error(exc, target, "write the export to") from exc

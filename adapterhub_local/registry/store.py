@@ -35,10 +35,11 @@ from adapterhub_local.errors import (
     IntegrityError,
     InvalidReferenceError,
     NotFoundError,
+    UnsupportedError,
 )
 from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BASE_FILE, BaseRecord, describe, materialize, source_kind
-from adapterhub_local.registry.cards import CARD_FILE, AdapterCard, CardInfo
+from adapterhub_local.registry.cards import CARD_FILE, FULL_WEIGHTS_FILE, AdapterCard, CardInfo
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tensors, read_json
 from adapterhub_local.registry.index import Index, IndexRow, discard, open_index
 from adapterhub_local.registry.layout import Layout
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 HOME_ENV = "ADAPTERHUB_HOME"
 _T = TypeVar("_T")
+MODEL_WEIGHTS = FULL_WEIGHTS_FILE
 
 
 def default_root() -> Path:
@@ -387,6 +389,10 @@ class Registry:
     def load_adapter(self, ref: str, base: str | None = None) -> LoadedAdapter:
         """Load a verified version's tensors and PEFT config."""
         card, path = self.verified_path(ref, base)
+        if card.kind == "full":
+            raise UnsupportedError(f"{card.ref} is a full fine-tune (a whole model), not an adapter of {card.base!r}",
+                                   f"use `adapterhub eval {card.ref} --data FILE` or "
+                                   f"`adapterhub predict {card.ref} TEXT`")
         return LoadedAdapter(card=card, config=read_json(path / ADAPTER_CONFIG, "adapter config"),
                              tensors=load_tensors(path / ADAPTER_WEIGHTS), path=path)
 

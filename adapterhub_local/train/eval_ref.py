@@ -1,4 +1,5 @@
-"""Evaluate a registered adapter on a data file (``adapterhub eval REF --data FILE``).
+"""Evaluate a registered version on a data file (``adapterhub eval REF --data FILE``): an adapter, a
+head-only classifier or a full fine-tune (``train/restore.py`` loads each kind with its card's pooling).
 
 The card's recipe says how rows become inputs (field mapping, templates, max length); options given
 here override it, which is how adapters imported without a recipe are evaluated.
@@ -12,12 +13,12 @@ from typing import Any
 
 from adapterhub_local.config import Recipe, parse_recipe
 from adapterhub_local.errors import ConfigError
-from adapterhub_local.models import load_base_model, load_tokenizer
 from adapterhub_local.registry import Registry
 from adapterhub_local.train import evaluate as ev
 from adapterhub_local.train import tasks
 from adapterhub_local.train.checks import field_problems, needed_fields
 from adapterhub_local.train.data import columns, read_rows, rename
+from adapterhub_local.train.restore import restore
 
 
 @dataclass
@@ -32,9 +33,7 @@ class EvalOptions:
 
 
 def evaluate_ref(registry: Registry, ref: str, data_path: Path, options: EvalOptions) -> dict[str, Any]:
-    """Metrics of adapter ``ref`` on ``data_path`` (classification or generation, from its card)."""
-    from peft import PeftModel
-
+    """Metrics of version ``ref`` on ``data_path`` (classification or generation, from its card)."""
     card = registry.resolve(ref)
     recipe: Recipe
     recipe, _ = parse_recipe(card.recipe or {})
@@ -61,14 +60,8 @@ def evaluate_ref(registry: Registry, ref: str, data_path: Path, options: EvalOpt
                           what="evaluation data")
     if options.max_examples:
         rows = rows[: options.max_examples]
-    _, path = registry.verified_path(card.ref, card.base)
-    record = registry.base(card.base)
-    tokenizer = load_tokenizer(record)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    task_type = "causal_lm" if generation else "sequence_classification"
-    base = load_base_model(record, task_type, len(labels) if labels else None)
-    model = PeftModel.from_pretrained(base, str(path))
-    model.eval()
+    restored = restore(registry, card.ref)
+    model, tokenizer, pad_id = restored.model, restored.tokenizer, restored.pad_id
     max_length = d.max_length
     if not generation:
         examples = tasks.encode_classification(rows, spec, tokenizer, labels, max_length)

@@ -3,31 +3,32 @@
 * ``lora`` / ``qlora`` — PEFT LoRA (r, alpha, dropout, targets, rsLoRA, init); QLoRA loads the base in
   4-bit NF4 through bitsandbytes (refused, before training, where bitsandbytes cannot run).
 * ``prompt`` — PEFT prompt tuning (virtual tokens initialised randomly, from text, or from vocabulary).
-* ``head_only`` — frozen backbone, trained classification head. Stored as a valid PEFT directory: the head
+* ``head_only`` — frozen backbone, trained classification head. Saved as a valid PEFT directory: the head
   in ``modules_to_save`` plus a rank-1 LoRA on one module whose B is zero and frozen (PEFT refuses a LoRA
-  config with no target), so the adapter's effect is exactly "new head".
+  config with no target), so the adapter's effect is exactly "new head"; registered as kind ``head``.
 * ``freeze_first_k`` / ``full`` — partial / full fine-tuning baselines. They change base tensors, so they
-  cannot be a PEFT directory: the changed tensors go to ``trained_tensors.safetensors`` in the run
-  directory and the run is not registered.
+  cannot be a PEFT directory: the whole model is saved as a transformers directory (``config.json`` +
+  ``model.safetensors``) and registered as kind ``full`` (``registry/model_kinds.py``).
 
-Classifier convention (shared with inference): LoRA + ``modules_to_save`` = the head module.
+Classifier convention (shared with inference): LoRA + ``modules_to_save`` = the head module; the head reads
+the pooling recorded on the card (``adapterhub_local/pooling.py``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from adapterhub_local.config import MethodConfig, Recipe
 from adapterhub_local.errors import UnsupportedError
+from adapterhub_local.pooling import unwrap
 
 PEFT_METHODS = ("lora", "qlora", "prompt", "head_only")
-TRAINED_TENSORS = "trained_tensors.safetensors"
+FULL_METHODS = ("full", "freeze_first_k")
+"""Methods whose result is a whole model (registry kind ``full``)."""
 
 # Attention query/value per architecture: the LoRA paper's default choice.
 DEFAULT_TARGETS = {
@@ -49,6 +50,8 @@ class Trainable:
     total_params: int
     head: str | None = None
     note: str | None = None
+    pooling: str = "native"
+    """What the classification head reads (``native``, ``cls``, ``mean``, ``last``); recorded on the card."""
 
 
 def model_type(model: torch.nn.Module) -> str:
@@ -149,8 +152,8 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, base_path: Path) -> Tra
             )
             param.requires_grad_(not frozen)
         trainable, total = count_params(model)
-        note = ("changes base tensors: saved as trained_tensors.safetensors in the run directory, "
-                "not a PEFT adapter, not registered")
+        note = ("changes base tensors: saved as a whole transformers model (config.json + model.safetensors), "
+                "registered as kind full")
         return Trainable(model, method.name, False, trainable, total, head, note)
     else:
         raise UnsupportedError(f"unknown method {method.name!r}", "use lora, qlora, prompt, head_only, "
@@ -177,13 +180,11 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def save_result(trained: Trainable, directory: Path) -> Path:
-    """Write the trained result: a PEFT directory, or the changed tensors for non-PEFT baselines."""
+    """Write the trained result: a PEFT directory, or for full/partial fine-tunes the whole transformers model
+    (``config.json`` + ``model.safetensors``, safetensors only, one file)."""
     directory.mkdir(parents=True, exist_ok=True)
     if trained.is_peft:
         trained.model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
-    else:
-        save_file(trainable_state(trained.model), str(directory / TRAINED_TENSORS))
-        (directory / "trained_tensors.json").write_text(json.dumps(
-            {"method": trained.method, "note": trained.note, "trainable_params": trained.trainable_params},
-            indent=2))
+    else:  # transformers writes safetensors only, in one file up to its 50 GB shard size
+        unwrap(trained.model).save_pretrained(str(directory))  # type: ignore[operator]
     return directory

@@ -2,8 +2,12 @@
 
 Run directory (``runs/<name>-<UTC time>/``): ``recipe.yaml`` (resolved), ``metrics.jsonl`` (training log and
 periodic evaluations), ``checkpoint/`` (for ``--resume``), ``best/`` (best evaluation's tensors),
-``adapter/`` (the final PEFT directory, or the changed tensors of a non-PEFT baseline) and
+``adapter/`` (the final PEFT directory, or the whole model of a full / partial fine-tune) and
 ``final_metrics.json`` (test metrics, run facts, registered reference or why it was not registered).
+
+What is registered, by method: ``lora`` / ``qlora`` / ``prompt`` adapters; ``head_only`` as kind ``head``;
+``full`` / ``freeze_first_k`` as kind ``full`` (``registry/model_kinds.py``). Classifiers read the pooling
+``task.pooling`` resolves to (``auto`` = the base's declared pooling), recorded on the card.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from adapterhub_local import assets
 from adapterhub_local.config import Recipe
 from adapterhub_local.errors import ConfigError, NotFoundError
 from adapterhub_local.models import load_base_model, load_tokenizer
+from adapterhub_local.pooling import resolve_pooling, with_pooling
 from adapterhub_local.registry import AdapterCard, BaseRecord, CardInfo, Registry
+from adapterhub_local.registry.model_kinds import register_full, register_head
 from adapterhub_local.task_spec import SPEC_KEY
 from adapterhub_local.train import evaluate as ev
 from adapterhub_local.train import tasks
 from adapterhub_local.train.checks import PreparedData
 from adapterhub_local.train.data import read_rows, render
 from adapterhub_local.train.loop import load_best, train_loop
-from adapterhub_local.train.methods import Trainable, apply_method, save_result
+from adapterhub_local.train.methods import FULL_METHODS, Trainable, apply_method, save_result
 
 RECIPE_FILE = "recipe.yaml"
 FINAL = "final_metrics.json"
@@ -77,15 +83,6 @@ def load_model(recipe: Recipe, record: BaseRecord, num_labels: int | None) -> to
             str(record.path), quantization_config=quant, device_map=device_map, num_labels=num_labels)
     module: torch.nn.Module = model
     return module
-
-
-def _check_pooling(recipe: Recipe, model: torch.nn.Module) -> None:
-    pooling = recipe.task.pooling
-    decoder = getattr(model, "score", None) is not None
-    if (pooling == "cls" and decoder) or (pooling == "last" and not decoder):
-        raise ConfigError([f"task.pooling = {pooling!r} is not this architecture's own pooling "
-                           f"({'last token' if decoder else 'CLS'})"],
-                          "use pooling: native (the only pooling the stored head reproduces)", what="recipe")
 
 
 def _new_run_dir(recipe: Recipe) -> Path:
@@ -200,8 +197,9 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         model_config: Any = model.config
         model_config.id2label = dict(enumerate(labels))
         model_config.label2id = {label: i for i, label in enumerate(labels)}
-        _check_pooling(recipe, model)
-    trained = apply_method(model, recipe, record.path)
+    pooling = resolve_pooling(recipe.task.pooling, record.path) if labels else "native"
+    trained = apply_method(with_pooling(model, pooling), recipe, record.path)
+    trained.pooling = pooling
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = encode_splits(recipe, data, tokenizer)
 
@@ -249,6 +247,8 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         "train_examples": len(encoded.train), "validation_examples": len(encoded.validation),
         "test_examples": len(encoded.test) or len(encoded.prompts),
     }
+    if labels:
+        training["pooling"] = trained.pooling
     forgetting = final.pop("forgetting", None)
     if forgetting is not None:
         training["forgetting"] = forgetting
@@ -292,8 +292,6 @@ def final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: Enco
 def register_result(recipe: Recipe, data: PreparedData, registry: Registry, trained: Trainable, run_dir: Path,
               final: dict[str, Any], training: dict[str, Any],
               labels: list[str] | None) -> tuple[AdapterCard | None, str | None]:
-    if not trained.is_peft:
-        return None, f"method {trained.method} {trained.note}"
     if not recipe.output.register:
         return None, "output.register is false"
     info = CardInfo(
@@ -301,12 +299,17 @@ def register_result(recipe: Recipe, data: PreparedData, registry: Registry, trai
         task_type="sequence_classification" if labels is not None else "causal_lm",
         recipe=recipe.to_dict(), dataset_fingerprint=data.fingerprint, metrics=final, labels=labels,
         training=training,
-        extra={"pooling": "native", "method": trained.method, "run_dir": str(run_dir), "method_note": trained.note,
-               "splits": {s.name: s.splits.sources for s in data.sources},
+        extra={"pooling": trained.pooling, "method": trained.method, "run_dir": str(run_dir),
+               "method_note": trained.note, "splits": {s.name: s.splits.sources for s in data.sources},
                SPEC_KEY: tasks.task_spec(labels is not None, [(s.spec, s.splits.train) for s in data.sources],
-                                         labels, recipe.task.pooling).to_dict()},
+                                         labels, trained.pooling).to_dict()},
     )
-    card = registry.register_adapter(recipe.name, run_dir / "adapter", recipe.base, info)
+    if trained.method in FULL_METHODS:
+        card = register_full(registry, recipe.name, run_dir / "adapter", recipe.base, info)
+    elif trained.method == "head_only":
+        card = register_head(registry, recipe.name, run_dir / "adapter", recipe.base, info)
+    else:
+        card = registry.register_adapter(recipe.name, run_dir / "adapter", recipe.base, info)
     if recipe.output.tag:
         registry.tag(card.ref, recipe.output.tag)
     return card, None

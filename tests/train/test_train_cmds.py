@@ -10,7 +10,7 @@ import yaml
 
 from adapterhub_local.cli import main
 from adapterhub_local.registry import Registry
-from tests.train.conftest import cls_raw
+from tests.train.conftest import classification_rows, cls_raw, write_jsonl
 
 
 def test_train_then_eval_from_the_command_line(tmp_path: Path, bert_registry: Registry, cls_data: Path,
@@ -42,3 +42,24 @@ def test_a_bad_recipe_fails_before_training_with_every_problem(tmp_path: Path, b
     assert code == 1
     assert "3 problem(s)" in err and "method.r = 0" in err and "'colour'" in err and "'review'" in err
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_a_full_fine_tune_is_trained_evaluated_and_predicted_from_the_command_line(
+        tmp_path: Path, bert_registry: Registry, cls_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "full.yaml"
+    raw = cls_raw(cls_data, tmp_path / "runs", name="full")
+    raw["name"] = "tfull"
+    recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    root = str(bert_registry.root)
+    assert main(["-R", root, "train", str(recipe), "train.max_steps=3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["registered"] == "tfull@1"
+    new_file = write_jsonl(tmp_path / "new.jsonl", classification_rows(2, 5))
+    assert main(["-R", root, "eval", "tfull", "--data", str(new_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ref"] == "tfull@1" and result["n"] == 10 and 0 <= result["accuracy"] <= 1
+    assert main(["-R", root, "predict", "tfull@1", "very good acting", "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert predicted["adapter"] == "tfull@1" and predicted["label"] in ("negative", "positive")
+    assert sum(predicted["probabilities"].values()) == pytest.approx(1.0)
+    assert main(["-R", root, "list", "--json"]) == 0
+    assert [row["kind"] for row in json.loads(capsys.readouterr().out)] == ["full"]
