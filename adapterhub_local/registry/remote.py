@@ -40,8 +40,8 @@ def check_reachable(timeout: float = PROBE_TIMEOUT_S) -> None:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise RemoteError("the Hugging Face Hub is disabled (HF_HUB_OFFLINE is set)",
-                          "unset HF_HUB_OFFLINE, or import a local directory with `adapterhub import`")
+        raise RemoteError("the Hugging Face Hub is disabled (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)",
+                          "unset both, or import a local directory with `adapterhub import`")
     url = urlparse(constants.ENDPOINT)
     host = url.hostname or ""
     port = url.port or (443 if url.scheme == "https" else 80)

@@ -175,6 +175,7 @@ def test_pull_without_network_fails_in_one_line_without_retries(tiny_llama_dir: 
     Registry(tmp_path / "reg").add_base("tiny", str(tiny_llama_dir))
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "COLUMNS": "400"}  # nothing listens on port 9
     env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)  # huggingface_hub reads either as "offline"
     proc = subprocess.run([sys.executable, "-m", "adapterhub_local", "-R", str(tmp_path / "reg"), "pull", "me/x",
                            "--name", "x", "--base", "tiny"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
