@@ -210,6 +210,12 @@ def meteor_available() -> str | None:
 def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
     """METEOR 1.5 (pycocoevalcap's jar with its paraphrase tables, offline), all references of an input
     together: ``(corpus score, per-example scores)``. Raises :class:`UnsupportedError` where it cannot run."""
+    return meteor_many([hypotheses], references)[0]
+
+
+def meteor_many(runs: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> list[tuple[float, list[float]]]:
+    """:func:`meteor` of several runs' hypotheses on the same references, in one Java process (starting one
+    takes about 10 s: it loads the paraphrase tables)."""
     from adapterhub_local.errors import UnsupportedError
 
     why = meteor_available()
@@ -217,15 +223,22 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tu
         raise UnsupportedError(f"METEOR cannot run here: {why}", "install what is named, or leave METEOR out")
     from pycocoevalcap.meteor.meteor import Meteor
 
-    if not hypotheses:
-        return 0.0, []
     # METEOR's wire protocol separates fields with ' ||| '; a '|' in the text would break it.
-    res = {i: [_e2e_tokens(h).replace("|", " ") or "."] for i, h in enumerate(hypotheses)}
     gts = {i: [_e2e_tokens(r).replace("|", " ") for r in refs] for i, refs in enumerate(references)}
-    scorer = Meteor()  # one JVM (about 10 s to load the paraphrase tables); closed when the scorer is freed
-    corpus, per_example = scorer.compute_score(gts, res)
-    del scorer
-    return float(corpus), [float(v) for v in per_example]
+    out: list[tuple[float, list[float]]] = []
+    scorer = None
+    for hypotheses in runs:
+        if len(hypotheses) != len(references):
+            raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference sets")
+        if not hypotheses:
+            out.append((0.0, []))
+            continue
+        scorer = scorer or Meteor()
+        res = {i: [_e2e_tokens(h).replace("|", " ") or "."] for i, h in enumerate(hypotheses)}
+        corpus, per_example = scorer.compute_score(gts, res)
+        out.append((float(corpus), [float(v) for v in per_example]))
+    del scorer  # the scorer closes its Java process when freed
+    return out
 
 
 def cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:

@@ -55,6 +55,8 @@ class SweepConfig:
     """Rank advisor: train only the highest rank, predict the curve from its SVD truncations."""
     num_beams: int = 1
     """Also evaluate every trained generation adapter with beam search of this width (1: greedy only)."""
+    e2e_metrics: bool = True
+    """Generation sweeps: add NIST, METEOR and CIDEr (the E2E challenge's metrics) to BLEU and ROUGE-L."""
 
 
 @dataclass
@@ -76,7 +78,12 @@ class SweepPoint:
 
     @property
     def key(self) -> str:
-        return f"r{self.rank}-s{self.seed}" + fraction_suffix(self.fraction)
+        return self.key_of(self.rank, self.seed, self.fraction)
+
+    @staticmethod
+    def key_of(rank: int, seed: int, fraction: float = 1.0) -> str:
+        """The key of the point at ``(rank, seed, fraction)``: ``r<rank>-s<seed>[-f<fraction>]``."""
+        return f"r{rank}-s{seed}" + fraction_suffix(fraction)
 
     def recipe_for(self, recipe: Recipe, sweep_id: str) -> Recipe:
         """The recipe of this point: rank, alpha, rsLoRA, seed and name set; registration tagged by the sweep."""

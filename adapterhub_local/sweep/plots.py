@@ -130,8 +130,9 @@ def metric_vs_rank(verdicts: Sequence[SeriesVerdict], metrics: list[str], tables
                                    color="red" if flagged else line[0].get_color(),
                                    marker="x" if flagged else ".", alpha=0.8)
                 if verdict.verdict.knee is not None and name == "trained":
+                    where = "" if len(tables) == 1 else f" ({fraction:g})"
                     ax.axvline(verdict.verdict.knee, linestyle="--", color=line[0].get_color(),
-                               label=f"knee r={verdict.verdict.knee}" + ("" if len(tables) == 1 else f" ({fraction:g})"))
+                               label=f"knee r={verdict.verdict.knee}{where}")
             else:
                 std = {r["rank"]: float(r.get(f"{metric}_std") or 0.0) for r in rows}
                 ax.errorbar(x, y, yerr=[std[r] for r in x], marker="o", capsize=3, label=label)

@@ -76,7 +76,7 @@ def _identity(plan: dict[str, Any]) -> Any:
     # What may change between attempts: the mode (a concurrent sweep may be finished sequentially), the knee
     # tolerance, a truncated curve added to a finished sweep, the advisor run before the full sweep, and beam
     # evaluation added later. Fields added since a sweep was started take their defaults, so it still resumes.
-    free = ("mode", "tolerance", "truncate_from", "knee_metric", "advise", "num_beams")
+    free = ("mode", "tolerance", "truncate_from", "knee_metric", "advise", "num_beams", "e2e_metrics")
     config = {"data_fractions": [1.0], **{k: v for k, v in plan.get("config", {}).items() if k not in free}}
     points = [{"fraction": 1.0, "train_examples": None, **p} for p in plan.get("points", [])]
     return [plan.get("recipe"), config, points]
@@ -146,7 +146,8 @@ def loss_trace(run_dir: Path) -> dict[str, Any]:
             nonfinite |= not math.isfinite(float(loss))
         evaluation = record.get("eval")
         if isinstance(evaluation, dict):
-            nonfinite |= any(isinstance(v, float) and not math.isfinite(v) for k, v in evaluation.items() if "loss" in k)
+            nonfinite |= any(isinstance(v, float) and not math.isfinite(v)
+                             for k, v in evaluation.items() if "loss" in k)
     out: dict[str, Any] = {"nonfinite_train_loss": nonfinite}
     if losses:
         out["first_train_loss"], out["last_train_loss"] = losses[0], losses[-1]

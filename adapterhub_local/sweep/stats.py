@@ -3,7 +3,7 @@ paired test behind the knee.
 
 Every run of a sweep is scored on the *same* held-out examples, so runs can be compared example by example.
 A run's score is a function of column sums of its per-example matrix ``X [n, k]``: a mean (accuracy, ROUGE-L,
-token F1: ``k = 1``) or corpus BLEU (``k = 10`` sufficient statistics, :func:`adapterhub_local.metrics.bleu_from_stats`).
+token F1: ``k = 1``) or corpus BLEU (``k = 10`` sufficient statistics, ``metrics.bleu_from_stats``).
 One bootstrap replicate draws example weights ``w ~ Multinomial(n, 1/n)`` (the same ``w`` for every run: the
 comparison is *paired* over examples) and, per rank, its seeds with replacement (seeds are independent runs),
 and scores every run on ``w @ X``.
@@ -27,7 +27,7 @@ import numpy as np
 
 from adapterhub_local import metrics as task_metrics
 
-Statistic = Callable[[np.ndarray, float], float]
+Statistic = Callable[[np.ndarray, float], np.ndarray]
 """``(column sums [k] or [B, k], weight total n) → score``; vectorised over a leading replicate axis."""
 
 CONFIDENCE = 0.95
