@@ -102,10 +102,12 @@ def result_from_card(registry: Registry, card: AdapterCard, point: SweepPoint, m
     train_cfg = card.recipe.get("train", {}) if isinstance(card.recipe, dict) else {}
     steps = training.get("steps")
     per_step = int(train_cfg.get("batch_size", 0) or 0) * int(train_cfg.get("grad_accum", 1) or 1)
+    seen = steps * per_step if isinstance(steps, int) and per_step else None
+    rows = training.get("train_examples")
     facts: dict[str, Any] = {
-        "steps": steps, "epochs": training.get("epochs_completed"), "train_examples": training.get("train_examples"),
-        "examples_seen": steps * per_step if isinstance(steps, int) and per_step else None,
-        "data_fraction": point.fraction, **loss_trace(run_dir),
+        # Epochs as examples seen over training examples (fractional: a 20-step run may see a tenth of the data).
+        "steps": steps, "epochs": seen / rows if seen is not None and rows else training.get("epochs_completed"),
+        "train_examples": rows, "examples_seen": seen, "data_fraction": point.fraction, **loss_trace(run_dir),
     }
     if any(isinstance(v, float) and not math.isfinite(v) for k, v in card.metrics.items() if "loss" in k):
         facts["nonfinite_train_loss"] = True

@@ -104,4 +104,7 @@ def judge(rows: list[PointResult], metric: str, tolerance: float, *, series: str
     if not per_example:
         verdict.test = "bootstrap over seeds only (these runs kept no per-example scores)"
     verdict.excluded = excluded
+    if len(runs) < 2 and excluded:
+        verdict.reason = (f"{len(runs)} rank(s) left to compare after leaving out "
+                          + ", ".join(f"r={r} ({why})" for r, why in sorted(excluded.items())))
     return SeriesVerdict(series, fraction, metric, summaries, verdict)
