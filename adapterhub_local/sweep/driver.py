@@ -22,7 +22,7 @@ from adapterhub_local.config import Recipe
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.registry.fingerprint import tensor_shapes
 from adapterhub_local.registry.store import Registry
-from adapterhub_local.sweep.plan import SweepConfig, SweepPlan, SweepPoint, plan_sweep, target_dims
+from adapterhub_local.sweep.plan import SweepConfig, SweepPlan, SweepPoint, plan_sweep, target_dims, validate
 from adapterhub_local.sweep.report import PointResult, write_report
 from adapterhub_local.sweep.state import SweepState, adopt_registered, result_from_card
 from adapterhub_local.train.checks import PreparedData
@@ -63,6 +63,7 @@ def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progre
     from adapterhub_local.train.checks import check
 
     started = time.perf_counter()
+    validate(config, recipe)  # the sweep options first: they are cheap to check and the data is not
     data = check(recipe)
     plan = make_plan(registry, recipe, config, train_rows(recipe, data))
     sweep_dir = Path(recipe.output.runs_dir) / plan.sweep_id
