@@ -91,15 +91,17 @@ def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progre
         from adapterhub_local.sweep.sequential import train_sequential
 
         train_sequential(registry, plan, state, data, sweep_dir, progress=progress, log=log, points=to_train)
-    truncate_from = top if config.advise else config.truncate_from
+    advice_file = sweep_dir / "advice.json"
+    # A sweep the advisor ran before keeps its advice up to date: the full sweep's report checks it.
+    earlier = _advised_rank(advice_file)
+    truncate_from = top if config.advise else (config.truncate_from or earlier)
     if truncate_from is not None:
         truncated_curve(registry, plan, state, data, log=log, source_rank=truncate_from)
     if recipe.task.type != "classification" and (config.e2e_metrics or config.num_beams > 1):
         extra_scoring(registry, plan, state, data, log=log)
     rows = state.rows()
     advice = None
-    advice_file = sweep_dir / "advice.json"
-    if truncate_from is not None and (config.advise or advice_file.exists()):
+    if truncate_from is not None and (config.advise or earlier is not None):
         from adapterhub_local.sweep.advisor import advise
         from adapterhub_local.sweep.report_rows import primary_metric
 
@@ -115,6 +117,16 @@ def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progre
             "module_dims": {k: list(v) for k, v in plan.module_dims.items()},
             "elapsed_s_this_invocation": time.perf_counter() - started}
     return write_report(sweep_dir, plan.sweep_id, rows, config.tolerance, meta, config.knee_metric, advice)
+
+
+def _advised_rank(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("source_rank")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def extra_scoring(registry: Registry, plan: SweepPlan, state: SweepState, data: PreparedData,
