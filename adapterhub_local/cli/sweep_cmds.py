@@ -1,5 +1,6 @@
-"""Rank commands: ``sweep`` (train and report a LoRA rank sweep; ``--advise`` for the rank advisor), ``compare`` (metrics, spectra, effective rank
-and subspace similarity of adapters side by side), ``truncate`` (SVD-truncate an adapter to a lower rank)."""
+"""Rank commands: ``sweep`` (train and report a LoRA rank sweep; ``--advise`` for the rank advisor),
+``compare`` (metrics, spectra, effective rank and subspace similarity of adapters side by side), ``truncate``
+(SVD-truncate an adapter to a lower rank; only ever lower)."""
 
 from __future__ import annotations
 
