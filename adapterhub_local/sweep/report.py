@@ -125,7 +125,7 @@ def markdown(summary: dict[str, Any], verdicts: list[SeriesVerdict], tables: dic
     """``results.md``: per data fraction the per-rank table and its verdict; the truncated curve; the advice."""
     primary = summary.get("primary_metric") or ""
     others = [m for m in metrics if m != primary]
-    head = ["r", "alpha", f"{primary} mean ± std (min–max)", "per seed [95% CI over examples]",
+    head = ["r", "alpha", "seeds", f"{primary} mean ± std (min–max)", "per seed [95% CI over examples]",
             "vs best [95% CI]", *others, "steps", "epochs", "examples seen", "train rows", "data fraction",
             "trainable params", "adapter MB", "wall s", "flags", "over-complete"]
     lines = [f"# Rank sweep `{summary['sweep_id']}`", "", *_facts_line(summary), ""]
@@ -136,7 +136,8 @@ def markdown(summary: dict[str, Any], verdicts: list[SeriesVerdict], tables: dic
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in rows:
             spread = _spread_cell(verdict, row["rank"]) if verdict else ["", "", ""]
-            cells = [row["rank"], row["alpha"], *spread, *[row.get(m) for m in others], row.get("steps"),
+            seeds = ",".join(str(s) for s in row["seed_list"])
+            cells = [row["rank"], row["alpha"], seeds, *spread, *[row.get(m) for m in others], row.get("steps"),
                      row.get("epochs"), row.get("examples_seen"), row.get("train_examples"), row.get("fraction"),
                      row.get("trainable_params"), row.get("adapter_mb"), row.get("wall_s"), row.get("flags"),
                      row.get("over_complete_modules") or ""]
@@ -146,6 +147,7 @@ def markdown(summary: dict[str, Any], verdicts: list[SeriesVerdict], tables: dic
             lines.append(verdict.verdict.statement())
             lines.append("")
     lines += _notes(summary, tables)
+    lines += _beam_lines(tables)
     trunc = next((v for v in verdicts if v.series == "truncated"), None)
     if truncated:
         lines += ["", "## SVD-truncated from the highest trained rank", "",
@@ -163,6 +165,22 @@ def markdown(summary: dict[str, Any], verdicts: list[SeriesVerdict], tables: dic
     if len(tables) > 1:
         lines += ["![rank by data size](rank_by_data.png)", ""]
     return "\n".join(lines)
+
+
+def _beam_lines(tables: dict[float, list[dict[str, Any]]]) -> list[str]:
+    """Greedy against beam search, per metric, averaged over the ranks that have both."""
+    rows = tables[max(tables)] if tables else []
+    pairs = []
+    for metric in ("bleu", "nist", "meteor", "rougeL", "cider"):
+        both = [(r[metric], r[f"beam_{metric}"]) for r in rows
+                if isinstance(r.get(metric), float) and isinstance(r.get(f"beam_{metric}"), float)]
+        if both:
+            greedy = sum(g for g, _ in both) / len(both)
+            beam = sum(b for _, b in both) / len(both)
+            pairs.append(f"{metric} {greedy:.4g} → {beam:.4g}")
+    if not pairs:
+        return []
+    return ["", f"Greedy → beam search (mean over {len(rows)} rank(s), same test prompts): " + "; ".join(pairs) + "."]
 
 
 def _notes(summary: dict[str, Any], tables: dict[float, list[dict[str, Any]]]) -> list[str]:
