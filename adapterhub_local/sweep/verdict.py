@@ -100,7 +100,13 @@ def judge(rows: list[PointResult], metric: str, tolerance: float, *, series: str
         summaries.append(summary)
     if not per_example:
         statistic = stats.mean_statistic
-    verdict = stats.knee_test(runs, statistic, metric, lower_is_better=lower, tolerance=tolerance, seed=seed)
+    if not per_example and all(len(v) < 2 for v in runs.values()):
+        # One score per rank and nothing to resample: no estimate of the noise, so no verdict.
+        verdict = stats.Verdict(metric, "none", stats.CONFIDENCE, 0.0, reason=(
+            f"{metric} has no per-example scores and each rank has one seed, so its noise cannot be estimated; "
+            "judge on a metric the evaluation scores per example, or give several --seeds"))
+    else:
+        verdict = stats.knee_test(runs, statistic, metric, lower_is_better=lower, tolerance=tolerance, seed=seed)
     if not per_example:
         verdict.test = "bootstrap over seeds only (these runs kept no per-example scores)"
     verdict.excluded = excluded

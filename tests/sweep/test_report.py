@@ -112,3 +112,14 @@ def test_data_fractions_get_a_table_each_and_a_heatmap(tmp_path: Path) -> None:
     assert summary["data_fractions"] == [0.1, 1.0]
     assert (tmp_path / "rank_by_data.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "results.json").read_text())["verdicts"]) == 2
+
+
+def test_a_metric_without_per_example_scores_needs_seeds_for_a_verdict(tmp_path: Path) -> None:
+    # val_loss is one number per run: with one seed per rank there is no noise estimate, so no knee...
+    one = [_row(r, 0, val_loss=v) for r, v in [(1, 2.0), (2, 1.5), (4, 1.49)]]
+    summary = write_report(tmp_path / "one", "sw", one, 0.0, {}, knee_metric="val_loss")
+    assert summary["knee"] is None and "noise cannot be estimated" in summary["verdict"]
+    # ...with seeds, the seeds are resampled: a clear gap between ranks is named.
+    many = [_row(r, s, val_loss=v + 0.01 * s) for r, v in [(1, 2.0), (2, 1.5), (4, 1.49)] for s in range(4)]
+    summary = write_report(tmp_path / "many", "sw", many, 0.02, {}, knee_metric="val_loss")
+    assert summary["knee"] == 2 and "seeds only" in (tmp_path / "many" / "results.md").read_text()
