@@ -156,7 +156,7 @@ def rank_data_heatmap(tables: dict[float, list[dict[str, Any]]], metric: str, pa
         for row in tables[fraction]:
             if isinstance(row.get(metric), int | float):
                 grid[i, ranks.index(row["rank"])] = float(row[metric])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(ranks), 1.2 + 0.6 * len(fractions)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 0.6 * len(ranks)), max(3.0, 1.6 + 0.6 * len(fractions))))
     image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto", origin="lower")
     for i in range(len(fractions)):
         for j in range(len(ranks)):
