@@ -44,7 +44,8 @@ class SweepConfig:
     truncate_from: int | None = None
     """Also build the SVD-truncated curve from the trained adapter of this rank."""
     tolerance: float = 0.01
-    """The knee is the smallest rank within this relative tolerance of the best value."""
+    """Margin of the knee test, relative to the best score: a rank counts as worse than the best only when its
+    deficit exceeds ``tolerance · |best|`` at 95% confidence (:mod:`adapterhub_local.sweep.stats`)."""
     knee_metric: str | None = None
     """Metric the knee is found on (default: accuracy, else BLEU, …, else val_loss)."""
     sweep_id: str | None = None
