@@ -86,24 +86,6 @@ def test_a_collapsed_classifier_is_flagged_and_kept_out_of_the_knee(tmp_path: Pa
     assert weak.flags == ["below_baseline"]
 
 
-def test_a_diverged_run_is_flagged() -> None:
-    from adapterhub_local.sweep.sanity import flags_of
-
-    ok = {"first_train_loss": 2.0, "last_train_loss": 1.2, "nonfinite_train_loss": False}
-    assert flags_of({"val_loss": 1.0}, {}, ok, "val_loss") == []
-    assert flags_of({}, {}, {**ok, "last_train_loss": 3.5}, None) == ["diverged"]
-    assert flags_of({}, {}, {**ok, "nonfinite_train_loss": True}, None) == ["diverged"]
-
-
-def test_generations_below_copy_baseline_or_never_stopping_are_flagged() -> None:
-    from adapterhub_local.sweep.sanity import flags_of
-
-    record = {"hypothesis": ["a", "b", "c"], "stopped": [0, 0, 1]}
-    assert flags_of({"bleu": 3.0, "baseline_bleu": 5.0}, record, {}, "bleu") == ["below_baseline", "never_stops"]
-    assert flags_of({"bleu": 30.0, "baseline_bleu": 5.0}, {**record, "stopped": [1, 1, 0]}, {}, "bleu") == []
-    assert flags_of({"bleu": 30.0}, {"hypothesis": ["same"] * 3, "stopped": [1] * 3}, {}, "bleu") == ["collapsed"]
-
-
 def test_data_fractions_get_a_table_each_and_a_heatmap(tmp_path: Path) -> None:
     rows = [_classifier_row(r, 0, a + 0.2 * f, fraction=f) for f in (0.1, 1.0) for r, a in [(1, 0.55), (4, 0.7)]]
     summary = write_report(tmp_path, "sw", rows, 0.0, {})
