@@ -194,7 +194,7 @@ def truncated_curve(registry: Registry, plan: SweepPlan, state: SweepState, data
                               mode="svd",
                               over_complete=point.over_complete, metrics=metrics,
                               trainable_params=None, adapter_mb=_size_mb(registry, card.ref), fraction=point.fraction,
-                              per_example=per_example_of(final), facts=facts)
+                              per_example=per_example_of(final, validation), facts=facts)
             state.record(point, row)
             log(f"[{plan.sweep_id}] truncated {parent.adapter} → r={point.rank}: {card.ref} "
                 + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("baseline_")))

@@ -118,14 +118,20 @@ def result_from_card(registry: Registry, card: AdapterCard, point: SweepPoint, m
         trainable_params=training.get("trainable_params"), adapter_mb=size / 2**20,
         wall_s=training.get("wall_time_s"), tokens_per_s=training.get("tokens_per_s"),
         peak_mem_mb=training.get("peak_memory_mb"), fraction=point.fraction,
-        per_example=per_example_of(card.metrics), facts=facts,
+        per_example=per_example_of(card.metrics, validation), facts=facts,
     )
 
 
-def per_example_of(metrics: dict[str, Any]) -> dict[str, list[Any]]:
-    """The per-example record an evaluation kept (empty for runs evaluated before it was kept)."""
-    record = metrics.get("per_example")
-    return {k: list(v) for k, v in record.items() if isinstance(v, list)} if isinstance(record, dict) else {}
+def per_example_of(metrics: dict[str, Any], validation: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+    """The per-example records the evaluations kept (empty for runs evaluated before they were kept): the final
+    task evaluation's as they are, the test loss's as ``test_nll`` / ``test_tokens``, and the kept validation
+    evaluation's prefixed ``val_`` (``val_nll``, ``val_correct`` …)."""
+    out: dict[str, list[Any]] = {}
+    for record, prefix in ((metrics.get("per_example"), ""), (metrics.get("test_per_example"), "test_"),
+                           ((validation or {}).get("per_example"), "val_")):
+        if isinstance(record, dict):
+            out.update({f"{prefix}{k}": list(v) for k, v in record.items() if isinstance(v, list)})
+    return out
 
 
 def loss_trace(run_dir: Path) -> dict[str, Any]:

@@ -3,7 +3,8 @@ paired test behind the knee.
 
 Every run of a sweep is scored on the *same* held-out examples, so runs can be compared example by example.
 A run's score is a function of column sums of its per-example matrix ``X [n, k]``: a mean (accuracy, ROUGE-L,
-token F1: ``k = 1``) or corpus BLEU (``k = 10`` sufficient statistics, ``metrics.bleu_from_stats``).
+token F1: ``k = 1``), a loss per token (summed NLL and token count: ``k = 2``) or corpus BLEU (``k = 10``
+sufficient statistics, ``metrics.bleu_from_stats``).
 One bootstrap replicate draws example weights ``w ~ Multinomial(n, 1/n)`` (the same ``w`` for every run: the
 comparison is *paired* over examples) and, per rank, its seeds with replacement (seeds are independent runs),
 and scores every run on ``w @ X``.
@@ -33,8 +34,8 @@ Statistic = Callable[[np.ndarray, float], np.ndarray]
 CONFIDENCE = 0.95
 RESAMPLES = 1000
 # Per-example record key and statistic for each metric that can be bootstrapped.
-MEAN_METRICS = {"accuracy": "correct", "rougeL": "rougeL", "token_f1": "token_f1", "meteor": "meteor",
-                "cider": "cider"}
+MEAN_METRICS = {"accuracy": "correct", "val_accuracy": "val_correct", "rougeL": "rougeL", "token_f1": "token_f1",
+                "meteor": "meteor", "cider": "cider"}
 
 
 def mean_statistic(sums: np.ndarray, n: float) -> np.ndarray:
@@ -48,10 +49,20 @@ def bleu_statistic(sums: np.ndarray, n: float) -> np.ndarray:
     return np.array([task_metrics.bleu_from_stats([list(row)]) for row in flat]).reshape(sums.shape[:-1])
 
 
+def ratio_statistic(sums: np.ndarray, n: float) -> np.ndarray:
+    """Summed NLL over summed tokens: the mean loss per token of a (re)sample of examples."""
+    return sums[..., 0] / np.maximum(sums[..., 1], 1.0)
+
+
 def per_example_matrix(metric: str, per_example: dict[str, list]) -> tuple[np.ndarray, Statistic] | None:
     """The ``[n, k]`` per-example matrix of ``metric`` and its statistic, or None when the run kept none."""
     if metric == "bleu" and per_example.get("bleu_stats"):
         return np.asarray(per_example["bleu_stats"], dtype=np.float64), bleu_statistic
+    for prefix in ("test_", "val_"):
+        if metric == f"{prefix}loss" and per_example.get(f"{prefix}nll") and per_example.get(f"{prefix}tokens"):
+            pairs = np.stack([np.asarray(per_example[f"{prefix}nll"], dtype=np.float64),
+                              np.asarray(per_example[f"{prefix}tokens"], dtype=np.float64)], 1)
+            return pairs, ratio_statistic
     key = MEAN_METRICS.get(metric)
     values = per_example.get(key) if key else None
     if values:

@@ -61,10 +61,12 @@ def classification_eval(model: torch.nn.Module, examples: Sequence[Example], lab
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of the labelled tokens and their count (causal LM, shifted)."""
+def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], batch_size: int,
+                          pad_id: int) -> tuple[list[float], list[int]]:
+    """Per example: the summed negative log-likelihood of its labelled tokens and their count (causal LM, shifted)."""
     device = _device(model)
-    total, count = 0.0, 0
+    nll: list[float] = []
+    counts: list[int] = []
     for chunk in _chunks(examples, batch_size):
         batch = collate_generation(chunk, pad_id)
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
@@ -72,19 +74,28 @@ def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: i
         logits = model(**inputs).logits.float()
         # A prompt-tuning model prepends virtual tokens to the logits; the real positions are the last ones.
         logits = logits[:, -labels.shape[1] :, :]
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
+        shift_labels = labels[:, 1:]  # [B, T-1]
         mask = shift_labels != -100
-        if mask.any():
-            total += float(torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum"))
-            count += int(mask.sum())
-    return total, count
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels.clamp_min(0),
+                                                   reduction="none")  # [B, T-1]
+        nll.extend((losses * mask).sum(1).tolist())
+        counts.extend(mask.sum(1).tolist())
+    return nll, counts
 
 
-def loss_eval(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> dict[str, float]:
-    """``val_loss`` (mean NLL per completion token) and ``perplexity``."""
-    nll, count = token_nll(model, examples, batch_size, pad_id)
-    return {"val_loss": nll / count if count else math.nan, "perplexity": metrics.perplexity(nll, count)}
+def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of the labelled tokens and their count (causal LM, shifted)."""
+    nll, counts = token_nll_per_example(model, examples, batch_size, pad_id)
+    return float(sum(nll)), int(sum(counts))
+
+
+def loss_eval(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> dict[str, Any]:
+    """``val_loss`` (mean NLL per completion token), ``perplexity`` and the per-example record (summed NLL and
+    token count of each example: the loss of any resample is the ratio of their sums)."""
+    nll, counts = token_nll_per_example(model, examples, batch_size, pad_id)
+    total, count = float(sum(nll)), int(sum(counts))
+    return {"val_loss": total / count if count else math.nan, "perplexity": metrics.perplexity(total, count),
+            "per_example": {"nll": nll, "tokens": counts}}
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,

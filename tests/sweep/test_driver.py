@@ -88,6 +88,13 @@ def test_report_files_knee_and_resume(sweep_registry: Registry, gen_data: Path, 
         assert float(row["data_fraction"]) == 1.0 and int(row["train_examples"]) > 0
         assert float(row["nist"]) >= 0 and float(row["cider"]) >= 0
         assert (row.get("meteor") not in (None, "")) == (meteor_available() is None)
+    # Every row (trained and truncated) keeps its per-example records: test outputs, BLEU statistics, and the test
+    # and validation losses' per-example sums, so every one of these metrics can be judged example by example.
+    results = json.loads((directory / "state.json").read_text())["results"]
+    assert len(results) == 5
+    for row in results.values():
+        kept = row["per_example"].keys()
+        assert {"hypothesis", "bleu_stats", "stopped", "test_nll", "test_tokens", "val_nll"} <= kept
     # Truncated adapters name their parent: the trained r=8 adapter.
     parent = next(r["adapter"] for r in trained if r["rank"] == "8")
     for row in truncated:

@@ -109,3 +109,12 @@ def test_seed_spread_reports_std_and_range() -> None:
     assert spread.mean == pytest.approx(0.59375) and spread.low == 0.5625 and spread.high == 0.625
     assert spread.std == pytest.approx(0.0441941738)
     assert stats.spread([0.5]).std is None
+
+
+def test_loss_per_token_is_rebuilt_from_per_example_sums() -> None:
+    record = {"test_nll": [2.0, 9.0, 1.0], "test_tokens": [1, 3, 1]}
+    found = stats.per_example_matrix("test_loss", record)
+    assert found is not None
+    matrix, statistic = found
+    assert float(statistic(matrix.sum(0), 3.0)) == pytest.approx(12.0 / 5)
+    assert stats.per_example_matrix("val_loss", record) is None

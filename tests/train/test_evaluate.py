@@ -110,3 +110,20 @@ def test_generation_eval_keeps_per_example_scores_and_the_copy_baseline(tiny: tu
     assert len(record["bleu_stats"]) == len(PROMPTS) and 0.0 <= result["stopped_fraction"] <= 1.0
     # Copying the prompt overlaps its own reference ("<prompt> ok"): a baseline well above zero.
     assert result["baseline_copy_input"]["rougeL"] > 0.5
+
+
+def test_loss_eval_keeps_per_example_sums_that_add_up_to_the_loss(tiny: tuple[torch.nn.Module, object]) -> None:
+    from adapterhub_local.train.evaluate import loss_eval
+    from adapterhub_local.train.tasks import Example
+
+    model, _ = tiny
+    model.eval()
+    examples = [Example([1, 5, 6, 7], [-100, -100, 6, 7]), Example([1, 8, 9], [-100, 8, 9]),
+                Example([1, 10, 11, 12, 13], [-100, -100, -100, 12, 13])]
+    result = loss_eval(model, examples, 2, 0)
+    record = result["per_example"]
+    assert record["tokens"] == [2, 2, 2]
+    assert sum(record["nll"]) / sum(record["tokens"]) == pytest.approx(result["val_loss"])
+    # Batching does not change an example's own sums.
+    alone = [loss_eval(model, [e], 1, 0)["per_example"]["nll"][0] for e in examples]
+    assert alone == pytest.approx(record["nll"], rel=1e-5)
