@@ -29,7 +29,7 @@ from adapterhub_local.lora import lora_pairs
 from adapterhub_local.registry.store import Registry
 from adapterhub_local.sweep.analysis import factored_svd, spectrum_of_values
 from adapterhub_local.sweep.report_rows import PointResult, lower_is_better, per_rank
-from adapterhub_local.sweep.verdict import judge
+from adapterhub_local.sweep.verdict import SeriesVerdict, flag_rows, judge
 
 
 def spectrum_summary(registry: Registry, refs: list[str]) -> dict[str, Any]:
@@ -58,6 +58,7 @@ def advise(registry: Registry, rows: list[PointResult], source_rank: int, metric
     truncs = [r for r in rows if r.series == "truncated" and r.fraction == fraction]
     if not sources:
         return None
+    flag_rows(rows, metric)
     curve_rows = [*truncs, *[_as_truncated(r) for r in sources]]
     verdict = judge(curve_rows, metric, tolerance, series="truncated", fraction=fraction)
     curve = per_rank(curve_rows, "truncated", fraction)
@@ -69,27 +70,40 @@ def advise(registry: Registry, rows: list[PointResult], source_rank: int, metric
     def cost(rank: int) -> int:
         return round(head - lora_top + spectrum["lora_params_per_rank"] * rank)
 
-    if verdict.verdict.separable and verdict.verdict.knee is not None:
-        recommended, basis = verdict.verdict.knee, verdict.verdict.statement()
-    else:
-        recommended = ranks[0]
-        basis = (f"no truncation is distinguishably worse than the rank-{source_rank} adapter "
-                 f"({verdict.verdict.reason}); the smallest swept rank is recommended, but the evaluation could "
-                 "not separate the ranks")
-    at = next(r for r in curve if r["rank"] == recommended)
+    recommended, basis = recommend(verdict, sources, source_rank)
+    at = next((r for r in curve if r["rank"] == recommended), {})
     e90 = spectrum["energy_rank_90"]
     spectral = next((r for r in ranks if e90 is not None and r >= e90), ranks[-1])
     advice: dict[str, Any] = {
         "source_rank": source_rank, "metric": metric, "fraction": fraction,
         "sources": [r.adapter for r in sources], "recommended_rank": recommended, "basis": basis,
         "expected": {metric: at.get(metric), "val_loss": at.get("val_loss"), "test_loss": at.get("test_loss"),
-                     "trainable_params": cost(recommended), "adapter_mb": at.get("adapter_mb")},
+                     "trainable_params": cost(recommended) if recommended else None,
+                     "adapter_mb": at.get("adapter_mb")},
+        "flags": {r["rank"]: r["flags"] for r in curve if r.get("flags")},
         "spectral_rank": spectral, "spectrum": spectrum,
         "curve": [{"rank": r["rank"], metric: r.get(metric), "val_loss": r.get("val_loss"),
                    "trainable_params": cost(r["rank"]), "adapter_mb": r.get("adapter_mb")} for r in curve],
     }
     advice["check"] = _check(rows, curve, metric, tolerance, fraction, recommended)
     return advice
+
+
+def recommend(curve: SeriesVerdict, sources: list[PointResult], source_rank: int) -> tuple[int | None, str]:
+    """The recommended rank on the truncated curve (flags already set) and why; None where nothing can be said."""
+    verdict = curve.verdict
+    usable = sorted(r.rank for r in curve.ranks if r.rank not in verdict.excluded)
+    if all(r.flags for r in sources):
+        flags = sorted({f for r in sources for f in r.flags})
+        return None, (f"no recommendation: the rank-{source_rank} adapter is flagged ({', '.join(flags)}), so its "
+                      "truncations predict nothing; train it longer or with another learning rate")
+    if verdict.separable and verdict.knee is not None:
+        return verdict.knee, verdict.statement()
+    if len(usable) < 2:
+        return None, f"no recommendation: {verdict.reason}"
+    return usable[0], (f"no truncation is distinguishably worse than the rank-{source_rank} adapter "
+                       f"({verdict.reason}); the smallest usable rank is recommended, but the evaluation could "
+                       "not separate the ranks")
 
 
 def _as_truncated(row: PointResult) -> PointResult:
@@ -99,7 +113,7 @@ def _as_truncated(row: PointResult) -> PointResult:
 
 
 def _check(rows: list[PointResult], curve: list[dict[str, Any]], metric: str, tolerance: float, fraction: float,
-           recommended: int) -> dict[str, Any] | None:
+           recommended: int | None) -> dict[str, Any] | None:
     trained = per_rank(rows, "trained", fraction)
     predicted = {r["rank"]: r.get(metric) for r in curve}
     pairs: list[tuple[int, float, float]] = []
@@ -117,28 +131,25 @@ def _check(rows: list[PointResult], curve: list[dict[str, Any]], metric: str, to
             "mean_signed_error": statistics.fmean(sign * (p - t) for _, p, t in pairs),
             "trained_knee": verdict.verdict.knee, "trained_separable": verdict.verdict.separable,
             "trained_statement": verdict.verdict.statement(),
-            "agrees": verdict.verdict.knee == recommended if verdict.verdict.separable else None}
+            "agrees": verdict.verdict.knee == recommended if verdict.verdict.separable and recommended else None}
 
 
 def advice_markdown(advice: dict[str, Any]) -> list[str]:
     """The advice as a report section."""
     metric = advice["metric"]
-    expected = advice["expected"]
     spec = advice["spectrum"]
     lines = ["## Rank advisor", "",
              f"Trained r = {advice['source_rank']} ({', '.join(advice['sources'])}); every lower rank predicted "
              "by SVD truncation of its updates.", "",
-             f"**Recommended rank: r = {advice['recommended_rank']}** — expected {metric} "
-             f"{_num(expected.get(metric))}, val_loss {_num(expected.get('val_loss'))}, "
-             f"{_num(expected.get('trainable_params'))} trainable parameters, adapter "
-             f"{_num(expected.get('adapter_mb'))} MB. Basis: {advice['basis']}", "",
+             _headline(advice), "",
              f"Spectrum of the r = {advice['source_rank']} updates (mean over modules): entropy effective rank "
              f"{_num(spec.get('entropy_rank'))}, 90% energy at {_num(spec.get('energy_rank_90'))}, 99% at "
              f"{_num(spec.get('energy_rank_99'))} → spectral estimate r = {advice['spectral_rank']}.", "",
-             f"| r | predicted {metric} | predicted val_loss | trainable params |", "|---|---|---|---|"]
+             f"| r | predicted {metric} | predicted val_loss | trainable params | flags |", "|---|---|---|---|---|"]
+    flags = {str(k): v for k, v in advice.get("flags", {}).items()}
     for row in advice["curve"]:
         lines.append(f"| {row['rank']} | {_num(row.get(metric))} | {_num(row.get('val_loss'))} | "
-                     f"{_num(row.get('trainable_params'))} |")
+                     f"{_num(row.get('trainable_params'))} | {flags.get(str(row['rank']), '')} |")
     check = advice.get("check")
     if check:
         lines += ["", "Prediction against trained ranks:", "", f"| r | predicted {metric} | trained {metric} |",
@@ -152,6 +163,16 @@ def advice_markdown(advice: dict[str, Any]) -> list[str]:
         lines += ["", "No trained adapters of the other ranks yet: run the same sweep without --advise to check "
                   "the prediction."]
     return lines
+
+
+def _headline(advice: dict[str, Any]) -> str:
+    metric, expected = advice["metric"], advice["expected"]
+    if advice["recommended_rank"] is None:
+        return f"**No recommended rank** — {advice['basis']}"
+    return (f"**Recommended rank: r = {advice['recommended_rank']}** — expected {metric} "
+            f"{_num(expected.get(metric))}, val_loss {_num(expected.get('val_loss'))}, "
+            f"{_num(expected.get('trainable_params'))} trainable parameters, adapter "
+            f"{_num(expected.get('adapter_mb'))} MB. Basis: {advice['basis']}")
 
 
 def _num(value: Any) -> str:

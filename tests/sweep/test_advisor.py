@@ -21,7 +21,7 @@ def test_advisor_trains_one_rank_predicts_the_rest_and_is_checked_later(
 ) -> None:
     from adapterhub_local.train import runner
 
-    recipe = recipe_for("cls", cls_data, tmp_path / "runs", max_steps=6, lr=2e-2)
+    recipe = recipe_for("cls", cls_data, tmp_path / "runs", max_steps=24, lr=5e-2)
     trained: list[int] = []
     real_run = runner.run
 
@@ -76,3 +76,27 @@ def test_data_fractions_train_nested_subsets_on_one_held_out_split(
     assert len(tests) == 1
     assert (directory / "rank_by_data.png").stat().st_size > 0
     assert "## Data fraction 0.5" in (directory / "results.md").read_text()
+
+
+def test_no_rank_is_recommended_from_a_flagged_adapter() -> None:
+    from adapterhub_local.sweep.advisor import recommend
+    from adapterhub_local.sweep.verdict import flag_rows, judge
+    from tests.sweep.test_report import _classifier_row
+
+    labels = [0] * 250 + [1] * 150
+    collapsed = [_classifier_row(r, 0, 0.0, labels=labels, predicted=[0] * 400) for r in (1, 2, 8)]
+    for row in collapsed:
+        row.series = "truncated"
+    flag_rows(collapsed, "accuracy")
+    rank, why = recommend(judge(collapsed, "accuracy", 0.0, series="truncated"), [collapsed[-1]], 8)
+    assert rank is None and "flagged (below_baseline, collapsed)" in why
+    # A healthy curve with a clear knee recommends it; an inseparable one the smallest rank, with the caveat.
+    clear = [_classifier_row(r, 0, a, labels=labels) for r, a in [(1, 0.7), (2, 0.95), (8, 0.95)]]
+    same = [_classifier_row(r, 0, 0.8, labels=labels) for r in (1, 2, 8)]
+    for rows in (clear, same):
+        for row in rows:
+            row.series = "truncated"
+        flag_rows(rows, "accuracy")
+    assert recommend(judge(clear, "accuracy", 0.0, series="truncated"), [clear[-1]], 8)[0] == 2
+    rank, why = recommend(judge(same, "accuracy", 0.0, series="truncated"), [same[-1]], 8)
+    assert rank == 1 and "could not separate" in why
