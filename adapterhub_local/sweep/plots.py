@@ -102,7 +102,11 @@ def metric_vs_rank(verdicts: Sequence[SeriesVerdict], metrics: list[str], tables
     score as a dot, flagged runs as red crosses and the knee as a dashed line; other metrics show ± the seed std."""
     plt = _pyplot()
     shown = [m for m in metrics if any(isinstance(r.get(m), int | float) for t in tables.values() for r in t)]
-    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(4.5 * max(len(shown), 1), 3.8), squeeze=False)
+    cols = min(4, max(len(shown), 1))
+    rows_n = -(-max(len(shown), 1) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
     judged = {(v.series, v.fraction): v for v in verdicts}
     series: list[tuple[str, float, list[dict[str, Any]]]] = [("trained", f, t) for f, t in sorted(tables.items())]
     if truncated:

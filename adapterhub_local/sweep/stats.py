@@ -152,8 +152,8 @@ def knee_test(runs: dict[int, list[np.ndarray]], statistic: Statistic, metric: s
     test = "paired bootstrap over evaluation examples and seeds"
     verdict = Verdict(metric, test, confidence, 0.0)
     ranks = sorted(r for r, mats in runs.items() if mats)
-    if len(ranks) < 2:
-        verdict.reason = f"{len(ranks)} rank(s) with usable runs; a knee needs at least two"
+    if not ranks:
+        verdict.reason = "no rank with usable runs; a knee needs at least two"
         return verdict
     sizes = {m.shape[0] for r in ranks for m in runs[r]}
     if len(sizes) != 1:
@@ -171,6 +171,9 @@ def knee_test(runs: dict[int, list[np.ndarray]], statistic: Statistic, metric: s
         picks = rng.integers(0, per_seed.shape[0], size=(per_seed.shape[0], resamples))  # seeds with replacement
         replicate[r] = np.take_along_axis(per_seed, picks, 0).mean(0)  # [B]
         verdict.rank_interval[r] = percentile_interval(replicate[r], confidence)
+    if len(ranks) < 2:
+        verdict.reason = "1 rank with usable runs; a knee needs at least two"
+        return verdict
     margin = tolerance * abs(point[best])
     alpha = 1 - confidence
     for r in ranks:
