@@ -85,7 +85,8 @@ def advise(registry: Registry, rows: list[PointResult], source_rank: int, metric
         "curve": [{"rank": r["rank"], metric: r.get(metric), "val_loss": r.get("val_loss"),
                    "trainable_params": cost(r["rank"]), "adapter_mb": r.get("adapter_mb")} for r in curve],
     }
-    advice["check"] = _check(rows, curve, metric, tolerance, fraction, recommended)
+    advice["check"] = _check(rows, [r for r in curve if r["rank"] != source_rank], metric, tolerance, fraction,
+                             recommended)
     return advice
 
 
@@ -121,7 +122,7 @@ def _check(rows: list[PointResult], curve: list[dict[str, Any]], metric: str, to
         guess, value = predicted.get(row["rank"]), row.get(metric)
         if isinstance(guess, float) and isinstance(value, float):
             pairs.append((int(row["rank"]), guess, value))
-    if len(trained) < 2 or len(pairs) < 2:
+    if not pairs:  # the trained high-rank adapter is its own prediction; it is left out of the check
         return None
     verdict = judge(rows, metric, tolerance, series="trained", fraction=fraction)
     errors = [abs(p - t) for _, p, t in pairs]
