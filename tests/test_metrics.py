@@ -73,3 +73,48 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size() -> None:
 def test_generation_metrics_bundle() -> None:
     out = metrics.generation_metrics(["a pub"], [["a pub", "the pub"]])
     assert set(out) >= {"bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1"}
+
+
+@settings(max_examples=20, deadline=None)
+@given(sentences=st.lists(st.tuples(words, words), min_size=1, max_size=6))
+def test_bleu_from_per_example_statistics_equals_corpus_bleu(sentences: list[tuple[list[str], list[str]]]) -> None:
+    hyps = [" ".join(h) for h, _ in sentences]
+    refs = [[" ".join(r), " ".join(h[::-1])] for h, r in sentences]
+    assert metrics.bleu_from_stats(metrics.bleu_stats(hyps, refs)) == pytest.approx(metrics.bleu(hyps, refs))
+
+
+def test_per_example_rouge_and_f1_average_to_the_corpus_scores() -> None:
+    hyps = ["the eagle is by the river", "a cheap pub", "nothing alike"]
+    refs = [["the eagle is near the river"], ["a cheap pub in town", "cheap pub"], ["the wrestlers"]]
+    per = metrics.rouge_per_example(hyps, refs)
+    assert sum(per["rougeL"]) / 3 == pytest.approx(metrics.rouge(hyps, refs)["rougeL"])
+    assert sum(metrics.token_f1_per_example(hyps, refs)) / 3 == pytest.approx(
+        metrics.exact_match_and_f1(hyps, refs)["token_f1"])
+
+
+def test_nist_and_cider_reward_the_references_and_use_all_of_them() -> None:
+    refs = [["there is a cheap pub in the city centre", "a cheap pub sits in the centre of the city"],
+            ["the eagle is a family friendly restaurant", "the eagle welcomes families"],
+            ["zizzi serves italian food", "italian food is served at zizzi"]]
+    perfect = [r[1] for r in refs]
+    poor = ["blue", "green", "red"]
+    assert metrics.nist(perfect, refs) > metrics.nist(poor, refs)
+    good_cider, per_example = metrics.cider(perfect, refs)
+    assert good_cider > metrics.cider(poor, refs)[0] and len(per_example) == 3
+    # The second reference alone matches: the score with only the first references is lower.
+    assert metrics.nist(perfect, [[r[0]] for r in refs]) < metrics.nist(perfect, refs)
+    assert metrics.nist([""] * 3, refs) == 0.0
+
+
+@pytest.mark.skipif(metrics.meteor_available() is not None, reason="METEOR 1.5 needs Java")
+def test_meteor_runs_offline_and_scores_per_example() -> None:
+    refs = [["the eagle is near the river", "by the river is the eagle"], ["a cheap pub | in town"]]
+    (score, per_example), (worse, _) = metrics.meteor_many([["the eagle is near the river", "a cheap pub"],
+                                                            ["purple", "dog"]], refs)
+    assert 0.0 <= worse < score <= 1.0 and per_example[0] > per_example[1] > 0
+
+
+def test_e2e_metrics_name_what_could_not_run() -> None:
+    scores, per_example, unavailable = metrics.e2e_metrics(["a b c d"], [["a b c d"]], with_meteor=False)
+    assert {"bleu", "nist", "rougeL", "cider"} <= scores.keys() and unavailable == {"meteor": "not asked for"}
+    assert scores["bleu"] == pytest.approx(100.0) and per_example["rougeL"] == [1.0]

@@ -1,5 +1,6 @@
-"""Rank commands: ``sweep`` (train and report a LoRA rank sweep), ``compare`` (metrics, spectra, effective rank
-and subspace similarity of adapters side by side), ``truncate`` (SVD-truncate an adapter to a lower rank)."""
+"""Rank commands: ``sweep`` (train and report a LoRA rank sweep; ``--advise`` for the rank advisor),
+``compare`` (metrics, spectra, effective rank and subspace similarity of adapters side by side), ``truncate``
+(SVD-truncate an adapter to a lower rank; only ever lower)."""
 
 from __future__ import annotations
 
@@ -60,13 +61,25 @@ def truncate_cmd(
 @app.command("sweep")
 def sweep_cmd(
     recipe: Path = typer.Argument(..., help="A LoRA training recipe (YAML)."),
+    overrides: list[str] = typer.Argument(None, help="key=value recipe overrides, e.g. train.max_steps=50 "
+                                          "(as for train; --set k=v works too)."),
     ranks: str | None = typer.Option(None, "--ranks", help="Comma-separated ranks (default 1,2,4,…,1024)."),
     alpha_policy: str = typer.Option("fixed", "--alpha-policy", help="fixed | proportional | rslora."),
     seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the recipe's)."),
     mode: str = typer.Option("sequential", "--mode", help="sequential | concurrent."),
     truncate_from: int | None = typer.Option(None, "--truncate-from", help="Also SVD-truncate this rank's adapter "
                                              "to every lower swept rank and report that curve."),
-    tolerance: float = typer.Option(0.01, help="Knee: smallest rank within this relative tolerance of the best."),
+    tolerance: float = typer.Option(0.01, help="Knee margin: a rank counts as worse than the best only when its "
+                                    "deficit exceeds this fraction of the best score at 95% confidence."),
+    data_fractions: str | None = typer.Option(None, "--data-fractions", help="Rank × data size: train every "
+                                              "rank on these fractions of the training rows, e.g. 0.1,0.3,1.0 "
+                                              "(same validation and test split for all)."),
+    advise: bool = typer.Option(False, "--advise", help="Rank advisor: train only the highest rank, predict the "
+                                "others from its SVD truncations and recommend a rank."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Generation: also evaluate each trained adapter with "
+                                  "beam search of this width, beside greedy decoding."),
+    e2e_metrics: bool = typer.Option(True, "--e2e-metrics/--no-e2e-metrics", help="Generation: add NIST, METEOR "
+                                     "and CIDEr (the E2E challenge's metrics) to BLEU and ROUGE-L."),
     knee_metric: str | None = typer.Option(None, "--knee-metric", help="Metric for the knee (default: accuracy, "
                                            "else BLEU, else val_loss)."),
     sweep_id: str | None = typer.Option(None, "--sweep-id", help="Name (default: derived; a re-run resumes)."),
@@ -78,13 +91,13 @@ def sweep_cmd(
     tag each with the sweep id, and write runs/<sweep-id>/results.{csv,json,md} and plots."""
     from adapterhub_local.config import load_recipe
     from adapterhub_local.sweep.driver import run_sweep
-    from adapterhub_local.sweep.plan import SweepConfig, parse_ranks
+    from adapterhub_local.sweep.plan import SweepConfig, parse_fractions, parse_ranks
 
-    loaded = load_recipe(recipe, parse_overrides(override))
+    loaded = load_recipe(recipe, parse_overrides([*(overrides or []), *override]))
     config = SweepConfig(
         ranks=parse_ranks(ranks), alpha_policy=alpha_policy, mode=mode, truncate_from=truncate_from,
-        seeds=[int(s) for s in seeds.split(",") if s.strip()] if seeds else None, tolerance=tolerance,
-        sweep_id=sweep_id, knee_metric=knee_metric,
+        seeds=_seeds(seeds), tolerance=tolerance, sweep_id=sweep_id, knee_metric=knee_metric,
+        data_fractions=parse_fractions(data_fractions), advise=advise, num_beams=num_beams, e2e_metrics=e2e_metrics,
     )
     summary = run_sweep(get_registry(create=True), loaded, config, progress=progress,
                         log=lambda line: console.print(line, markup=False, highlight=False))
@@ -94,6 +107,19 @@ def sweep_cmd(
     console.print(Path(summary["directory"], "results.md").read_text(encoding="utf-8"), markup=False,
                   highlight=False)
     console.print(f"report: {summary['directory']}")
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    from adapterhub_local.errors import ConfigError
+
+    if not text:
+        return None
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [p for p in parts if not p.lstrip("-").isdigit()]
+    if bad or not parts:
+        raise ConfigError([f"seed {p!r} is not an integer" for p in bad] or ["no seeds given"],
+                          "give seeds like --seeds 0,1,2", what="seeds")
+    return [int(p) for p in parts]
 
 
 _HEADLINE = ("val_loss", "test_loss", "accuracy", "macro_f1", "bleu", "rougeL")

@@ -40,7 +40,8 @@ class AdapterAnalysis:
         n = max(len(spectra), 1)
         return {
             "ref": self.card.ref, "rank": self.card.rank, "alpha": self.card.alpha, "task": self.card.task,
-            "parent": self.card.parent, "metrics": self.card.metrics,
+            # The per-example evaluation record stays on the card; a comparison shows the scores.
+            "parent": self.card.parent, "metrics": {k: v for k, v in self.card.metrics.items() if k != "per_example"},
             "trainable_params": self.card.training.get("trainable_params"),
             "entropy_rank_mean": sum(s.entropy_rank for s in spectra) / n,
             "energy_rank_90_mean": sum(s.energy_rank_90 for s in spectra) / n,

@@ -106,3 +106,19 @@ def evaluate_state(ctx: RunContext, recipe: Recipe, state: dict[str, torch.Tenso
         validation = ctx.periodic(trainable.model)
     final, _ = runner.final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
     return validation, final
+
+
+def beam_eval(ctx: RunContext, registry: Registry, ref: str, num_beams: int) -> dict[str, Any]:
+    """The test prompts of a registered generation adapter decoded with ``num_beams``-beam search and scored
+    like the runner's greedy evaluation (same prompts, references, ``max_new_tokens`` and batch size)."""
+    from adapterhub_local.config import parse_recipe
+    from adapterhub_local.errors import ConfigError
+
+    loaded = registry.load_adapter(ref)
+    recipe, problems = parse_recipe(dict(loaded.card.recipe))
+    if problems:
+        raise ConfigError(problems, f"re-register {ref} from a valid recipe", what=f"{ref}'s recipe")
+    trainable = trainable_with(ctx, recipe, loaded.tensors)
+    result, _ = ev.generation_eval(trainable.model, ctx.tokenizer, ctx.encoded.prompts, recipe.eval.max_new_tokens,
+                                   recipe.eval.batch_size, num_beams=num_beams)
+    return result

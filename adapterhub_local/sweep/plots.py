@@ -1,5 +1,6 @@
 """Matplotlib figures for sweeps and comparisons (headless, Agg backend): φ heatmaps per module, singular
-value spectra, metric against rank on a log2 axis, trainable parameters against rank.
+value spectra, metric against rank on a log2 axis with error bars, trainable parameters against rank, and the
+rank × data-size heatmap.
 """
 
 from __future__ import annotations
@@ -7,11 +8,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from adapterhub_local.sweep.analysis import Spectrum
+
+if TYPE_CHECKING:
+    from adapterhub_local.sweep.verdict import SeriesVerdict
 
 
 def _pyplot() -> Any:
@@ -91,30 +95,83 @@ def spectra_plot(spectra: dict[str, dict[str, Spectrum]], path: Path) -> Path:
     return path
 
 
-def metric_vs_rank(
-    rows: list[dict[str, Any]], metrics: list[str], path: Path, knee: int | None = None,
-    extra_series: dict[str, list[dict[str, Any]]] | None = None,
-) -> Path:
-    """Each metric against rank (log2 x axis); the knee marked; optional extra series (e.g. truncated)."""
+def metric_vs_rank(verdicts: Sequence[SeriesVerdict], metrics: list[str], tables: dict[float, list[dict[str, Any]]],
+                   truncated: list[dict[str, Any]], path: Path) -> Path:
+    """Each metric against rank (log2 x axis), one line per data fraction (and the truncated curve). The judged
+    metric carries error bars — the rank's 95% bootstrap interval over examples and seeds — with every seed's
+    score as a dot, flagged runs as red crosses and the knee as a dashed line; other metrics show ± the seed std."""
     plt = _pyplot()
-    shown = [m for m in metrics if any(isinstance(r.get(m), int | float) for r in rows)]
-    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(4.5 * max(len(shown), 1), 3.6), squeeze=False)
+    shown = [m for m in metrics if any(isinstance(r.get(m), int | float) for t in tables.values() for r in t)]
+    cols = min(4, max(len(shown), 1))
+    rows_n = -(-max(len(shown), 1) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    judged = {(v.series, v.fraction): v for v in verdicts}
+    series: list[tuple[str, float, list[dict[str, Any]]]] = [("trained", f, t) for f, t in sorted(tables.items())]
+    if truncated:
+        series.append(("truncated", max(tables) if tables else 1.0, truncated))
     for ax, metric in zip(axes.flat, shown, strict=False):
-        series = {"trained": rows, **(extra_series or {})}
-        for label, data in series.items():
-            points = sorted((r["rank"], r[metric]) for r in data if isinstance(r.get(metric), int | float))
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        over = [r for r in rows if r.get("over_complete") and isinstance(r.get(metric), int | float)]
-        if over:
-            ax.scatter([r["rank"] for r in over], [r[metric] for r in over], marker="x", color="red", zorder=3,
-                       label="over-complete")
-        if knee is not None:
-            ax.axvline(knee, linestyle="--", color="grey", label=f"knee r={knee}")
+        for name, fraction, rows in series:
+            label = name if len(tables) == 1 else f"{name}, data {fraction:g}"
+            points = sorted((r["rank"], r[metric]) for r in rows if isinstance(r.get(metric), int | float))
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            y = [p[1] for p in points]
+            verdict = judged.get((name, fraction))
+            if verdict is not None and verdict.metric == metric:
+                low = [y_i - verdict.verdict.rank_interval[r].low if r in verdict.verdict.rank_interval else 0.0
+                       for r, y_i in points]
+                high = [verdict.verdict.rank_interval[r].high - y_i if r in verdict.verdict.rank_interval else 0.0
+                        for r, y_i in points]
+                line = ax.errorbar(x, y, yerr=[[max(v, 0.0) for v in low], [max(v, 0.0) for v in high]],
+                                   marker="o", capsize=3, label=label)
+                for summary in verdict.ranks:
+                    for seed, value in summary.seed_values.items():
+                        flagged = seed in summary.flags
+                        ax.scatter([summary.rank], [value], s=14, zorder=3,
+                                   color="red" if flagged else line[0].get_color(),
+                                   marker="x" if flagged else ".", alpha=0.8)
+                if verdict.verdict.knee is not None and name == "trained":
+                    where = "" if len(tables) == 1 else f" ({fraction:g})"
+                    ax.axvline(verdict.verdict.knee, linestyle="--", color=line[0].get_color(),
+                               label=f"knee r={verdict.verdict.knee}{where}")
+            else:
+                std = {r["rank"]: float(r.get(f"{metric}_std") or 0.0) for r in rows}
+                ax.errorbar(x, y, yerr=[std[r] for r in x], marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def rank_data_heatmap(tables: dict[float, list[dict[str, Any]]], metric: str, path: Path) -> Path:
+    """The mean ``metric`` over seeds for every (data fraction, rank): rank × data size at a glance."""
+    plt = _pyplot()
+    fractions = sorted(tables)
+    ranks = sorted({r["rank"] for t in tables.values() for r in t})
+    grid = torch.full((len(fractions), len(ranks)), float("nan"))
+    for i, fraction in enumerate(fractions):
+        for row in tables[fraction]:
+            if isinstance(row.get(metric), int | float):
+                grid[i, ranks.index(row["rank"])] = float(row[metric])
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 0.6 * len(ranks)), max(3.0, 1.6 + 0.6 * len(fractions))))
+    image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto", origin="lower")
+    for i in range(len(fractions)):
+        for j in range(len(ranks)):
+            if not torch.isnan(grid[i, j]):
+                ax.text(j, i, f"{float(grid[i, j]):.3g}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_yticks(range(len(fractions)), [f"{f:g}" for f in fractions])
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("fraction of training data")
+    fig.colorbar(image, ax=ax, label=f"{metric} (mean over seeds)")
+    ax.set_title(f"{metric}: rank × data size", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,145 +1,85 @@
-"""The sweep report under ``runs/<sweep-id>/``: ``results.csv``, ``results.json``, ``results.md`` (one row
-per rank, means over seeds), ``metric_vs_rank.png`` (log2 rank axis), ``params_vs_rank.png``, and the knee —
-the smallest rank whose primary metric is within a stated tolerance of the best rank's.
+"""The sweep report under ``runs/<sweep-id>/``: ``results.csv`` (one row per run), ``results.json`` (summary,
+verdicts, per-rank rows), ``results.md`` (per data fraction: a table with the primary metric's mean, std and
+min–max over seeds, each seed's bootstrap interval, the other metrics, the run facts and the sanity flags;
+then the knee or "not separable"), ``metric_vs_rank.png`` (error bars), ``params_vs_rank.png`` and, with
+several data fractions, ``rank_by_data.png`` (a heatmap).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-import statistics
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Metrics where lower is better; every other numeric metric is taken as higher-is-better.
-_LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "ter", "wer")
-# The primary metric, first present wins.
-PRIMARY_ORDER = ("accuracy", "bleu", "rougeL", "rouge_l", "macro_f1", "val_loss")
-TABLE_COLUMNS = ("val_loss", "test_loss", "accuracy", "macro_f1", "bleu", "rougeL", "rouge_l", "val_perplexity")
+from adapterhub_local.sweep.report_rows import (
+    FACTS,
+    PRIMARY_ORDER,
+    TABLE_COLUMNS,
+    PointResult,
+    lower_is_better,
+    numeric_metrics,
+    per_rank,
+    primary_metric,
+)
+from adapterhub_local.sweep.sanity import DIVERGED_FACTOR, MIN_STOPPED
+from adapterhub_local.sweep.verdict import SeriesVerdict, flag_rows, judge
 
-
-@dataclass
-class PointResult:
-    """One trained (or truncated) adapter of a sweep, as a report row."""
-
-    rank: int
-    seed: int
-    adapter: str
-    """Registry reference ``name@version``."""
-    alpha: float
-    scale: float
-    series: str = "trained"
-    """``trained`` or ``truncated`` (SVD of the ``truncate_from`` adapter)."""
-    mode: str = "sequential"
-    over_complete: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    """Numeric metrics: validation ones prefixed ``val_`` (``val_loss``, ``val_accuracy`` …, at the kept best
-    evaluation) and the held-out test ones (``test_loss``, accuracy, F1 / BLEU, ROUGE-L …)."""
-    trainable_params: int | None = None
-    adapter_mb: float | None = None
-    wall_s: float | None = None
-    tokens_per_s: float | None = None
-    peak_mem_mb: float | None = None
-
-    def flat(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k not in ("metrics", "over_complete")}
-        row["over_complete"] = ",".join(self.over_complete)
-        row.update(self.metrics)
-        return row
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PointResult:
-        return cls(**data)
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric.lower() for word in _LOWER_IS_BETTER)
-
-
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar numeric entries of a metrics dict (nested dicts like confusion matrices dropped)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
-
-
-def primary_metric(rows: list[PointResult]) -> str | None:
-    present = {k for r in rows for k in r.metrics}
-    return next((m for m in PRIMARY_ORDER if m in present), None)
-
-
-def per_rank(rows: list[PointResult], series: str = "trained") -> list[dict[str, Any]]:
-    """One row per rank: the mean over seeds of every numeric field (and the seed-std of the primary metric)."""
-    by_rank: dict[int, list[PointResult]] = {}
-    for row in rows:
-        if row.series == series:
-            by_rank.setdefault(row.rank, []).append(row)
-    out = []
-    for rank in sorted(by_rank):
-        group = by_rank[rank]
-        merged: dict[str, Any] = {"rank": rank, "seeds": len(group), "adapters": " ".join(r.adapter for r in group),
-                                  "over_complete": bool(group[0].over_complete),
-                                  "over_complete_modules": ",".join(group[0].over_complete),
-                                  "alpha": group[0].alpha, "scale": group[0].scale}
-        for key in ("trainable_params", "adapter_mb", "wall_s", "tokens_per_s", "peak_mem_mb"):
-            values = [getattr(r, key) for r in group if getattr(r, key) is not None]
-            merged[key] = statistics.fmean(values) if values else None
-        for metric in sorted({k for r in group for k in r.metrics}):
-            values = [r.metrics[metric] for r in group if metric in r.metrics]
-            merged[metric] = statistics.fmean(values)
-            if len(values) > 1:
-                merged[f"{metric}_std"] = statistics.stdev(values)
-        out.append(merged)
-    return out
-
-
-def knee(rank_rows: list[dict[str, Any]], metric: str, tolerance: float) -> int | None:
-    """Smallest rank whose ``metric`` is within ``tolerance`` (relative) of the best rank's value."""
-    points = [(r["rank"], r[metric]) for r in rank_rows if isinstance(r.get(metric), int | float)]
-    if not points:
-        return None
-    if lower_is_better(metric):
-        best = min(v for _, v in points)
-        ok = [rank for rank, v in points if v <= best + abs(best) * tolerance]
-    else:
-        best = max(v for _, v in points)
-        ok = [rank for rank, v in points if v >= best - abs(best) * tolerance]
-    return min(ok)
+__all__ = ["PRIMARY_ORDER", "PointResult", "lower_is_better", "numeric_metrics", "per_rank", "primary_metric",
+           "write_report"]
 
 
 def write_report(directory: Path, sweep_id: str, rows: list[PointResult], tolerance: float,
-                 meta: dict[str, Any], knee_metric: str | None = None) -> dict[str, Any]:
-    """Write every report file; returns the summary (knee, primary metric, paths)."""
+                 meta: dict[str, Any], knee_metric: str | None = None,
+                 advice: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every report file; returns the summary (knee, verdicts, primary metric, paths)."""
     from adapterhub_local.sweep import plots
 
     directory.mkdir(parents=True, exist_ok=True)
-    trained = per_rank(rows, "trained")
-    truncated = per_rank(rows, "truncated")
     primary = knee_metric or primary_metric(rows)
-    knee_rank = knee(trained, primary, tolerance) if primary else None
-    summary = {"sweep_id": sweep_id, "primary_metric": primary, "tolerance": tolerance, "knee": knee_rank,
-               "lower_is_better": lower_is_better(primary) if primary else None, **meta}
+    flag_rows(rows, primary)
+    fractions = sorted({r.fraction for r in rows if r.series == "trained"}) or [1.0]
+    verdicts: list[SeriesVerdict] = []
+    if primary:
+        for fraction in fractions:
+            verdicts.append(judge(rows, primary, tolerance, series="trained", fraction=fraction))
+        if any(r.series == "truncated" for r in rows):
+            verdicts.append(judge(rows, primary, tolerance, series="truncated", fraction=max(fractions)))
+    main = next((v for v in verdicts if v.series == "trained" and v.fraction == max(fractions)), None)
+    summary = {"sweep_id": sweep_id, "primary_metric": primary, "tolerance": tolerance,
+               "knee": main.verdict.knee if main else None,
+               "separable": main.verdict.separable if main else False,
+               "verdict": main.verdict.statement() if main else "no metric to judge",
+               "lower_is_better": lower_is_better(primary) if primary else None,
+               "data_fractions": fractions, **meta}
+    if advice is not None:
+        summary["advice"] = {k: v for k, v in advice.items() if k != "curve"}
     flat = [r.flat() for r in rows]
     columns = sorted({k for row in flat for k in row}, key=_column_order)
     with (directory / "results.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
+    tables = {f: per_rank(rows, "trained", f) for f in fractions}
+    truncated = per_rank(rows, "truncated")
     (directory / "results.json").write_text(json.dumps(
-        {"summary": summary, "per_rank": trained, "per_rank_truncated": truncated, "points": flat},
+        {"summary": summary, "verdicts": [v.to_dict() for v in verdicts],
+         "per_rank": tables[max(fractions)], "per_rank_by_fraction": {str(f): t for f, t in tables.items()},
+         "per_rank_truncated": truncated, "points": flat, "advice": advice},
         indent=2, sort_keys=True, default=str), encoding="utf-8")
-    metrics = [m for m in TABLE_COLUMNS if any(m in r for r in trained)]
-    plots.metric_vs_rank(trained, metrics, directory / "metric_vs_rank.png", knee_rank,
-                         {"truncated": truncated} if truncated else None)
-    plots.params_vs_rank(trained, directory / "params_vs_rank.png")
-    (directory / "results.md").write_text(markdown(summary, trained, truncated, metrics), encoding="utf-8")
+    metrics = [m for m in TABLE_COLUMNS if any(m in r for t in tables.values() for r in t)]
+    plots.metric_vs_rank(verdicts, metrics, tables, truncated, directory / "metric_vs_rank.png")
+    plots.params_vs_rank(tables[max(fractions)], directory / "params_vs_rank.png")
+    if len(fractions) > 1 and primary:
+        plots.rank_data_heatmap(tables, primary, directory / "rank_by_data.png")
+    (directory / "results.md").write_text(markdown(summary, verdicts, tables, truncated, metrics, advice),
+                                          encoding="utf-8")
     return summary
 
 
 def _column_order(name: str) -> tuple[int, str]:
-    first = ["series", "rank", "seed", "adapter", "alpha", "scale", "over_complete", *TABLE_COLUMNS,
-             "trainable_params", "adapter_mb", "wall_s", "tokens_per_s", "peak_mem_mb", "mode"]
+    first = ["series", "fraction", "rank", "seed", "adapter", "flags", "alpha", "scale", "over_complete",
+             *TABLE_COLUMNS, *FACTS, "trainable_params", "adapter_mb", "wall_s", "tokens_per_s", "peak_mem_mb", "mode"]
     return (first.index(name), name) if name in first else (len(first), name)
 
 
@@ -155,36 +95,104 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown(summary: dict[str, Any], trained: list[dict[str, Any]], truncated: list[dict[str, Any]],
-             metrics: list[str]) -> str:
-    """``results.md``: the per-rank table, the knee, the truncated curve."""
-    head = ["r", "alpha", *metrics, "trainable params", "adapter MB", "wall s", "tokens/s", "peak MB",
-            "over-complete"]
-    lines = [f"# Rank sweep `{summary['sweep_id']}`", ""]
-    for key in ("recipe", "mode", "alpha_policy", "seeds", "steps", "command"):
+def _spread_cell(verdict: SeriesVerdict, rank: int) -> list[str]:
+    summary = next((s for s in verdict.ranks if s.rank == rank), None)
+    if summary is None or summary.spread is None:
+        return ["", "", ""]
+    sp = summary.spread
+    cis = ", ".join(f"s{s}: {summary.seed_values.get(s, float('nan')):.4g} [{i.low:.4g}, {i.high:.4g}]"
+                    for s, i in summary.seed_intervals.items())
+    interval = verdict.verdict.rank_interval.get(rank)
+    mean = f"{sp.mean:.4g}" + ("" if sp.std is None else f" ± {sp.std:.2g}") + (
+        f" ({sp.low:.4g}–{sp.high:.4g})" if sp.n > 1 else "")
+    verdict_cell = "excluded" if rank in verdict.verdict.excluded else (
+        "best" if rank == verdict.verdict.best else ("worse" if verdict.verdict.worse.get(rank) else "≈ best"))
+    if interval is not None:
+        verdict_cell += f" [{interval.low:.4g}, {interval.high:.4g}]"
+    return [mean, cis, verdict_cell]
+
+
+def _facts_line(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in ("recipe", "mode", "alpha_policy", "seeds", "steps", "num_beams", "command"):
         if summary.get(key) is not None:
             lines.append(f"- {key}: `{summary[key]}`")
-    lines.append("")
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in trained:
-        cells = [row["rank"], row["alpha"], *[row.get(m) for m in metrics], row.get("trainable_params"),
-                 row.get("adapter_mb"), row.get("wall_s"), row.get("tokens_per_s"), row.get("peak_mem_mb"),
-                 row.get("over_complete_modules") or ""]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    lines.append("")
-    primary = summary.get("primary_metric")
-    if primary and summary.get("knee") is not None:
-        direction = "lowest" if summary.get("lower_is_better") else "highest"
-        lines.append(f"**Knee: r = {summary['knee']}** — the smallest rank whose {primary} is within "
-                     f"{summary['tolerance']:.1%} (relative) of the best ({direction}) {primary} of the sweep.")
-    if any(r.get("over_complete") for r in trained):
+    return lines
+
+
+def markdown(summary: dict[str, Any], verdicts: list[SeriesVerdict], tables: dict[float, list[dict[str, Any]]],
+             truncated: list[dict[str, Any]], metrics: list[str], advice: dict[str, Any] | None = None) -> str:
+    """``results.md``: per data fraction the per-rank table and its verdict; the truncated curve; the advice."""
+    primary = summary.get("primary_metric") or ""
+    others = [m for m in metrics if m != primary]
+    head = ["r", "alpha", "seeds", f"{primary} mean ± std (min–max)", "per seed [95% CI over examples]",
+            "vs best [95% CI]", *others, "steps", "epochs", "examples seen", "train rows", "data fraction",
+            "trainable params", "adapter MB", "wall s", "flags", "over-complete"]
+    lines = [f"# Rank sweep `{summary['sweep_id']}`", "", *_facts_line(summary), ""]
+    for fraction, rows in sorted(tables.items(), reverse=True):
+        verdict = next((v for v in verdicts if v.series == "trained" and v.fraction == fraction), None)
+        if len(tables) > 1:
+            lines += [f"## Data fraction {fraction:g}", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            spread = _spread_cell(verdict, row["rank"]) if verdict else ["", "", ""]
+            seeds = ",".join(str(s) for s in row["seed_list"])
+            cells = [row["rank"], row["alpha"], seeds, *spread, *[row.get(m) for m in others], row.get("steps"),
+                     row.get("epochs"), row.get("examples_seen"), row.get("train_examples"), row.get("fraction"),
+                     row.get("trainable_params"), row.get("adapter_mb"), row.get("wall_s"), row.get("flags"),
+                     row.get("over_complete_modules") or ""]
+            lines.append("| " + " | ".join(c if isinstance(c, str) else _fmt(c) for c in cells) + " |")
         lines.append("")
-        lines.append("Over-complete ranks (r > min(d_in, d_out) of a target module; the extra directions cannot "
-                     "add rank to ΔW) were trained as asked and are marked in the last column.")
+        if verdict is not None:
+            lines.append(verdict.verdict.statement())
+            lines.append("")
+    lines += _notes(summary, tables)
+    lines += _beam_lines(tables)
+    trunc = next((v for v in verdicts if v.series == "truncated"), None)
     if truncated:
         lines += ["", "## SVD-truncated from the highest trained rank", "",
-                  "| r | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+                  "| r | " + " | ".join(metrics) + " | vs untruncated best |", "|---|" + "---|" * (len(metrics) + 1)]
         for row in truncated:
-            lines.append(f"| {row['rank']} | " + " | ".join(_fmt(row.get(m)) for m in metrics) + " |")
+            cell = _spread_cell(trunc, row["rank"])[2] if trunc else ""
+            lines.append(f"| {row['rank']} | " + " | ".join(_fmt(row.get(m)) for m in metrics) + f" | {cell} |")
+        if trunc is not None:
+            lines += ["", trunc.verdict.statement()]
+    if advice is not None:
+        from adapterhub_local.sweep.advisor import advice_markdown
+
+        lines += ["", *advice_markdown(advice)]
     lines += ["", "![metric vs rank](metric_vs_rank.png)", "", "![params vs rank](params_vs_rank.png)", ""]
+    if len(tables) > 1:
+        lines += ["![rank by data size](rank_by_data.png)", ""]
     return "\n".join(lines)
+
+
+def _beam_lines(tables: dict[float, list[dict[str, Any]]]) -> list[str]:
+    """Greedy against beam search, per metric, averaged over the ranks that have both."""
+    rows = tables[max(tables)] if tables else []
+    pairs = []
+    for metric in ("bleu", "nist", "meteor", "rougeL", "cider"):
+        both = [(r[metric], r[f"beam_{metric}"]) for r in rows
+                if isinstance(r.get(metric), float) and isinstance(r.get(f"beam_{metric}"), float)]
+        if both:
+            greedy = sum(g for g, _ in both) / len(both)
+            beam = sum(b for _, b in both) / len(both)
+            pairs.append(f"{metric} {greedy:.4g} → {beam:.4g}")
+    if not pairs:
+        return []
+    return ["", f"Greedy → beam search (mean over {len(rows)} rank(s), same test prompts): " + "; ".join(pairs) + "."]
+
+
+def _notes(summary: dict[str, Any], tables: dict[float, list[dict[str, Any]]]) -> list[str]:
+    lines = ["How to read this: the per-seed interval is a 95% percentile bootstrap over the evaluation examples; "
+             "\"vs best\" is the rank's 95% interval with examples and seeds resampled, and \"worse\" means the "
+             "one-sided paired test put the rank below the best (the best is chosen on the same data and the "
+             "comparisons are not corrected for multiplicity, so treat a borderline \"worse\" with care). "
+             f"Flags: below_baseline (not above the majority class / copy-the-input), collapsed (one answer for "
+             f"every input), diverged (a non-finite loss, or the last training loss above {DIVERGED_FACTOR}× the "
+             f"first), never_stops (under {MIN_STOPPED:.0%} of generations ended on EOS); flagged runs are "
+             "left out of the knee."]
+    if any(r.get("over_complete") for t in tables.values() for r in t):
+        lines += ["", "Over-complete ranks (r > min(d_in, d_out) of a target module; the extra directions cannot "
+                  "add rank to ΔW) were trained as asked and are marked in the last column."]
+    return lines

@@ -46,11 +46,13 @@ def point_run_dir(sweep_dir: Path, point: SweepPoint) -> Path:
 
 
 def train_sequential(registry: Registry, plan: SweepPlan, state: SweepState, data: PreparedData, sweep_dir: Path,
-                     *, progress: bool = True, log: Callable[[str], Any] = print) -> None:
-    """Train every point of ``plan`` not yet done, one runner call each, recording each as it finishes."""
+                     *, progress: bool = True, log: Callable[[str], Any] = print,
+                     points: list[SweepPoint] | None = None) -> None:
+    """Train every point of ``points`` (default: the whole plan) not yet done, one runner call each, recording
+    each as it finishes."""
     from adapterhub_local.train import runner
 
-    for point in plan.points:
+    for point in plan.points if points is None else points:
         if state.done(point):
             continue
         card = adopt_registered(registry, point, plan.sweep_id)

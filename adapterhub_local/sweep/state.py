@@ -8,6 +8,7 @@ point is adopted from its card instead of being trained again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -73,10 +74,12 @@ class SweepState:
 
 def _identity(plan: dict[str, Any]) -> Any:
     # What may change between attempts: the mode (a concurrent sweep may be finished sequentially), the knee
-    # tolerance, and a truncated curve added to a finished sweep.
-    free = ("mode", "tolerance", "truncate_from", "knee_metric")
-    config = {k: v for k, v in plan.get("config", {}).items() if k not in free}
-    return [plan.get("recipe"), config, plan.get("points")]
+    # tolerance, a truncated curve added to a finished sweep, the advisor run before the full sweep, and beam
+    # evaluation added later. Fields added since a sweep was started take their defaults, so it still resumes.
+    free = ("mode", "tolerance", "truncate_from", "knee_metric", "advise", "num_beams", "e2e_metrics")
+    config = {"data_fractions": [1.0], **{k: v for k, v in plan.get("config", {}).items() if k not in free}}
+    points = [{"fraction": 1.0, "train_examples": None, **p} for p in plan.get("points", [])]
+    return [plan.get("recipe"), config, points]
 
 
 def adopt_registered(registry: Registry, point: SweepPoint, sweep_id: str) -> AdapterCard | None:
@@ -92,23 +95,80 @@ def result_from_card(registry: Registry, card: AdapterCard, point: SweepPoint, m
                      series: str = "trained") -> PointResult:
     """A report row from a registered card (its metrics and the run facts the runner recorded)."""
     training = card.training
-    validation = validation_at_best(Path(str(card.extra.get("run_dir", ""))), training.get("best_step"))
+    run_dir = Path(str(card.extra.get("run_dir", "")))
+    validation = validation_at_best(run_dir, training.get("best_step"))
     size = sum((registry.path_of(card) / f).stat().st_size for f in card.files)
     scale = point.alpha / (point.rank**0.5 if point.use_rslora else point.rank)
+    train_cfg = card.recipe.get("train", {}) if isinstance(card.recipe, dict) else {}
+    steps = training.get("steps")
+    per_step = int(train_cfg.get("batch_size", 0) or 0) * int(train_cfg.get("grad_accum", 1) or 1)
+    seen = steps * per_step if isinstance(steps, int) and per_step else None
+    rows = training.get("train_examples")
+    facts: dict[str, Any] = {
+        # Epochs as examples seen over training examples (fractional: a 20-step run may see a tenth of the data).
+        "steps": steps, "epochs": seen / rows if seen is not None and rows else training.get("epochs_completed"),
+        "train_examples": rows, "examples_seen": seen, "data_fraction": point.fraction, **loss_trace(run_dir),
+    }
+    if any(isinstance(v, float) and not math.isfinite(v) for k, v in card.metrics.items() if "loss" in k):
+        facts["nonfinite_train_loss"] = True
     return PointResult(
         rank=point.rank, seed=point.seed, adapter=card.ref, alpha=point.alpha, scale=scale, series=series,
         mode=mode, over_complete=point.over_complete,
         metrics={**test_metrics(card.metrics), **validation_metrics(validation)},
         trainable_params=training.get("trainable_params"), adapter_mb=size / 2**20,
         wall_s=training.get("wall_time_s"), tokens_per_s=training.get("tokens_per_s"),
-        peak_mem_mb=training.get("peak_memory_mb"),
+        peak_mem_mb=training.get("peak_memory_mb"), fraction=point.fraction,
+        per_example=per_example_of(card.metrics, validation), facts=facts,
     )
+
+
+def per_example_of(metrics: dict[str, Any], validation: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+    """The per-example records the evaluations kept (empty for runs evaluated before they were kept): the final
+    task evaluation's as they are, the test loss's as ``test_nll`` / ``test_tokens``, and the kept validation
+    evaluation's prefixed ``val_`` (``val_nll``, ``val_correct`` …)."""
+    out: dict[str, list[Any]] = {}
+    for record, prefix in ((metrics.get("per_example"), ""), (metrics.get("test_per_example"), "test_"),
+                           ((validation or {}).get("per_example"), "val_")):
+        if isinstance(record, dict):
+            out.update({f"{prefix}{k}": list(v) for k, v in record.items() if isinstance(v, list)})
+    return out
+
+
+def loss_trace(run_dir: Path) -> dict[str, Any]:
+    """First and last logged training loss of a run, and whether any logged loss was not finite."""
+    log = run_dir / "metrics.jsonl"
+    if not run_dir.name or not log.is_file():
+        return {}
+    losses: list[float] = []
+    nonfinite = False
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        loss = record.get("loss")
+        if isinstance(loss, int | float):
+            losses.append(float(loss))
+            nonfinite |= not math.isfinite(float(loss))
+        evaluation = record.get("eval")
+        if isinstance(evaluation, dict):
+            nonfinite |= any(isinstance(v, float) and not math.isfinite(v)
+                             for k, v in evaluation.items() if "loss" in k)
+    out: dict[str, Any] = {"nonfinite_train_loss": nonfinite}
+    if losses:
+        out["first_train_loss"], out["last_train_loss"] = losses[0], losses[-1]
+    return out
 
 
 def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The final (held-out test) metrics as report columns: the test loss is ``test_loss`` so that
     ``val_loss`` always means the validation loss."""
     out = {}
+    baseline = metrics.get("baseline_copy_input")
+    if isinstance(baseline, dict):
+        out.update({f"baseline_{k}": v for k, v in numeric_metrics(baseline).items()})
     for key, value in numeric_metrics(metrics).items():
         if key in ("n", "samples"):
             continue

@@ -9,7 +9,11 @@ adapter's own scale reproduces it exactly::
 
 with ``scale' = alpha / K`` (or ``alpha / sqrt(K)`` for rsLoRA) from the parent's ``lora_alpha``, kept
 unchanged so the PEFT config stays what PEFT would write for rank ``K``. Where ``K`` exceeds the number of
-singular values a module has (``min(d_out, d_in, r)``) the extra rows/columns are zero.
+singular values a module has (``min(d_out, d_in)``) the extra rows/columns are zero.
+
+:func:`truncate_and_register` refuses ``K ≥ r`` (the adapter's rank): that is no truncation, and registering it
+as rank ``K`` would claim capacity it does not have. :func:`truncate_tensors` itself accepts ``K = r`` (an exact
+re-factorisation, used to check the method).
 """
 
 from __future__ import annotations
@@ -120,6 +124,12 @@ def truncate_and_register(
     parent = loaded.card
     if parent.kind != "lora":
         raise UnsupportedError(f"{parent.ref} is a {parent.kind} adapter", "truncate a LoRA adapter")
+    pairs = lora_pairs(loaded.tensors, dict(loaded.config))
+    source_rank = max((p.rank for p in pairs.values()), default=parent.rank or 0)
+    if pairs and rank >= source_rank:
+        raise UnsupportedError(
+            f"cannot truncate {parent.ref} (rank {source_rank}) to rank {rank}: truncation only lowers the rank",
+            f"give --rank below {source_rank}" + (f" (1 … {source_rank - 1})" if source_rank > 1 else ""))
     result = truncate_tensors(loaded.tensors, dict(loaded.config), rank)
     info = CardInfo(
         task=parent.task, task_type=parent.task_type, recipe=parent.recipe,

@@ -1,6 +1,11 @@
-"""Evaluation: classification predictions and metrics, validation loss / perplexity, greedy generation
-with BLEU / ROUGE / EM / token F1, and the forgetting check (perplexity on general text with and without
-the adapter).
+"""Evaluation: classification predictions and metrics, validation loss / perplexity, greedy or beam-search
+generation with BLEU / ROUGE / EM / token F1, and the forgetting check (perplexity on general text with and
+without the adapter).
+
+Every task evaluation also keeps its per-example record under ``per_example`` (classification: truth,
+prediction, correct; generation: hypothesis, whether it stopped on EOS, ROUGE-L, token F1, BLEU statistics),
+so that a sweep can put bootstrap intervals on a score and compare runs example by example; and a generation
+evaluation reports the trivial copy-the-input baseline beside its own scores.
 """
 
 from __future__ import annotations
@@ -49,14 +54,19 @@ def classification_eval(model: torch.nn.Module, examples: Sequence[Example], lab
     truth = [labels[int(e.labels)] for e in examples]  # type: ignore[arg-type]
     result = metrics.classification_metrics(names, truth, labels)
     result["val_loss"] = loss
+    result["per_example"] = {"label": [int(e.labels) for e in examples],  # type: ignore[arg-type]
+                             "predicted": list(predicted),
+                             "correct": [int(p == int(e.labels)) for p, e in zip(predicted, examples, strict=True)]}  # type: ignore[arg-type]
     return result, predicted
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of the labelled tokens and their count (causal LM, shifted)."""
+def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], batch_size: int,
+                          pad_id: int) -> tuple[list[float], list[int]]:
+    """Per example: the summed negative log-likelihood of its labelled tokens and their count (causal LM, shifted)."""
     device = _device(model)
-    total, count = 0.0, 0
+    nll: list[float] = []
+    counts: list[int] = []
     for chunk in _chunks(examples, batch_size):
         batch = collate_generation(chunk, pad_id)
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
@@ -64,25 +74,44 @@ def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: i
         logits = model(**inputs).logits.float()
         # A prompt-tuning model prepends virtual tokens to the logits; the real positions are the last ones.
         logits = logits[:, -labels.shape[1] :, :]
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
+        shift_labels = labels[:, 1:]  # [B, T-1]
         mask = shift_labels != -100
-        if mask.any():
-            total += float(torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum"))
-            count += int(mask.sum())
-    return total, count
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels.clamp_min(0),
+                                                   reduction="none")  # [B, T-1]
+        nll.extend((losses * mask).sum(1).tolist())
+        counts.extend(mask.sum(1).tolist())
+    return nll, counts
 
 
-def loss_eval(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> dict[str, float]:
-    """``val_loss`` (mean NLL per completion token) and ``perplexity``."""
-    nll, count = token_nll(model, examples, batch_size, pad_id)
-    return {"val_loss": nll / count if count else math.nan, "perplexity": metrics.perplexity(nll, count)}
+def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of the labelled tokens and their count (causal LM, shifted)."""
+    nll, counts = token_nll_per_example(model, examples, batch_size, pad_id)
+    return float(sum(nll)), int(sum(counts))
+
+
+def loss_eval(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> dict[str, Any]:
+    """``val_loss`` (mean NLL per completion token), ``perplexity`` and the per-example record (summed NLL and
+    token count of each example: the loss of any resample is the ratio of their sums)."""
+    nll, counts = token_nll_per_example(model, examples, batch_size, pad_id)
+    total, count = float(sum(nll)), int(sum(counts))
+    return {"val_loss": total / count if count else math.nan, "perplexity": metrics.perplexity(total, count),
+            "per_example": {"nll": nll, "tokens": counts}}
+
+
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+             batch_size: int, num_beams: int = 1) -> list[str]:
+    """Greedy (``num_beams=1``) or beam-search completions of ``prompts``."""
+    return generate_with_stops(model, tokenizer, prompts, max_new_tokens, batch_size, num_beams)[0]
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches, prompts tokenized as in training)."""
+def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                        batch_size: int, num_beams: int = 1) -> tuple[list[str], list[bool]]:
+    """Completions of ``prompts`` (left-padded batches, prompts tokenized as in training) and, per prompt,
+    whether it stopped on EOS (False: it ran to ``max_new_tokens``). ``num_beams > 1`` decodes with beam
+    search (length penalty 1, stopping when every beam has finished), as the LoRA paper's E2E results did."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     all_ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
@@ -97,6 +126,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
     else:
         groups = [list(range(k, min(k + batch_size, len(prompts)))) for k in range(0, len(prompts), batch_size)]
     outputs: dict[int, str] = {}
+    stopped: dict[int, bool] = {}
+    eos = tokenizer.eos_token_id
     for group in groups:
         encoded = [all_ids[i] for i in group]
         width = max(len(e) for e in encoded)
@@ -107,7 +138,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
             mask[i, width - len(e) :] = 1
         generated = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, num_beams=num_beams,
+            **({"early_stopping": True} if num_beams > 1 else {}),
             # With the KV cache, PEFT 0.21 prompt-tuning generation drifts from plain greedy decoding after a
             # few tokens (tests/train/test_evaluate.py); recomputing without the cache is slower but exact.
             use_cache=not prompt_learning,
@@ -116,9 +148,15 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
         # Plain models return prompt + new tokens; some PEFT wrappers (prompt tuning) return only new ones.
         echoes = generated.shape[1] >= width and torch.equal(generated[:, :width], ids)
         new = generated[:, width:] if echoes else generated
-        for i, text in zip(group, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+        # Generation ends early only when every row has finished; otherwise a row stopped iff it holds EOS.
+        finished = (new == eos).any(1) if eos is not None else torch.zeros(len(group), dtype=torch.bool)
+        all_done = new.shape[1] < max_new_tokens
+        for row, (i, text) in enumerate(zip(group, tokenizer.batch_decode(new, skip_special_tokens=True),
+                                            strict=True)):
             outputs[i] = text.strip()
-    return [outputs[i] for i in range(len(prompts))]
+            stopped[i] = bool(all_done or finished[row])
+    order = range(len(prompts))
+    return [outputs[i] for i in order], [stopped[i] for i in order]
 
 
 def _prompt_learning(model: torch.nn.Module) -> bool:
@@ -127,11 +165,25 @@ def _prompt_learning(model: torch.nn.Module) -> bool:
 
 
 def generation_eval(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[GenerationPrompt],
-                    max_new_tokens: int, batch_size: int) -> tuple[dict[str, Any], list[str]]:
-    """BLEU (all references of a prompt together), ROUGE-1/2/L, EM, token F1 — overall and per source."""
-    hypotheses = generate(model, tokenizer, [p.prompt for p in prompts], max_new_tokens, batch_size)
+                    max_new_tokens: int, batch_size: int, num_beams: int = 1) -> tuple[dict[str, Any], list[str]]:
+    """BLEU (all references of a prompt together), ROUGE-1/2/L, EM, token F1 — overall and per source —, the
+    fraction of generations that stopped on EOS, the copy-the-input baseline (each prompt as its own
+    output) and the per-example record (see the module docstring)."""
+    hypotheses, stops = generate_with_stops(model, tokenizer, [p.prompt for p in prompts], max_new_tokens,
+                                            batch_size, num_beams)
     refs = [p.references for p in prompts]
     result: dict[str, Any] = dict(metrics.generation_metrics(hypotheses, refs))
+    result["stopped_fraction"] = sum(stops) / max(len(stops), 1)
+    if num_beams > 1:
+        result["num_beams"] = num_beams
+    copied = [p.prompt for p in prompts]
+    result["baseline_copy_input"] = {"bleu": metrics.bleu(copied, refs), **metrics.rouge(copied, refs)}
+    result["per_example"] = {
+        "hypothesis": hypotheses, "stopped": [int(s) for s in stops],
+        "rougeL": metrics.rouge_per_example(hypotheses, refs)["rougeL"],
+        "token_f1": metrics.token_f1_per_example(hypotheses, refs),
+        "bleu_stats": metrics.bleu_stats(hypotheses, refs),
+    }
     sources = sorted({p.source for p in prompts})
     if len(sources) > 1:
         for source in sources:

@@ -72,3 +72,20 @@ def test_target_dims_read_linear_and_conv1d_shapes() -> None:
               "model.layers.0.self_attn.q_proj.weight": (576, 576), "h.0.attn.c_attn.weight": (64, 192)}
     assert target_dims(shapes, ["q_proj", "v_proj"]) == DIMS
     assert target_dims(shapes, ["c_attn"], fan_in_fan_out=True) == {"c_attn": (64, 192)}
+
+
+def test_data_fractions_cap_the_training_rows_and_keep_keys_apart() -> None:
+    from adapterhub_local.sweep.plan import parse_fractions
+
+    recipe = _recipe()
+    config = SweepConfig(ranks=[1, 4], data_fractions=parse_fractions("0.1,0.3,1.0"))
+    plan = plan_sweep(recipe, config, {}, train_rows=1000)
+    assert len(plan.points) == 6 and len({p.key for p in plan.points}) == 6 and len({p.name for p in plan.points}) == 6
+    caps = {p.fraction: p.train_examples for p in plan.points}
+    assert caps == {0.1: 100, 0.3: 300, 1.0: None}
+    small = next(p for p in plan.points if p.fraction == 0.1)
+    assert small.recipe_for(recipe, plan.sweep_id).data.max_train_examples == 100
+    # The whole-data sweep keeps its old keys and names, so sweeps started before fractions existed resume.
+    whole = plan_sweep(recipe, SweepConfig(ranks=[1, 4]), {})
+    assert all("-f" not in p.key and "-f" not in p.name for p in whole.points)
+    assert whole.sweep_id != plan.sweep_id

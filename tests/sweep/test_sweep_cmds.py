@@ -54,3 +54,47 @@ def test_bad_sweep_options_fail_with_every_problem(capsys: pytest.CaptureFixture
     assert code != 0
     for needle in ("alpha policy 'odd'", "mode 'both'", "--truncate-from 8"):
         assert needle in err
+
+
+def test_truncate_refuses_a_rank_at_or_above_the_adapters(capsys: pytest.CaptureFixture[str], tiny_llama_dir: Path,
+                                                           tmp_path: Path) -> None:
+    reg = str(tmp_path / "reg")
+    save_lora(tiny_llama_dir, tmp_path / "lora", rank=4)
+    assert run(capsys, "-R", reg, "base", "add", "tiny", str(tiny_llama_dir))[0] == 0
+    assert run(capsys, "-R", reg, "import", str(tmp_path / "lora"), "--name", "ad", "--base", "tiny")[0] == 0
+    for too_high in ("4", "8"):
+        code, _, err = run(capsys, "-R", reg, "truncate", "ad@1", "--rank", too_high)
+        assert code != 0 and f"to rank {too_high}" in err and "below 4" in err
+    code, out, _ = run(capsys, "-R", reg, "list", "--json")
+    assert "ad-trunc" not in out  # nothing was registered
+    assert run(capsys, "-R", reg, "truncate", "ad@1", "--rank", "3")[0] == 0
+
+
+@pytest.mark.parametrize("form", ["positional", "set"])
+def test_sweep_takes_overrides_positionally_and_with_set(form: str, capsys: pytest.CaptureFixture[str],
+                                                         tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nbase: tiny\ntask: {type: generation}\n"
+                      f"data: {{train: {tmp_path / 'd.jsonl'}, template: '{{a}}', completion: '{{b}}'}}\n")
+    (tmp_path / "d.jsonl").write_text('{"a": "x", "b": "y"}\n')
+    reg = tmp_path / "reg"
+    assert run(capsys, "-R", str(reg), "base", "add", "tiny",
+               str(make_tiny_llama_with_tokenizer(tmp_path / "tiny")))[0] == 0
+    # The override turns the recipe into a soft-prompt one, which a rank sweep refuses: proof it was applied.
+    override = ["method.name=prompt"] if form == "positional" else ["--set", "method.name=prompt"]
+    code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), *override, "--ranks", "1,2")
+    assert code != 0 and "method is 'prompt'" in err
+    code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), "method.r", "--ranks", "1,2")
+    assert code != 0 and "key=value" in err
+
+
+def test_bad_data_fractions_and_beam_widths_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nbase: tiny\ntask: {type: generation}\n"
+                      f"data: {{train: {tmp_path / 'd.jsonl'}, template: '{{a}}', completion: '{{b}}'}}\n")
+    (tmp_path / "d.jsonl").write_text('{"a": "x", "b": "y"}\n')
+    reg = str(tmp_path / "reg")
+    code, _, err = run(capsys, "-R", reg, "sweep", str(recipe), "--data-fractions", "0,1.5,x")
+    assert code != 0 and "'0' is not in (0, 1]" in err and "'1.5'" in err and "'x' is not a number" in err
+    code, _, err = run(capsys, "-R", reg, "sweep", str(recipe), "--seeds", "0,a")
+    assert code != 0 and "seed 'a'" in err

@@ -1,5 +1,7 @@
 """Evaluation helpers: batched greedy generation equals one-at-a-time generation (prompt tuning, where PEFT
-ignores position ids, is batched without padding), and forgetting compares base with base + adapter."""
+ignores position ids, is batched without padding), forgetting compares base with base + adapter, generation
+records whether each output stopped on EOS, beam search is a decoding option, and the per-example record and
+copy-the-input baseline come with every generation evaluation."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapterhub_local.train.evaluate import forgetting, generate
+from adapterhub_local.train.evaluate import forgetting, generate, generate_with_stops, generation_eval
+from adapterhub_local.train.tasks import GenerationPrompt
 from tests.conftest import make_tiny_llama
 from tests.train.conftest import save_tokenizer
 
@@ -61,3 +64,66 @@ def test_prompt_tuned_generation_is_plain_greedy_decoding(tiny: tuple[torch.nn.M
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
     expected = tokenizer.decode(ids[0, -10:], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
     assert generate(peft_model, tokenizer, [prompt], 10, 1) == [expected]
+
+
+def _always(model: torch.nn.Module, token: int) -> torch.nn.Module:
+    """Make ``model`` predict ``token`` at every position (a biased, weightless LM head)."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)  # type: ignore[union-attr]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[token] = 10.0
+    model.lm_head = head  # type: ignore[assignment]
+    return model.eval()
+
+
+def test_stop_flags_tell_eos_endings_from_runaway_generations(tiny: tuple[torch.nn.Module, object]) -> None:
+    model, tokenizer = tiny
+    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
+    runaway = next(i for i in range(5, 40) if i != eos)
+    texts, stops = generate_with_stops(_always(model, runaway), tokenizer, PROMPTS, 5, 4)
+    assert stops == [False] * len(PROMPTS) and all(texts)
+    texts, stops = generate_with_stops(_always(model, eos), tokenizer, PROMPTS, 5, 4)
+    assert stops == [True] * len(PROMPTS) and texts == [""] * len(PROMPTS)
+
+
+def test_beam_search_is_a_decoding_option(tiny: tuple[torch.nn.Module, object]) -> None:
+    model, tokenizer = tiny
+    model.eval()
+    greedy = generate(model, tokenizer, PROMPTS, 6, 3)
+    assert generate(model, tokenizer, PROMPTS, 6, 3, num_beams=1) == greedy
+    beams = generate(model, tokenizer, PROMPTS, 6, 3, num_beams=3)
+    assert len(beams) == len(PROMPTS) and all(isinstance(b, str) for b in beams)
+    with pytest.raises(ValueError, match="num_beams"):
+        generate(model, tokenizer, PROMPTS, 6, 3, num_beams=0)
+
+
+def test_generation_eval_keeps_per_example_scores_and_the_copy_baseline(tiny: tuple[torch.nn.Module, object]
+                                                                        ) -> None:
+    model, tokenizer = tiny
+    model.eval()
+    prompts = [GenerationPrompt(p, [f"{p} ok", "fine"]) for p in PROMPTS]
+    result, hypotheses = generation_eval(model, tokenizer, prompts, 4, 3)
+    record = result["per_example"]
+    assert record["hypothesis"] == hypotheses and len(record["stopped"]) == len(PROMPTS)
+    assert sum(record["rougeL"]) / len(PROMPTS) == pytest.approx(result["rougeL"])
+    assert len(record["bleu_stats"]) == len(PROMPTS) and 0.0 <= result["stopped_fraction"] <= 1.0
+    # Copying the prompt overlaps its own reference ("<prompt> ok"): a baseline well above zero.
+    assert result["baseline_copy_input"]["rougeL"] > 0.5
+
+
+def test_loss_eval_keeps_per_example_sums_that_add_up_to_the_loss(tiny: tuple[torch.nn.Module, object]) -> None:
+    from adapterhub_local.train.evaluate import loss_eval
+    from adapterhub_local.train.tasks import Example
+
+    model, _ = tiny
+    model.eval()
+    examples = [Example([1, 5, 6, 7], [-100, -100, 6, 7]), Example([1, 8, 9], [-100, 8, 9]),
+                Example([1, 10, 11, 12, 13], [-100, -100, -100, 12, 13])]
+    result = loss_eval(model, examples, 2, 0)
+    record = result["per_example"]
+    assert record["tokens"] == [2, 2, 2]
+    assert sum(record["nll"]) / sum(record["tokens"]) == pytest.approx(result["val_loss"])
+    # Batching does not change an example's own sums.
+    alone = [loss_eval(model, [e], 1, 0)["per_example"]["nll"][0] for e in examples]
+    assert alone == pytest.approx(record["nll"], rel=1e-5)
