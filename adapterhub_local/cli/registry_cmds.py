@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,7 +13,7 @@ from adapterhub_local import assets
 from adapterhub_local.cli.common import app, console, get_registry, print_json, table
 from adapterhub_local.errors import IntegrityError
 from adapterhub_local.registry import maintenance, remote
-from adapterhub_local.registry.cards import CardInfo
+from adapterhub_local.registry.cards import PER_EXAMPLE_KEYS, CardInfo
 
 base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
 index_app = typer.Typer(help="Maintain the SQLite index.", no_args_is_help=True)
@@ -110,7 +111,14 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json", help="Print JSO
     if as_json:
         print_json(data)
         return
+    # Per-example evaluation records (kept for the sweep's noise estimates) are data, not a summary: --json has them.
+    data["metrics"] = {k: (f"<{_record_size(v)} per-example records; see --json>" if k in PER_EXAMPLE_KEYS else v)
+                       for k, v in card.metrics.items()}
     table(f"adapter {card.ref}", ["field", "value"], [[k, v] for k, v in data.items() if v not in (None, {}, [])])
+
+
+def _record_size(record: Any) -> int:
+    return max((len(v) for v in record.values() if isinstance(v, list)), default=0) if isinstance(record, dict) else 0
 
 
 @app.command("tag")

@@ -26,6 +26,8 @@ from adapterhub_local.registry.names import validate_name
 CARD_FILE = "card.json"
 CARD_SCHEMA = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
+PER_EXAMPLE_KEYS = ("per_example", "test_per_example")
+"""Metric entries that hold one record per evaluation example (kept on the card, left out of the index)."""
 FULL_WEIGHTS_FILE = "model.safetensors"
 """The weights file of a ``full`` version (a whole transformers model)."""
 

@@ -39,7 +39,7 @@ from adapterhub_local.errors import (
 )
 from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BASE_FILE, BaseRecord, describe, materialize, source_kind
-from adapterhub_local.registry.cards import CARD_FILE, FULL_WEIGHTS_FILE, AdapterCard, CardInfo
+from adapterhub_local.registry.cards import CARD_FILE, FULL_WEIGHTS_FILE, PER_EXAMPLE_KEYS, AdapterCard, CardInfo
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tensors, read_json
 from adapterhub_local.registry.index import Index, IndexRow, discard, open_index
 from adapterhub_local.registry.layout import Layout
@@ -262,7 +262,8 @@ class Registry:
         return IndexRow(
             name=card.name, version=card.version, kind=card.kind, rank=card.rank, alpha=card.alpha,
             task=card.task, base=card.base, base_fingerprint=card.base_fingerprint,
-            sha256=card.weights_sha256, created=card.created, size_bytes=size, metrics=card.metrics,
+            sha256=card.weights_sha256, created=card.created, size_bytes=size,
+            metrics={k: v for k, v in card.metrics.items() if k not in PER_EXAMPLE_KEYS},
         )
 
     def versions_on_disk(self, name: str) -> list[int]:

@@ -278,7 +278,8 @@ def final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: Enco
         with ev.adapter_disabled(model):
             base_gen, _ = ev.generation_eval(model, tokenizer, encoded.prompts, recipe.eval.max_new_tokens, bs)
             result["base_test_val_loss"] = ev.loss_eval(model, encoded.test, bs, pad_id)["val_loss"]
-        result["base"] = {k: v for k, v in base_gen.items() if not k.startswith("per_source")}
+        result["base"] = {k: v for k, v in base_gen.items()
+                          if not k.startswith("per_source") and k not in ("per_example", "baseline_copy_input")}
     if recipe.eval.forgetting and trained.is_peft:
         rows = read_rows(recipe.eval.forgetting_data)
         texts = [str(r.get("text", "")) for r in random.Random(0).sample(rows, min(len(rows),
