@@ -61,3 +61,32 @@ def test_prompt_tuned_generation_is_plain_greedy_decoding(tiny: tuple[torch.nn.M
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
     expected = tokenizer.decode(ids[0, -10:], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
     assert generate(peft_model, tokenizer, [prompt], 10, 1) == [expected]
+
+
+def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.nn.Module, object]) -> None:
+    """Evaluation batches by length (less padding); predictions still come back in the examples' order and the
+    summed token loss is the one-at-a-time sum."""
+    from adapterhub_local.train.evaluate import classify, token_nll
+    from adapterhub_local.train.tasks import Example
+
+    model, _ = tiny
+    model.eval()
+    lengths = [3, 9, 2, 7, 5, 8, 1, 6]
+    gen = [Example(list(range(2, 2 + n)), [-100] + list(range(3, 2 + n))) for n in lengths]
+    nll, count = token_nll(model, gen, 3, 0)
+    solo = [token_nll(model, [e], 1, 0) for e in gen]
+    assert count == sum(c for _, c in solo) and nll == pytest.approx(sum(t for t, _ in solo), rel=1e-5)
+
+    class Head(torch.nn.Module):  # a stand-in classifier: class = parity of the first token id
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> object:
+            from types import SimpleNamespace
+
+            logits = torch.nn.functional.one_hot(input_ids[:, 0] % 2, 2).float() + 0 * attention_mask[:, :1]
+            return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+        def parameters(self, recurse: bool = True):  # type: ignore[no-untyped-def]
+            yield torch.zeros(1)
+
+    cls = [Example([i + 1] * n, i % 2) for i, n in enumerate(lengths)]
+    predicted, _ = classify(Head(), cls, 3, 0)
+    assert predicted == [(i + 1) % 2 for i in range(len(lengths))]
