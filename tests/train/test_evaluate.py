@@ -72,7 +72,7 @@ def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.n
     model, _ = tiny
     model.eval()
     lengths = [3, 9, 2, 7, 5, 8, 1, 6]
-    gen = [Example(list(range(2, 2 + n)), [-100] + list(range(3, 2 + n))) for n in lengths]
+    gen = [Example(list(range(2, 2 + n)), [-100, *range(3, 2 + n)]) for n in lengths]
     nll, count = token_nll(model, gen, 3, 0)
     solo = [token_nll(model, [e], 1, 0) for e in gen]
     assert count == sum(c for _, c in solo) and nll == pytest.approx(sum(t for t, _ in solo), rel=1e-5)
