@@ -178,7 +178,8 @@ def train_concurrent(
                 seg_logits = logits[start : start + n]
                 seg_labels = labels[start : start + n]
                 if seg_labels.dim() == 2:
-                    seg_logits, seg_labels = seg_logits[:, :width], seg_labels[:, :width]
+                    # contiguous: the loss views logits flat, and a width cut of a wider batch is strided
+                    seg_logits, seg_labels = seg_logits[:, :width].contiguous(), seg_labels[:, :width]
                 loss = segment_loss(model, seg_logits, seg_labels) / len(group)
                 losses.append(loss)
                 runs[i].train_tokens += batch.real_tokens
