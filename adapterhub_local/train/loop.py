@@ -1,6 +1,9 @@
-"""The training loop, written out: Accelerate for device and precision, AdamW, linear warm-up then linear
-decay, gradient accumulation, epochs or max steps, periodic evaluation, best-checkpoint keeping, early
-stopping, and checkpoints that ``--resume`` continues from exactly (same seed → same adapter).
+"""The training loop, written out: Accelerate for the device, bf16 autocast over a bf16 frozen base with fp32
+trainable parameters and optimizer state (``precision: auto`` where bf16 matmul is native, see ``runtime.py``),
+AdamW, linear warm-up then linear decay, gradient accumulation, epochs or max steps, periodic evaluation,
+best-checkpoint keeping, early stopping, and checkpoints that ``--resume`` continues from exactly (same seed → same
+adapter). The optimizer, schedule and early-stopping pieces are shared with the concurrent sweep
+(``sweep/concurrent.py``).
 
 Exact resumption rests on three things saved at an optimizer-step boundary: the trainable tensors and
 optimizer/scheduler state, the torch RNG state (LoRA dropout draws from it), and the position in the
