@@ -150,11 +150,12 @@ class TrainConfig:
     """Metric choosing the best checkpoint (default: ``accuracy`` / ``val_loss``)."""
     seed: int = 0
     precision: str = "auto"
-    """``auto`` = bf16 on CUDA, fp32 on CPU."""
+    """``auto`` = bf16 where the device multiplies bf16 natively (CUDA; CPUs with AMX-BF16/AVX512-BF16), else
+    fp32. Under bf16 the frozen base weights are bf16; trainable parameters and optimizer state stay fp32."""
     max_grad_norm: float = 1.0
     log_every: int = 10
     num_threads: int | None = None
-    """torch CPU threads (default: torch's own choice)."""
+    """torch CPU threads (default: one per usable core); ``--threads``/``$ADAPTERHUB_THREADS`` win over it."""
 
 
 @dataclass
@@ -422,6 +423,8 @@ def static_problems(recipe: Recipe) -> list[str]:
     if not 0 <= (t.warmup_ratio or 0) < 1:
         p.append(f"train.warmup_ratio = {t.warmup_ratio}: must be in [0, 1)")
     p += _one_of(t.precision, PRECISIONS, "train.precision")
+    if t.num_threads is not None and t.num_threads < 1:
+        p.append(f"train.num_threads = {t.num_threads}: must be at least 1 (or leave it out)")
     d = recipe.data
     p += _one_of(d.format, DATA_FORMATS, "data.format")
     if not d.train and not d.mix:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from adapterhub_local import runtime
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.registry.bases import BaseRecord
 
@@ -36,12 +37,17 @@ def load_base_model(
     record: BaseRecord,
     task_type: str = "causal_lm",
     num_labels: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
     """Load a registered base for a task: ``causal_lm``, ``sequence_classification`` (a new head with
-    ``num_labels`` outputs, which the adapter trains and stores) or ``feature`` (the bare backbone)."""
+    ``num_labels`` outputs, which the adapter trains and stores) or ``feature`` (the bare backbone).
+
+    ``dtype`` is a torch dtype or a precision name (``auto``, ``fp32``, ``bf16``, ``fp16``) resolved for
+    ``device`` by :func:`adapterhub_local.runtime.base_dtype` — ``auto`` is bf16 where bf16 matmul is native."""
     _offline()
+    if isinstance(dtype, str):
+        dtype = runtime.base_dtype(dtype, str(device))
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = str(record.path)

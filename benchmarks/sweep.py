@@ -46,6 +46,9 @@ def _child(mode: str, recipe_path: str, ranks: str, overrides: list[str], work: 
     """One sweep in this (fresh) process; returns its figures and keeps its report under ``out``."""
     import shutil
 
+    from adapterhub_local import runtime  # first: passive OpenMP waiting is set before torch loads
+
+    runtime.configure_threads(None)  # $ADAPTERHUB_THREADS, pinned by the parent
     import torch
 
     from adapterhub_local.config import load_recipe
@@ -82,7 +85,8 @@ def _child(mode: str, recipe_path: str, ranks: str, overrides: list[str], work: 
         "train_tokens_per_s": tokens / train_s if train_s else None, "peak_memory_mb": peak,
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_max_rss",
         "ranks": [r["rank"] for r in points], "knee": summary.get("knee"),
-        "primary_metric": summary.get("primary_metric"),
+        "primary_metric": summary.get("primary_metric"), "threads": torch.get_num_threads(),
+        "precision": runtime.resolve_precision(recipe.train.precision),
         "metric_by_rank": {r["rank"]: r.get(summary.get("primary_metric") or "val_loss") for r in points},
     }
 
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--ranks", help="Override the preset's ranks (comma-separated).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra recipe override k=v.")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("ADAPTERHUB_THREADS") or 2),
+                        help="torch threads of both modes (pinned; default $ADAPTERHUB_THREADS or 2).")
     parser.add_argument("--child", choices=["sequential", "concurrent"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,8 +136,8 @@ def main() -> None:
             work.mkdir()
             command = [sys.executable, __file__, "--preset", args.preset, "--ranks", ranks, "--child", mode,
                        "--work", str(work), "--out", str(args.out), *[f"--set={o}" for o in args.overrides]]
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                  check=False)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "ADAPTERHUB_THREADS": str(args.threads)}
+            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
@@ -142,7 +148,7 @@ def main() -> None:
     import torch
 
     result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"cpu ({torch.get_num_threads()} threads)"
+        f"cpu ({result['sequential']['threads']} threads, {result['sequential']['precision']})"
     seq, con = result["sequential"], result["concurrent"]
     result["ratio_sweep_wall"] = con["sweep_wall_s"] / seq["sweep_wall_s"]
     result["ratio_train"] = con["train_s"] / seq["train_s"] if seq["train_s"] else None

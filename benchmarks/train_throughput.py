@@ -1,13 +1,20 @@
-"""Training throughput: our runner's loop against Hugging Face ``Trainer`` + PEFT, same model, data, batch
-size and sequence lengths, in one run. Reports real (non-padding) tokens/s and peak memory, and ratios.
+"""Training throughput: our runner's loop against Hugging Face ``Trainer`` + PEFT, fp32 and bf16, same model, data,
+batch size and sequence lengths, in one run. Reports real (non-padding) tokens/s, "% of bound" and peak memory.
 
-Each side runs in its own subprocess so its peak memory is its own (CUDA: max allocated; CPU: the
-process's max RSS). Data: random token sequences with lengths uniform in [min_len, max_len], loss on every
-token, LoRA on q_proj/v_proj. Ours runs twice: with the same plain batching as ``Trainer`` and with
-``group_by_length`` (less padding); the first is the like-for-like comparison.
+Sides: ``trainer_fp32`` (Trainer + PEFT, fp32), ``trainer_bf16`` (Trainer + PEFT with ``bf16=True``: autocast
+over fp32 weights), ``ours_fp32`` (our loop, ``precision: fp32``), ``ours_bf16`` (our loop, ``precision: bf16``:
+bf16 frozen base, fp32 LoRA and optimizer state) and ``ours_bf16_grouped`` (the same with ``group_by_length``).
+The first four use the same plain batching, so they compare like for like. Each side runs in its own
+subprocess so its peak memory is its own (CUDA: max allocated; CPU: the process's max RSS), with the thread count
+pinned; sides are interleaved over ``--rounds`` rounds and each reports its best and median.
 
-    .venv/bin/python benchmarks/train_throughput.py                      # SmolLM2-135M shape, random init
-    .venv/bin/python benchmarks/train_throughput.py --model tiny --steps 10   # seconds, a smoke test
+"% of bound": the GEMM FLOP/s of the side's compute dtype (a square matmul measured in the same run, each round)
+over the model FLOPs a trained token needs (frozen base: forward 2·P plus activation backward 2·P for the P
+matmul parameters, LoRA's own and attention's matmuls added) — the tokens/s the machine could reach at its
+measured matmul speed.
+
+    .venv/bin/python benchmarks/train_throughput.py                          # SmolLM2-135M shape, random init
+    .venv/bin/python benchmarks/train_throughput.py --model tiny --steps 4 --rounds 1   # seconds, a smoke test
 
 Writes ``benchmarks/results/train_throughput.{json,md}``.
 """
@@ -19,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,24 +34,76 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# Passive OpenMP waiting for every side (this process and the subprocesses inherit it), set before torch loads:
+# the comparison is of loops and precisions, not of OpenMP settings (see adapterhub_local/runtime.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adapterhub_local.runtime import prepare_openmp_env
+
+prepare_openmp_env()
+
+import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_grouped")
+LABELS = {"trainer_fp32": "HF Trainer + PEFT, fp32", "trainer_bf16": "HF Trainer + PEFT, bf16 autocast",
+          "ours_fp32": "adapterhub loop, fp32", "ours_bf16": "adapterhub loop, bf16 base + fp32 LoRA",
+          "ours_bf16_grouped": "adapterhub loop, bf16, group_by_length"}
+COMPUTE_DTYPE = {"trainer_fp32": "fp32", "ours_fp32": "fp32", "trainer_bf16": "bf16", "ours_bf16": "bf16",
+                 "ours_bf16_grouped": "bf16"}
+LORA_R = 8
+LORA_TARGETS = ["q_proj", "v_proj"]
 
 
-def make_model(kind: str) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(kind: str) -> Any:
+    from transformers import LlamaConfig
+
+    if kind == "tiny":
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    # SmolLM2-135M's shape
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                       tie_word_embeddings=True)
+
+
+def make_model(kind: str, dtype: torch.dtype = torch.float32) -> Any:
+    """A random-init model built directly in ``dtype`` (so a bf16 side never holds an fp32 copy)."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    if kind == "tiny":
-        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    else:  # SmolLM2-135M's shape
-        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                             tie_word_embeddings=True)
-    model: Any = LlamaForCausalLM(config)
+    model: Any = LlamaForCausalLM._from_config(model_config(kind), dtype=dtype)
     return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def flops_per_token(kind: str, mean_len: float) -> float:
+    """Training FLOPs per token with a frozen base: linear layers 2·P forward + 2·P activation backward; attention
+    score and value matmuls 4·T·hidden per layer forward, twice that backward; LoRA 6·r·(d_in + d_out) per module."""
+    c = model_config(kind)
+    head = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head
+    per_layer = c.hidden_size * (c.hidden_size + 2 * kv + c.hidden_size) + 3 * c.hidden_size * c.intermediate_size
+    linear = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size  # + LM head
+    attention = 4 * mean_len * c.hidden_size * c.num_hidden_layers
+    lora = c.num_hidden_layers * 6 * LORA_R * ((c.hidden_size + c.hidden_size) + (c.hidden_size + kv))
+    return 4 * linear + 3 * attention + lora
+
+
+def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` FLOP/s of an n×n×n matmul in ``dtype`` (the compute bound of this run)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
 
 
 def make_data(n: int, vocab: int, min_len: int, max_len: int) -> list[list[int]]:
@@ -55,10 +115,8 @@ def make_data(n: int, vocab: int, min_len: int, max_len: int) -> list[list[int]]
 def lora(model: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+    return get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                             task_type="CAUSAL_LM"))
-
-
 class TokenMeter:
     """Counts non-padding tokens seen by forward passes after ``start_after`` passes."""
 
@@ -93,7 +151,7 @@ class TokenMeter:
         return {"tokens": self.tokens, "seconds": self.ended - self.started}
 
 
-def run_trainer(args: argparse.Namespace, data: list[list[int]]) -> dict[str, Any]:
+def run_trainer(args: argparse.Namespace, data: list[list[int]], bf16: bool) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model = lora(make_model(args.model))
@@ -123,7 +181,7 @@ def run_trainer(args: argparse.Namespace, data: list[list[int]]) -> dict[str, An
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps + args.warmup,
             learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no",
-            save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
+            save_strategy="no", report_to=[], bf16=bf16, use_cpu=not cuda, dataloader_num_workers=0,
             remove_unused_columns=False, seed=0, disable_tqdm=True,
         )
         class StepEnd(TrainerCallback):
@@ -136,16 +194,19 @@ def run_trainer(args: argparse.Namespace, data: list[list[int]]) -> dict[str, An
     return meter.result()
 
 
-def run_ours(args: argparse.Namespace, data: list[list[int]], grouped: bool) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, grouped: bool) -> dict[str, Any]:
+    from adapterhub_local import runtime
     from adapterhub_local.config import TrainConfig
     from adapterhub_local.train.loop import train_loop
     from adapterhub_local.train.tasks import Example, collate_generation
 
-    model = lora(make_model(args.model))
+    # As the runner loads a frozen base: in the precision's dtype (bf16 here), LoRA and optimizer fp32.
+    model = lora(make_model(args.model, runtime.base_dtype(precision)))
     meter = TokenMeter(model, args.warmup)
     examples = [Example(ids, list(ids)) for ids in data]
     cfg = TrainConfig(lr=2e-4, batch_size=args.batch_size, max_steps=args.steps + args.warmup, warmup_ratio=0.0,
-                      eval_every=10**9, log_every=10**9, group_by_length=grouped, max_grad_norm=1.0)
+                      eval_every=10**9, log_every=10**9, group_by_length=grouped, max_grad_norm=1.0,
+                      precision=precision)
     with tempfile.TemporaryDirectory() as run_dir:
         train_loop(model, examples, lambda ex: collate_generation(ex, 0), cfg, Path(run_dir), lambda m: {},
                    "none", True, progress=False, on_step=lambda step: meter.step_end())
@@ -153,15 +214,19 @@ def run_ours(args: argparse.Namespace, data: list[list[int]], grouped: bool) -> 
 
 
 def side(args: argparse.Namespace) -> None:
+    from adapterhub_local import runtime
+
+    runtime.configure_threads(args.threads)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     vocab = 512 if args.model == "tiny" else 49152
     data = make_data((args.steps + args.warmup) * args.batch_size, vocab, args.min_len, args.max_len)
-    if args.side == "trainer":
-        out = run_trainer(args, data)
+    if args.side.startswith("trainer"):
+        out = run_trainer(args, data, bf16=args.side == "trainer_bf16")
     else:
-        out = run_ours(args, data, grouped=args.side == "ours_grouped")
+        out = run_ours(args, data, COMPUTE_DTYPE[args.side], grouped=args.side.endswith("grouped"))
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
+    out["threads"] = torch.get_num_threads()
     if torch.cuda.is_available():
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_memory_kind"] = "cuda_max_allocated"
@@ -171,54 +236,98 @@ def side(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def _run_side(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--side", name, "--model", args.model, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--min-len", str(args.min_len),
+           "--max-len", str(args.max_len), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(line[-1][len("RESULT "):])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["smollm2-shape", "tiny"], default="smollm2-shape")
-    parser.add_argument("--steps", type=int, default=12, help="Measured optimizer steps per side.")
+    parser.add_argument("--steps", type=int, default=8, help="Measured optimizer steps per side and round.")
     parser.add_argument("--warmup", type=int, default=2, help="Unmeasured steps first.")
+    parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds (every side once per round).")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--min-len", type=int, default=40)
     parser.add_argument("--max-len", type=int, default=100)
-    parser.add_argument("--side", choices=["trainer", "ours", "ours_grouped"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("ADAPTERHUB_THREADS") or 2),
+                        help="torch threads of every side (pinned; default $ADAPTERHUB_THREADS or 2).")
+    parser.add_argument("--sides", default=",".join(SIDES), help="Comma-separated subset of " + ", ".join(SIDES))
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         side(args)
         return
+    from adapterhub_local import runtime
+
+    runtime.configure_threads(args.threads)
+    sides = [s for s in args.sides.split(",") if s]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    gemm: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    load: list[float] = []
+    for round_ in range(args.rounds):
+        gemm["fp32"].append(gemm_flops(torch.float32))
+        gemm["bf16"].append(gemm_flops(torch.bfloat16))
+        for name in sides:
+            runs[name].append(_run_side(name, args))
+            load.append(os.getloadavg()[0])
+            print(f"round {round_ + 1}: {name} {runs[name][-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+    bound_flops = {k: max(v) for k, v in gemm.items()}
+    mean_len = (args.min_len + args.max_len) / 2
+    per_token = flops_per_token(args.model, mean_len)
     results: dict[str, Any] = {}
-    for name in ("trainer", "ours", "ours_grouped"):
-        cmd = [sys.executable, __file__, "--side", name, "--model", args.model, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--min-len", str(args.min_len),
-               "--max-len", str(args.max_len)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(line[-1][len("RESULT "):])
-        print(name, results[name], flush=True)
-    base = results["trainer"]
-    for name in ("ours", "ours_grouped"):
-        results[name]["tokens_per_s_ratio"] = results[name]["tokens_per_s"] / base["tokens_per_s"]
-        results[name]["peak_memory_ratio"] = results[name]["peak_memory_mb"] / base["peak_memory_mb"]
-    meta = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
-            "lengths": [args.min_len, args.max_len], "lora": "r=8 on q_proj,v_proj",
+    for name in sides:
+        rates = [r["tokens_per_s"] for r in runs[name]]
+        bound = bound_flops[COMPUTE_DTYPE[name]] / per_token
+        results[name] = {"tokens_per_s_best": max(rates), "tokens_per_s_median": statistics.median(rates),
+                         "tokens_per_s_rounds": rates, "bound_tokens_per_s": bound,
+                         "pct_of_bound": 100 * max(rates) / bound,
+                         "peak_memory_mb": max(r["peak_memory_mb"] for r in runs[name]),
+                         "peak_memory_kind": runs[name][0]["peak_memory_kind"], "threads": runs[name][0]["threads"]}
+    for ref in ("trainer_fp32", "trainer_bf16"):
+        if ref not in results:
+            continue
+        for name in sides:
+            results[name][f"x_{ref}"] = results[name]["tokens_per_s_best"] / results[ref]["tokens_per_s_best"]
+            results[name][f"x_{ref}_median"] = (results[name]["tokens_per_s_median"]
+                                                / results[ref]["tokens_per_s_median"])
+            results[name][f"peak_memory_x_{ref}"] = results[name]["peak_memory_mb"] / results[ref]["peak_memory_mb"]
+    meta = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+            "batch_size": args.batch_size, "lengths": [args.min_len, args.max_len],
+            "lora": f"r={LORA_R} on {','.join(LORA_TARGETS)}", "threads": args.threads,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
             "torch": torch.__version__, "python": platform.python_version(),
-            "precision": "bf16" if torch.cuda.is_available() else "fp32",
+            "gemm_flops_best": bound_flops, "gemm_flops_rounds": gemm, "flops_per_token": per_token,
+            "load_average_after_each_side": load,
             "command": " ".join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    rows = ["| loop | real tokens/s | × Trainer | peak memory (MB) | × Trainer |", "|---|---|---|---|---|"]
-    labels = {"trainer": "HF Trainer + PEFT", "ours": "adapterhub loop (same batching)",
-              "ours_grouped": "adapterhub loop, group_by_length"}
-    for name, label in labels.items():
+    ref_names = [r for r in ("trainer_fp32", "trainer_bf16") if r in results]
+    head = "| loop | tokens/s best | median | % of bound | " + " | ".join(f"× {r} (best / median)" for r in ref_names)
+    rows = [head + " | peak memory (MB) | × trainer_fp32 memory |",
+            "|---" * (6 + len(ref_names)) + "|"]
+    for name in sides:
         r = results[name]
-        rows.append(f"| {label} | {r['tokens_per_s']:.0f} | {r.get('tokens_per_s_ratio', 1.0):.2f} | "
-                    f"{r['peak_memory_mb']:.0f} | {r.get('peak_memory_ratio', 1.0):.2f} |")
+        ratios = " | ".join(f"{r[f'x_{ref}']:.2f} / {r[f'x_{ref}_median']:.2f}" for ref in ref_names)
+        mem = f"{r['peak_memory_x_trainer_fp32']:.2f}" if "trainer_fp32" in results else "–"
+        rows.append(f"| {LABELS[name]} | {r['tokens_per_s_best']:.0f} | {r['tokens_per_s_median']:.0f} | "
+                    f"{r['pct_of_bound']:.0f}% | {ratios} | {r['peak_memory_mb']:.0f} | {mem} |")
     text = (f"# Training throughput\n\n`{meta['command']}` — {meta['model']}, {meta['device']}, "
-            f"{meta['precision']}, batch {args.batch_size}, lengths {args.min_len}–{args.max_len}, "
-            f"{args.steps} measured steps after {args.warmup} warm-up steps, LoRA {meta['lora']}; "
-            f"peak memory = {results['trainer']['peak_memory_kind']}.\n\n" + "\n".join(rows) + "\n")
+            f"{args.threads} threads, batch {args.batch_size}, lengths {args.min_len}–{args.max_len}, "
+            f"{args.steps} measured steps after {args.warmup} warm-up steps, {args.rounds} interleaved rounds, "
+            f"LoRA {meta['lora']}; real (non-padding) "
+            f"tokens/s; peak memory = {next(iter(results.values()))['peak_memory_kind']}. Bound = measured GEMM "
+            f"(fp32 {bound_flops['fp32'] / 1e9:.0f}, bf16 {bound_flops['bf16'] / 1e9:.0f} GFLOP/s) / "
+            f"{per_token / 1e6:.0f} MFLOP per trained token. Load average during the run: "
+            f"{min(load):.1f}–{max(load):.1f} (other jobs share the machine).\n\n" + "\n".join(rows) + "\n")
     (RESULTS / "train_throughput.md").write_text(text)
     print(text)
 

@@ -22,12 +22,16 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.sweep.multi_lora import JointModel
 from adapterhub_local.train.loop import (
+    Prefetcher,
     epoch_batches,
-    linear_schedule,
+    forward_context,
     make_accelerator,
+    make_optimizer,
+    note_evaluation,
     steps_per_epoch,
     total_steps,
 )
@@ -95,22 +99,6 @@ def segment_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Ten
     return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)  # type: ignore[operator]
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, n_steps: int) -> tuple[Any, Any]:
-    # The runner's groups: weight decay on matrices only.
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, n_steps))
-
-
-def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value > best if greater_is_better else value < best
-
-
 def train_concurrent(
     joint: JointModel,
     examples: Sequence[Example],
@@ -122,7 +110,7 @@ def train_concurrent(
     metric: str,
     greater_is_better: bool,
     *,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> ConcurrentResult:
     """Train every adapter of ``joint`` (adapter ``i`` with seed ``seeds[i]``); keep each one's best state.
 
@@ -130,13 +118,15 @@ def train_concurrent(
     """
     accelerator = make_accelerator(cfg.precision)
     model = joint.model.to(accelerator.device)
+    runtime.upcast_trainable(model)  # fp32 adapters and optimizer state over a (possibly bf16) base
     count = len(joint.slots)
     runs = [AdapterRun(seed=s) for s in seeds]
     n_steps = total_steps(len(examples), cfg)
     eval_every = cfg.eval_every or steps_per_epoch(len(examples), cfg)
     batch_count = math.ceil(len(examples) / cfg.batch_size)
     params = [joint.parameters_of(i) for i in range(count)]
-    optimizers = [_optimizer(p, cfg, n_steps) for p in params]
+    optimizers = [make_optimizer(p, cfg, n_steps) for p in params]
+    prefetch = Prefetcher(collate, examples)
     lengths = [len(e.input_ids) for e in examples]
     plans: dict[tuple[int, int], list[list[int]]] = {}
     tokens = 0
@@ -152,19 +142,14 @@ def train_concurrent(
     def run_eval(i: int) -> None:
         run = runs[i]
         model.eval()
-        with torch.no_grad(), joint.segments.only(i):
+        with torch.no_grad(), joint.segments.only(i), forward_context(accelerator, cfg.precision):
             result = evaluate(model)
         model.train()
         value = float(result.get(metric, float("nan")))
         run.last_eval_step, run.last_eval = run.step, result
         run.evals.append({"step": run.step, "epoch": run.epoch, "eval": result})
-        if _improved(value, run.best_metric, greater_is_better):
-            run.best_metric, run.best_step, run.bad_evals = value, run.step, 0
+        if note_evaluation(run, value, greater_is_better, cfg.early_stopping_patience):
             run.best_state = joint.peft_state(i)
-        else:
-            run.bad_evals += 1
-        patience = cfg.early_stopping_patience
-        run.stopped_early = patience is not None and run.bad_evals >= patience
 
     model.train()
     step = 0
@@ -173,17 +158,18 @@ def train_concurrent(
         # All adapters share batch_size and the data, so their accumulation groups line up step by step.
         first = runs[active[0]].batch_in_epoch
         group = range(first, min(first + cfg.grad_accum, batch_count))
-        step_loss = [0.0] * count
+        step_loss = torch.zeros(count, device=accelerator.device)
         for b in group:
-            per_adapter = []
-            for i in active:
-                per_adapter.append(collate([examples[j] for j in plan_of(runs[i])[b]]))
+            per_adapter = [prefetch.get(plan_of(runs[i])[b]) for i in active]
+            if b + 1 < batch_count:
+                for i in active:
+                    prefetch.want(plan_of(runs[i])[b + 1])
             inputs = {k: v.to(accelerator.device) for k, v in concat_batches(per_adapter, pad_id).items()}
             labels = inputs.pop("labels")
             sizes = [0] * count
             for i, batch in zip(active, per_adapter, strict=True):
                 sizes[i] = batch.tensors["input_ids"].shape[0]
-            with joint.segments.use(sizes), accelerator.autocast():
+            with joint.segments.use(sizes), forward_context(accelerator, cfg.precision):
                 logits = model(**inputs).logits
             losses = []
             start = 0
@@ -192,15 +178,17 @@ def train_concurrent(
                 seg_logits = logits[start : start + n]
                 seg_labels = labels[start : start + n]
                 if seg_labels.dim() == 2:
-                    seg_logits, seg_labels = seg_logits[:, :width], seg_labels[:, :width]
+                    # contiguous: the loss views logits flat, and a width cut of a wider batch is strided
+                    seg_logits, seg_labels = seg_logits[:, :width].contiguous(), seg_labels[:, :width]
                 loss = segment_loss(model, seg_logits, seg_labels) / len(group)
                 losses.append(loss)
-                step_loss[i] += float(loss.detach())
                 runs[i].train_tokens += batch.real_tokens
                 tokens += batch.real_tokens
                 start += n
             # Parameters of different adapters are disjoint: each gets exactly its own loss's gradient.
-            torch.stack(losses).sum().backward()
+            stacked = torch.stack(losses)
+            accelerator.backward(stacked.sum())
+            step_loss[active] += stacked.detach().float()
         step += 1
         for i in active:
             run = runs[i]
@@ -218,7 +206,8 @@ def train_concurrent(
             if step % eval_every == 0 or step == n_steps:
                 run_eval(i)
         if on_step is not None:
-            on_step(step, sum(step_loss[i] for i in active) / len(active))
+            on_step(step, step_loss[active].mean())
+    prefetch.close()
     for i, run in enumerate(runs):
         if run.last_eval_step != run.step and not run.stopped_early:
             run_eval(i)

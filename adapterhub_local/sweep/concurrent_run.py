@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from adapterhub_local import runtime
 from adapterhub_local.config import Recipe
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.lora import lora_scale
@@ -51,8 +52,7 @@ def train_concurrently(registry: Registry, plan: SweepPlan, state: SweepState, d
                                "(the mix order depends on the seed)", "use --mode sequential")
     if first.method.name != "lora":
         raise UnsupportedError("concurrent sweeps train plain LoRA", "use --mode sequential")
-    if first.train.num_threads:
-        torch.set_num_threads(first.train.num_threads)
+    runtime.configure_recipe_threads(first.train.num_threads)
     ctx = run_context(registry, first, data)
     log(f"[{plan.sweep_id}] concurrent: preparing {len(points)} adapters (ranks {[p.rank for p in points]})")
     reset = reset_peak_rss()
@@ -73,9 +73,10 @@ def train_concurrently(registry: Registry, plan: SweepPlan, state: SweepState, d
         joint.load_peft_state(i, state_dict)
     del initial
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        # ``loss`` stays a tensor: it leaves the device only when a line is logged.
         if progress and (step % max(first.train.log_every, 1) == 0):
-            log(f"[{plan.sweep_id}] joint step {step}: mean loss {loss:.4f}")
+            log(f"[{plan.sweep_id}] joint step {step}: mean loss {float(loss):.4f}")
 
     log(f"[{plan.sweep_id}] concurrent: training {len(points)} adapters in one joint model")
     result = train_concurrent(joint, ctx.encoded.train, ctx.collate, first.train, [p.seed for p in points],
@@ -114,7 +115,7 @@ def _finish_point(registry: Registry, plan: SweepPlan, state: SweepState, data: 
         "tokens_per_s": run.train_tokens / share if share > 0 else 0.0, "wall_time_s": wall,
         "peak_memory_mb": joint_peak, "peak_memory_kind": "process_peak_rss_joint_run",
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-        "mode": "concurrent", "sweep_id": plan.sweep_id,
+        "precision": runtime.resolve_precision(recipe.train.precision), "mode": "concurrent", "sweep_id": plan.sweep_id,
         "train_examples": len(ctx.encoded.train), "validation_examples": len(ctx.encoded.validation),
     }
     forgetting = final.pop("forgetting", None)

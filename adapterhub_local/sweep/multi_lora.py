@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from adapterhub_local import runtime
 from adapterhub_local.errors import UnsupportedError
 
 
@@ -50,6 +51,7 @@ class Segments:
         self.count = count
         self.sizes: list[int] = []
         self.solo: int | None = None
+        self._ranges: list[tuple[int, int]] = []
 
     @contextmanager
     def use(self, sizes: list[int]) -> Iterator[None]:
@@ -57,10 +59,13 @@ class Segments:
         if len(sizes) != self.count:
             raise UnsupportedError(f"{len(sizes)} batch sizes for {self.count} adapters", "give one per adapter")
         self.sizes = list(sizes)
+        # Computed once per batch, not once per wrapped module.
+        starts = [sum(self.sizes[:i]) for i in range(self.count)]
+        self._ranges = [(s, s + n) for s, n in zip(starts, self.sizes, strict=True)]
         try:
             yield
         finally:
-            self.sizes = []
+            self.sizes, self._ranges = [], []
 
     @contextmanager
     def only(self, index: int) -> Iterator[None]:
@@ -81,8 +86,7 @@ class Segments:
         if sum(self.sizes) != rows:
             raise UnsupportedError(f"segments cover {sum(self.sizes)} rows, the batch has {rows}",
                                    "give every adapter's batch size to `segments.use`")
-        starts = [sum(self.sizes[:i]) for i in range(self.count)]
-        return [(s, s + n) for s, n in zip(starts, self.sizes, strict=True)]
+        return self._ranges
 
 
 class MultiLoraLinear(nn.Module):
@@ -96,12 +100,14 @@ class MultiLoraLinear(nn.Module):
         self.segments = segments
         d_in, d_out = _features(base)
         weight = next(base.parameters())
+        # Adapters stay fp32 over a bf16/fp16 base (as PEFT's autocast_adapter_dtype): they are trained.
+        dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
         # Same shapes as PEFT's lora_A / lora_B linears: A [r, d_in], B [d_out, r].
         self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.zeros(s.rank, d_in, dtype=weight.dtype, device=weight.device)) for s in slots
+            nn.Parameter(torch.zeros(s.rank, d_in, dtype=dtype, device=weight.device)) for s in slots
         )
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(d_out, s.rank, dtype=weight.dtype, device=weight.device)) for s in slots
+            nn.Parameter(torch.zeros(d_out, s.rank, dtype=dtype, device=weight.device)) for s in slots
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +133,7 @@ class MultiCopyModule(nn.Module):
         self.copies = nn.ModuleList(copy.deepcopy(original) for _ in range(count))
         for module in self.copies:
             module.requires_grad_(True)
+            runtime.upcast_trainable(module)  # trained copies are fp32 whatever the base's dtype
         self.segments = segments
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

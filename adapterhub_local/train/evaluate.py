@@ -30,19 +30,27 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _length_order(examples: Sequence[Example]) -> list[int]:
+    """Indices of ``examples`` longest first: batches of similar lengths pad little. Evaluation results are
+    per example (or sums over them), so the order changes nothing but the time."""
+    return sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+
+
 @torch.no_grad()
 def classify(model: torch.nn.Module, examples: Sequence[Example], batch_size: int,
              pad_id: int) -> tuple[list[int], float]:
     """Predicted class indices and the mean cross-entropy over ``examples``."""
     device = _device(model)
-    predictions: list[int] = []
+    order = _length_order(examples)
+    predictions = [0] * len(examples)
     loss_sum = 0.0
-    for chunk in _chunks(examples, batch_size):
-        batch = collate_classification(chunk, pad_id)
+    for indices in _chunks(order, batch_size):
+        batch = collate_classification([examples[i] for i in indices], pad_id)
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         out = model(**inputs)
-        loss_sum += float(out.loss) * len(chunk)
-        predictions.extend(out.logits.argmax(-1).tolist())
+        loss_sum += float(out.loss) * len(indices)
+        for i, predicted in zip(indices, out.logits.argmax(-1).tolist(), strict=True):
+            predictions[i] = predicted
     return predictions, loss_sum / max(len(examples), 1)
 
 
@@ -65,10 +73,10 @@ def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], b
                           pad_id: int) -> tuple[list[float], list[int]]:
     """Per example: the summed negative log-likelihood of its labelled tokens and their count (causal LM, shifted)."""
     device = _device(model)
-    nll: list[float] = []
-    counts: list[int] = []
-    for chunk in _chunks(examples, batch_size):
-        batch = collate_generation(chunk, pad_id)
+    nll = [0.0] * len(examples)
+    counts = [0] * len(examples)
+    for indices in _chunks(_length_order(examples), batch_size):
+        batch = collate_generation([examples[i] for i in indices], pad_id)
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         labels = inputs.pop("labels")
         logits = model(**inputs).logits.float()
@@ -78,8 +86,8 @@ def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], b
         mask = shift_labels != -100
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels.clamp_min(0),
                                                    reduction="none")  # [B, T-1]
-        nll.extend((losses * mask).sum(1).tolist())
-        counts.extend(mask.sum(1).tolist())
+        for i, value, count in zip(indices, (losses * mask).sum(1).tolist(), mask.sum(1).tolist(), strict=True):
+            nll[i], counts[i] = float(value), int(count)  # back in the examples' own order
     return nll, counts
 
 

@@ -1,6 +1,9 @@
-"""The training loop, written out: Accelerate for device and precision, AdamW, linear warm-up then linear
-decay, gradient accumulation, epochs or max steps, periodic evaluation, best-checkpoint keeping, early
-stopping, and checkpoints that ``--resume`` continues from exactly (same seed → same adapter).
+"""The training loop, written out: Accelerate for the device, bf16 autocast over a bf16 frozen base with fp32
+trainable parameters and optimizer state (``precision: auto`` where bf16 matmul is native, see ``runtime.py``),
+AdamW, linear warm-up then linear decay, gradient accumulation, epochs or max steps, periodic evaluation,
+best-checkpoint keeping, early stopping, and checkpoints that ``--resume`` continues from exactly (same seed → same
+adapter). The optimizer, schedule and early-stopping pieces are shared with the concurrent sweep
+(``sweep/concurrent.py``).
 
 Exact resumption rests on three things saved at an optimizer-step boundary: the trainable tensors and
 optimizer/scheduler state, the torch RNG state (LoRA dropout draws from it), and the position in the
@@ -10,18 +13,21 @@ the global RNG.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.errors import ConfigError
 from adapterhub_local.train.methods import load_trainable_state, trainable_state
@@ -62,12 +68,83 @@ class LoopResult:
 
 
 def make_accelerator(precision: str) -> Any:
-    """bf16 on CUDA and fp32 on CPU for ``auto``; explicit choices are passed through."""
+    """Accelerate for the device (and fp16's loss scaling). bf16 needs no loss scaling, so it is plain
+    autocast (:func:`forward_context`); keeping Accelerate's process-wide state at ``no`` for it lets runs of
+    different precisions share one process."""
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    mixed = {"auto": "bf16" if cuda else "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+    resolved = runtime.resolve_precision(precision)
+    return Accelerator(cpu=not cuda, mixed_precision="fp16" if resolved == "fp16" else "no")
+
+
+def forward_context(accelerator: Any, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Where forward passes run: bf16 autocast (fp32 trainables meet bf16 base weights), Accelerate's fp16
+    autocast, or nothing for fp32."""
+    if runtime.resolve_precision(precision) == "fp16":
+        context: contextlib.AbstractContextManager[Any] = accelerator.autocast()
+        return context
+    return runtime.autocast(precision)
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, n_steps: int) -> tuple[Any, Any]:
+    """AdamW with weight decay on matrices only, and the linear warm-up/decay schedule over ``n_steps``."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, foreach=True,
+    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, n_steps))
+
+
+class EvalTrack(Protocol):
+    """Best-evaluation and early-stopping counters (the loop's ``LoopState``, the sweep's ``AdapterRun``)."""
+
+    step: int
+    best_metric: float | None
+    best_step: int | None
+    bad_evals: int
+    stopped_early: bool
+
+
+def note_evaluation(track: EvalTrack, value: float, greater_is_better: bool, patience: int | None) -> bool:
+    """Record an evaluation's metric: a new best resets the patience count; returns whether it is a new best.
+
+    Sets ``track.stopped_early`` once ``patience`` evaluations in a row did not improve."""
+    best = _improved(value, track.best_metric, greater_is_better)
+    if best:
+        track.best_metric, track.best_step, track.bad_evals = value, track.step, 0
+    else:
+        track.bad_evals += 1
+    track.stopped_early = patience is not None and track.bad_evals >= patience
+    return best
+
+
+class Prefetcher:
+    """Collates the next batch on a worker thread while the current one trains (torch ops release the GIL,
+    so list-to-tensor work overlaps the forward/backward instead of sitting between steps)."""
+
+    def __init__(self, collate: Callable[[Sequence[Example]], Batch], examples: Sequence[Example]) -> None:
+        self._collate = collate
+        self._examples = examples
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        self._pending: dict[tuple[int, ...], Future[Batch]] = {}
+
+    def want(self, indices: Sequence[int]) -> None:
+        """Start collating ``indices`` now, for a later :meth:`get`."""
+        key = tuple(indices)
+        if key not in self._pending:
+            self._pending[key] = self._pool.submit(self._collate, [self._examples[i] for i in key])
+
+    def get(self, indices: Sequence[int]) -> Batch:
+        self.want(indices)
+        return self._pending.pop(tuple(indices)).result()
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -180,20 +257,20 @@ def train_loop(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> LoopResult:
-    """Train ``model``'s trainable parameters in place; returns counters and the best evaluation."""
+    """Train ``model``'s trainable parameters in place; returns counters and the best evaluation.
+
+    The hot path does no host synchronisation: losses stay tensors until a log line or the progress bar
+    (refreshed at log time) reads them, the next batch is collated on a worker thread meanwhile, and gradient
+    synchronisation (multi-process runs) happens on the last micro-batch of an accumulation group only.
+    """
     from tqdm.auto import tqdm
 
     accelerator = make_accelerator(cfg.precision)
+    # Trainable parameters (and so the optimizer state) stay fp32 whatever the base weights' dtype.
+    runtime.upcast_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
     n_steps = total_steps(len(examples), cfg)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, n_steps))
+    optimizer, scheduler = make_optimizer(params, cfg, n_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = _load_checkpoint(run_dir, model, optimizer, scheduler) if resume else LoopState()
     eval_every = cfg.eval_every or steps_per_epoch(len(examples), cfg)
@@ -202,28 +279,26 @@ def train_loop(
     boundary_rng = torch.get_rng_state()
     boundary_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     bar = tqdm(total=n_steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True)
-    running_loss, running_n = 0.0, 0
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_n = 0
+    prefetch = Prefetcher(collate, examples)
 
     def run_eval() -> bool:
         """Evaluate, keep the best, decide on early stopping; True = stop."""
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), forward_context(accelerator, cfg.precision):
             result = evaluate(model)
         model.train()
         value = float(result.get(metric, float("nan")))
         state.last_eval_step, state.last_eval = state.step, result
-        if _improved(value, state.best_metric, greater_is_better):
-            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+        if note_evaluation(state, value, greater_is_better, cfg.early_stopping_patience):
             best = run_dir / BEST
             best.mkdir(exist_ok=True)
             save_file(trainable_state(model), str(best / "trainable.safetensors"))
-        else:
-            state.bad_evals += 1
         _log(run_dir, {"step": state.step, "epoch": state.epoch, "eval": result})
         bar.write(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, int | float)))
-        patience = cfg.early_stopping_patience
-        return patience is not None and state.bad_evals >= patience
+        return state.stopped_early
 
     model.train()
     try:
@@ -235,14 +310,20 @@ def train_loop(
                 started = time.perf_counter()
                 first = state.batch_in_epoch
                 group = range(first, min(first + cfg.grad_accum, batch_count))
-                step_loss, step_tokens = 0.0, 0
+                step_loss = torch.zeros((), device=accelerator.device)
+                step_tokens = 0
                 for b in group:
-                    batch = collate([examples[i] for i in epoch_plan[b]])
-                    inputs = {k: v.to(accelerator.device) for k, v in batch.tensors.items()}
-                    with accelerator.autocast():
-                        loss = model(**inputs).loss / len(group)
-                    accelerator.backward(loss)
-                    step_loss += float(loss.detach())
+                    batch = prefetch.get(epoch_plan[b])
+                    if b + 1 < batch_count:
+                        prefetch.want(epoch_plan[b + 1])
+                    inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.tensors.items()}
+                    # Gradients are synchronised (multi-process) on the group's last micro-batch only.
+                    sync = contextlib.nullcontext() if b == group[-1] else accelerator.no_sync(model)
+                    with sync:
+                        with forward_context(accelerator, cfg.precision):
+                            loss = model(**inputs).loss / len(group)
+                        accelerator.backward(loss)
+                    step_loss += loss.detach().float()
                     step_tokens += batch.real_tokens
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -257,13 +338,16 @@ def train_loop(
                 running_n += 1
                 if state.batch_in_epoch >= batch_count:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                tokens_per_s = state.train_tokens / max(state.train_seconds, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
                 if state.step % cfg.log_every == 0 or state.step == n_steps:
-                    _log(run_dir, {"step": state.step, "epoch": state.epoch, "loss": running_loss / running_n,
+                    # The only place the training loss leaves the device.
+                    tokens_per_s = state.train_tokens / max(state.train_seconds, 1e-9)
+                    mean_loss = float(running_loss) / running_n
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                    _log(run_dir, {"step": state.step, "epoch": state.epoch, "loss": mean_loss,
                                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
-                    running_loss, running_n = 0.0, 0
+                    running_loss.zero_()
+                    running_n = 0
                 if state.step % eval_every == 0 or state.step == n_steps:
                     state.stopped_early = run_eval()
                 boundary_rng = torch.get_rng_state()
@@ -281,6 +365,8 @@ def train_loop(
         _save_checkpoint(run_dir, model, optimizer, scheduler, state, boundary_rng, boundary_cuda)
         bar.close()
         raise
+    finally:
+        prefetch.close()
     bar.close()
     if state.last_eval_step != state.step and not state.stopped_early:
         run_eval()

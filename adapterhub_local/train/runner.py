@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from adapterhub_local import assets
+from adapterhub_local import assets, runtime
 from adapterhub_local.config import Recipe
 from adapterhub_local.errors import ConfigError, NotFoundError
 from adapterhub_local.models import load_base_model, load_tokenizer
@@ -41,6 +41,7 @@ from adapterhub_local.train.loop import load_best, train_loop
 from adapterhub_local.train.methods import FULL_METHODS, Trainable, apply_method, save_result
 
 RECIPE_FILE = "recipe.yaml"
+FROZEN_BASE_METHODS = ("lora", "prompt", "head_only")
 FINAL = "final_metrics.json"
 
 
@@ -69,7 +70,11 @@ def ensure_base(registry: Registry, recipe: Recipe) -> BaseRecord:
 def load_model(recipe: Recipe, record: BaseRecord, num_labels: int | None) -> torch.nn.Module:
     task_type = "sequence_classification" if recipe.task.type == "classification" else "causal_lm"
     if recipe.method.name != "qlora":
-        return load_base_model(record, task_type, num_labels)
+        # Frozen-base methods keep the base in the precision's dtype (bf16 under bf16); methods that train
+        # base weights load them in fp32, which the loop keeps as master weights.
+        frozen = recipe.method.name in FROZEN_BASE_METHODS
+        dtype = runtime.base_dtype(recipe.train.precision) if frozen else torch.float32
+        return load_base_model(record, task_type, num_labels, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -186,8 +191,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     """Train, evaluate, save and (for PEFT methods) register; see the module docstring for the run directory."""
     started = time.perf_counter()
     record = ensure_base(registry, recipe)
-    if recipe.train.num_threads:
-        torch.set_num_threads(recipe.train.num_threads)
+    runtime.configure_recipe_threads(recipe.train.num_threads)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(record)
     classification = recipe.task.type == "classification"
@@ -200,6 +204,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     pooling = resolve_pooling(recipe.task.pooling, record.path) if labels else "native"
     trained = apply_method(with_pooling(model, pooling), recipe, record.path)
     trained.pooling = pooling
+    runtime.upcast_trainable(trained.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = encode_splits(recipe, data, tokenizer)
 
@@ -244,6 +249,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         "train_tokens": result.state.train_tokens, "tokens_per_s": result.tokens_per_s,
         "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "precision": runtime.resolve_precision(recipe.train.precision),
         "train_examples": len(encoded.train), "validation_examples": len(encoded.validation),
         "test_examples": len(encoded.test) or len(encoded.prompts),
     }
@@ -262,6 +268,12 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
 
 
 def final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: EncodedSplits, labels: list[str] | None,
+                pad_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with runtime.autocast(recipe.train.precision):  # the precision the model was trained in
+        return _final_eval(recipe, trained, tokenizer, encoded, labels, pad_id)
+
+
+def _final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: EncodedSplits, labels: list[str] | None,
                 pad_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     model, bs, show = trained.model, recipe.eval.batch_size, recipe.eval.show_predictions
     if labels is not None:

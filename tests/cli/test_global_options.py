@@ -82,7 +82,7 @@ def test_bad_thread_environment_is_one_readable_line(two_registries: tuple[Path,
     assert result.code != 0
     assert result.err.strip().splitlines() == [
         "error: invalid environment: 1 problem(s): $ADAPTERHUB_THREADS='many' is not an integer — "
-        "set it to a thread count such as 2"]
+        "set ADAPTERHUB_THREADS to a thread count such as 2, or unset it"]
 
 
 @pytest.mark.parametrize("flag_first", [True, False])

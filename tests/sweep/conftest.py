@@ -91,7 +91,7 @@ def recipe_for(kind: str, data: Path, runs_dir: Path, **train: Any) -> Recipe:
     """A small LoRA recipe on the tiny bases: ``gen`` (E2E-like, causal LM) or ``cls`` (classification)."""
     common = {"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
               "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "log_every": 100,
-                        "seed": 3, **train},
+                        "seed": 3, "precision": "fp32", **train},  # exactness: not the CPU-dependent `auto`
               "output": {"runs_dir": str(runs_dir)}}
     if kind == "gen":
         raw = {"name": "tgen", "base": "tiny-lm", "task": {"type": "generation"},

@@ -108,7 +108,8 @@ def cls_raw(data: Path, runs: Path, **method: Any) -> dict[str, Any]:
         "data": {"train": str(data), "split_by": "movie", "max_length": 16,
                  "validation_fraction": 0.2, "test_fraction": 0.2},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, **method},
-        "train": {"lr": 5e-3, "batch_size": 8, "max_steps": 6, "eval_every": 3, "seed": 0, "log_every": 1},
+        "train": {"lr": 5e-3, "batch_size": 8, "max_steps": 6, "eval_every": 3, "seed": 0, "log_every": 1,
+                  "precision": "fp32"},  # exactness tests: not the CPU-dependent `auto` (bf16 on AMX)
         "eval": {"batch_size": 16},
         "output": {"runs_dir": str(runs)},
     }
@@ -122,7 +123,8 @@ def gen_raw(data: Path, runs: Path, **method: Any) -> dict[str, Any]:
                  "max_length": 48, "validation_fraction": 0.2, "test_fraction": 0.2},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
                    **method},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6, "eval_every": 3, "seed": 0, "log_every": 1},
+        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6, "eval_every": 3, "seed": 0, "log_every": 1,
+                  "precision": "fp32"},  # exactness tests: not the CPU-dependent `auto` (bf16 on AMX)
         "eval": {"batch_size": 8, "max_new_tokens": 8, "forgetting_data": str(data), "forgetting_samples": 4},
         "output": {"runs_dir": str(runs)},
     }

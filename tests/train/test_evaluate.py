@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapterhub_local.train.evaluate import forgetting, generate, generate_with_stops, generation_eval
+from adapterhub_local.train.evaluate import forgetting, generate, generate_with_stops, generation_eval, loss_eval
 from adapterhub_local.train.tasks import GenerationPrompt
 from tests.conftest import make_tiny_llama
 from tests.train.conftest import save_tokenizer
@@ -113,7 +113,13 @@ def test_generation_eval_keeps_per_example_scores_and_the_copy_baseline(tiny: tu
 
 
 def test_loss_eval_keeps_per_example_sums_that_add_up_to_the_loss(tiny: tuple[torch.nn.Module, object]) -> None:
-    from adapterhub_local.train.evaluate import loss_eval
+    pass
+
+
+def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.nn.Module, object]) -> None:
+    """Evaluation batches by length (less padding); predictions still come back in the examples' order and the
+    summed token loss is the one-at-a-time sum."""
+    from adapterhub_local.train.evaluate import classify, token_nll
     from adapterhub_local.train.tasks import Example
 
     model, _ = tiny
@@ -127,3 +133,24 @@ def test_loss_eval_keeps_per_example_sums_that_add_up_to_the_loss(tiny: tuple[to
     # Batching does not change an example's own sums.
     alone = [loss_eval(model, [e], 1, 0)["per_example"]["nll"][0] for e in examples]
     assert alone == pytest.approx(record["nll"], rel=1e-5)
+
+
+    lengths = [3, 9, 2, 7, 5, 8, 1, 6]
+    gen = [Example(list(range(2, 2 + n)), [-100, *range(3, 2 + n)]) for n in lengths]
+    nll, count = token_nll(model, gen, 3, 0)
+    solo = [token_nll(model, [e], 1, 0) for e in gen]
+    assert count == sum(c for _, c in solo) and nll == pytest.approx(sum(t for t, _ in solo), rel=1e-5)
+
+    class Head(torch.nn.Module):  # a stand-in classifier: class = parity of the first token id
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> object:
+            from types import SimpleNamespace
+
+            logits = torch.nn.functional.one_hot(input_ids[:, 0] % 2, 2).float() + 0 * attention_mask[:, :1]
+            return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+        def parameters(self, recurse: bool = True):  # type: ignore[no-untyped-def]
+            yield torch.zeros(1)
+
+    cls = [Example([i + 1] * n, i % 2) for i, n in enumerate(lengths)]
+    predicted, _ = classify(Head(), cls, 3, 0)
+    assert predicted == [(i + 1) % 2 for i in range(len(lengths))]

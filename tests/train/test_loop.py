@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,88 @@ def test_each_epoch_uses_its_own_batch_order(tmp_path: Path) -> None:
     plans = [[sorted(b) for b in epoch_batches(lengths, 4, 5, epoch, False)] for epoch in (0, 1)]
     assert plans[0] != plans[1]
     assert seen == plans[0] + plans[1]  # epoch 1 is not a replay of epoch 0
+
+
+def test_bf16_run_keeps_a_bf16_frozen_base_and_fp32_trainables(tmp_path: Path, llama_tok_registry: Registry,
+                                                                gen_data: Path) -> None:
+    from adapterhub_local.models import load_base_model
+
+    raw = gen_raw(gen_data, tmp_path / "runs")
+    raw["train"].update({"precision": "bf16", "max_steps": 4, "eval_every": 2})
+    raw["output"]["register"] = False
+    raw["eval"]["forgetting"] = False
+    recipe = build_recipe(raw)
+    result = runner.run(recipe, check(recipe), llama_tok_registry, run_dir=tmp_path / "run", progress=False)
+    assert result.model is not None and result.training["precision"] == "bf16"
+    frozen = {n: p for n, p in result.model.named_parameters() if not p.requires_grad}
+    trainable = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
+    # The base never changes in training: equal to a fresh bf16 load of it.
+    fresh = dict(load_base_model(llama_tok_registry.base("tllama"), dtype=torch.bfloat16).named_parameters())
+    for name, param in frozen.items():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param, fresh[key]), name
+    saved = torch.load(result.run_dir / "checkpoint" / "optimizer.pt", weights_only=True)
+    moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)  # optimizer state in fp32
+    adapter = _adapter(result)
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert all(math.isfinite(v) for v in (result.metrics["test_val_loss"],))
+    assert any(float(t.abs().max()) > 0 for k, t in adapter.items() if "lora_B" in k)  # it did train
+
+
+def test_note_evaluation_counts_patience_from_the_last_best() -> None:
+    from adapterhub_local.train.loop import LoopState, note_evaluation
+
+    state = LoopState()
+    flags = []
+    for step, value in enumerate([0.5, 0.4, 0.6, 0.6, 0.55], start=1):
+        state.step = step
+        flags.append((note_evaluation(state, value, True, 2), state.stopped_early))
+    assert flags == [(True, False), (False, False), (True, False), (False, False), (False, True)]
+    assert state.best_metric == 0.6 and state.best_step == 3
+    lower = LoopState()
+    assert note_evaluation(lower, float("nan"), False, None) is False and not lower.stopped_early
+    assert note_evaluation(lower, 2.0, False, None) and not note_evaluation(lower, 2.5, False, None)
+
+
+def test_prefetcher_returns_what_collate_returns() -> None:
+    from adapterhub_local.train.loop import Prefetcher
+    from adapterhub_local.train.tasks import Example, collate_generation
+
+    examples = [Example(list(range(1, 2 + i % 5)), list(range(1, 2 + i % 5))) for i in range(12)]
+    prefetch = Prefetcher(lambda ex: collate_generation(ex, 0), examples)
+    try:
+        prefetch.want([3, 4, 5])
+        for indices in ([0, 1, 2], [3, 4, 5], [11, 7]):
+            got, expected = prefetch.get(indices), collate_generation([examples[i] for i in indices], 0)
+            assert got.real_tokens == expected.real_tokens
+            assert all(torch.equal(got.tensors[k], expected.tensors[k]) for k in expected.tensors)
+    finally:
+        prefetch.close()
+
+
+def test_logged_loss_is_the_mean_of_the_steps_losses(tmp_path: Path) -> None:
+    """The loss leaves the device only at log time; what is logged is still each window's mean step loss."""
+    import json
+
+    from adapterhub_local.config import TrainConfig
+    from adapterhub_local.train.loop import train_loop
+    from adapterhub_local.train.tasks import Example, collate_classification
+
+    examples = [Example([i % 7 + 1, 3], i % 2) for i in range(32)]
+    logs = {}
+    for every in (1, 4):
+        torch.manual_seed(0)
+        cfg = TrainConfig(lr=0.05, batch_size=4, max_steps=8, grad_accum=2, eval_every=100, log_every=every,
+                          precision="fp32")
+        run = tmp_path / f"log{every}"
+        run.mkdir()
+        train_loop(_TinyClassifier(), examples, lambda ex: collate_classification(ex, 0), cfg, run,
+                   lambda m: {"accuracy": 0.0}, "accuracy", True, progress=False)
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        logs[every] = [x["loss"] for x in lines if "loss" in x]
+    assert len(logs[1]) == 8 and len(logs[4]) == 2
+    for window in range(2):
+        assert logs[4][window] == pytest.approx(sum(logs[1][4 * window : 4 * window + 4]) / 4, rel=1e-6)

@@ -1,0 +1,85 @@
+"""The concurrent sweep's loop: bf16 base with fp32 adapters, and the training loop's own early stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterhub_local.config import TrainConfig
+from adapterhub_local.lora import lora_scale
+from adapterhub_local.sweep.concurrent import train_concurrent
+from adapterhub_local.sweep.multi_lora import Slot, build_joint_model
+from adapterhub_local.train.tasks import Example, collate_generation
+from tests.conftest import make_tiny_llama
+
+
+def _examples(n: int = 24) -> list[Example]:
+    return [Example([(i * 7 + j) % 90 + 3 for j in range(4 + i % 5)], [(i * 7 + j) % 90 + 3 for j in range(4 + i % 5)])
+            for i in range(n)]
+
+
+def _joint(tmp_path: Path, dtype: torch.dtype, ranks: list[int]) -> object:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tl"), dtype=dtype)
+    joint = build_joint_model(base, ["q_proj", "v_proj"], [Slot(r, lora_scale(8, r)) for r in ranks])
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero B so that every adapter changes the output from the first step
+        for p in base.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    return joint
+
+
+def test_bf16_joint_run_keeps_the_base_bf16_and_unchanged_and_trains_fp32_adapters(tmp_path: Path) -> None:
+    joint = _joint(tmp_path, torch.bfloat16, [1, 4])
+    model = joint.model  # type: ignore[attr-defined]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert all(p.dtype == torch.float32 for p in trainable.values())  # fp32 from construction on
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=3, eval_every=100, precision="bf16", warmup_steps=0)
+    seen: list[torch.Tensor] = []
+    result = train_concurrent(joint, _examples(), lambda ex: collate_generation(ex, 0), cfg, [0, 1], 0,  # type: ignore[arg-type]
+                              lambda m: {"val_loss": 1.0}, "val_loss", False,
+                              on_step=lambda step, loss: seen.append(loss))
+    assert [r.step for r in result.runs] == [3, 3]
+    assert len(seen) == 3 and all(isinstance(x, torch.Tensor) and torch.isfinite(x) for x in seen)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert param.dtype == torch.bfloat16 and torch.equal(param, frozen[name]), name
+        else:
+            assert param.dtype == torch.float32, name
+    # Each adapter kept its best (only) evaluation, the last one: the adapters did move.
+    assert any(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_matches_the_training_loop(tmp_path: Path, patience: int) -> None:
+    """Scripted evaluations: both adapters stop where the loop's ``note_evaluation`` says, keeping their best."""
+    from adapterhub_local.train.loop import LoopState, note_evaluation
+
+    scores = [0.5, 0.4, 0.45, 0.3, 0.2, 0.1]
+    expected = LoopState()
+    for step, value in enumerate(scores, start=1):
+        expected.step = step
+        note_evaluation(expected, value, True, patience)
+        if expected.stopped_early:
+            break
+    joint = _joint(tmp_path, torch.float32, [2, 2])
+    calls = {0: 0, 1: 0}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        i = joint.segments.solo  # type: ignore[attr-defined]
+        calls[i] += 1
+        return {"accuracy": scores[calls[i] - 1]}
+
+    cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=6, eval_every=1, early_stopping_patience=patience,
+                      precision="fp32")
+    result = train_concurrent(joint, _examples(), lambda ex: collate_generation(ex, 0), cfg, [0, 1], 0,  # type: ignore[arg-type]
+                              evaluate, "accuracy", True)
+    for run in result.runs:
+        assert (run.step, run.best_step, run.best_metric, run.stopped_early) == (
+            expected.step, expected.best_step, expected.best_metric, expected.stopped_early)
