@@ -10,6 +10,7 @@ import typer
 from adapterhub_local.cli.common import app, get_registry
 from adapterhub_local.errors import ConfigError
 from adapterhub_local.inference.static_decode import DECODERS
+from adapterhub_local.runtime import configure_threads, requested_threads
 
 MODES = ("merge", "swap", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -83,8 +84,8 @@ def serve(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     registry = get_registry()
     registry.base(base)  # a clear error before loading anything
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # serve's own --threads, else the global --threads / $ADAPTERHUB_THREADS, else the usable-CPU default
+    configure_threads(threads if threads is not None else requested_threads())
     chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bfloat16" if chosen.startswith("cuda") else "float32"

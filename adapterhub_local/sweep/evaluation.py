@@ -18,7 +18,7 @@ from adapterhub_local.registry.store import Registry
 from adapterhub_local.train import evaluate as ev
 from adapterhub_local.train import runner, tasks
 from adapterhub_local.train.checks import PreparedData
-from adapterhub_local.train.methods import Trainable, apply_method
+from adapterhub_local.train.methods import Trainable
 
 
 def set_labels(model: torch.nn.Module, labels: list[str] | None) -> None:
@@ -36,7 +36,7 @@ def build_trainable(recipe: Recipe, record: BaseRecord, labels: list[str] | None
     load_tokenizer(record)
     model = runner.load_model(recipe, record, len(labels) if labels else None)
     set_labels(model, labels)
-    return apply_method(model, recipe, record.path)
+    return runner.make_trainable(recipe, record, model, labels)
 
 
 @dataclass

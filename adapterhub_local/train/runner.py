@@ -67,6 +67,17 @@ def ensure_base(registry: Registry, recipe: Recipe) -> BaseRecord:
     return registry.add_base(recipe.base, str(assets.resolve(recipe.base_source)))
 
 
+def make_trainable(recipe: Recipe, record: BaseRecord, model: torch.nn.Module,
+                   labels: list[str] | None) -> Trainable:
+    """The recipe's method on ``model``: a classifier pooled as the recipe (or the base) says, trainable
+    parameters in fp32 whatever the base's dtype. The sweep builds its runs with this too."""
+    pooling = resolve_pooling(recipe.task.pooling, record.path) if labels else "native"
+    trained = apply_method(with_pooling(model, pooling), recipe, record.path)
+    trained.pooling = pooling
+    runtime.upcast_trainable(trained.model)
+    return trained
+
+
 def load_model(recipe: Recipe, record: BaseRecord, num_labels: int | None) -> torch.nn.Module:
     task_type = "sequence_classification" if recipe.task.type == "classification" else "causal_lm"
     if recipe.method.name != "qlora":
@@ -201,10 +212,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         model_config: Any = model.config
         model_config.id2label = dict(enumerate(labels))
         model_config.label2id = {label: i for i, label in enumerate(labels)}
-    pooling = resolve_pooling(recipe.task.pooling, record.path) if labels else "native"
-    trained = apply_method(with_pooling(model, pooling), recipe, record.path)
-    trained.pooling = pooling
-    runtime.upcast_trainable(trained.model)
+    trained = make_trainable(recipe, record, model, labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = encode_splits(recipe, data, tokenizer)
 
