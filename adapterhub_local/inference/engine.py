@@ -37,7 +37,7 @@ from adapterhub_local.inference.generation import RowState, decode
 from adapterhub_local.inference.merge import Merger, refuse_prompt
 from adapterhub_local.inference.model_state import EngineModel
 from adapterhub_local.inference.policy import AutoPolicy
-from adapterhub_local.inference.pool import AdapterPool, content_key
+from adapterhub_local.inference.pool import AdapterPool
 from adapterhub_local.inference.sampling import check
 from adapterhub_local.inference.static_decode import CudaGraphs, StaticDecoder, resolve_decoder
 from adapterhub_local.inference.types import (
@@ -264,7 +264,7 @@ class Engine:
             refs.append(memo[request.adapter])
         merged = self.merger.merged
         if merged is not None and merged.ref in memo.values() and \
-                content_key(self.pool.get(merged.ref).card) != content_key(merged.card):
+                self.pool.get(merged.ref).card.content_hash != merged.card.content_hash:
             self._set_merged(None)
         return refs
 

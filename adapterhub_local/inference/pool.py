@@ -9,8 +9,6 @@ an adapter reloaded later is the same bytes, so answers never change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,17 +21,10 @@ from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter, prepare
 from adapterhub_local.inference.rows import RowLedger
 from adapterhub_local.inference.types import PoolStats
-from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
 
 log = logging.getLogger("adapterhub_local.inference")
 
-
-def content_key(card: AdapterCard) -> str:
-    """The identity of an adapter version's bytes: a hash of the sha256 of every file its card lists. Two
-    versions share it only when their files are identical, so a deleted-and-reused ``name@N`` or a moved tag
-    never matches what the pool cached before."""
-    return hashlib.sha256(json.dumps(sorted(card.files.items())).encode()).hexdigest()
 
 
 class Installer(Protocol):
@@ -66,7 +57,7 @@ class AdapterPool:
         self._free: list[int] = []
         self._next_slot = 1
         self.stats = PoolStats(capacity_bytes=self.capacity_bytes)
-        self._content: dict[str, str] = {}  # ref -> content_key of the adapter cached under it
+        self._content: dict[str, str] = {}  # ref -> content hash (AdapterCard.content_hash) cached under it
         self._fresh: set[str] = set()  # loaded from disk and not installed since (not a host hit)
         self.loader: Callable[[str], PreparedAdapter] = self._load_from_registry
 
@@ -78,13 +69,13 @@ class AdapterPool:
     # ----------------------------------------------------------- host tier
     def resolve(self, ref: str) -> str:
         """Canonical ``name@version`` for a reference (``name`` follows the latest version, a tag its current
-        target). Resolved against the registry every time, and checked against what is cached: entries are
-        keyed by content (:func:`content_key`), so if the bytes behind ``name@N`` changed (a version deleted and
-        its number reused, a re-import) the stale copy is dropped here and the new bytes load on use."""
+        target). Resolved against the registry every time, and checked against what is cached: entries carry
+        their content hash (``AdapterCard.content_hash``), so if the bytes behind ``name@N`` ever changed (a
+        damaged or re-created version) the stale copy is dropped here and the new bytes load on use."""
         card = self.registry.resolve(ref)
         canonical = card.ref
         cached = self._content.get(canonical)
-        if cached is not None and cached != content_key(card):
+        if cached is not None and cached != card.content_hash:
             self._drop_stale(canonical)
         return canonical
 
@@ -114,7 +105,7 @@ class AdapterPool:
             self.host.move_to_end(ref)
             return self.host[ref]
         adapter = self.loader(ref)
-        self._content[ref] = content_key(adapter.card)
+        self._content[ref] = adapter.card.content_hash
         self.stats.misses += 1
         self._fresh.add(ref)
         self._keep_on_host(adapter)
