@@ -149,9 +149,15 @@ def cell(value: Any) -> str:
     return escape(str(value))
 
 
+LOG_TABLE_WIDTH = 200
+UNBOUNDED_WIDTH = 100_000
+"""Width to measure a table at, so its true minimum and natural widths are not clamped to the screen's."""
+"""Widest a table is printed when the output is not a terminal (so short columns never fold in logs)."""
+
+
 def table(title: str | None, columns: list[str], rows: list[list[Any]], key_columns: int = 1) -> None:
     """Print a rich table. The first ``key_columns`` columns (names, references) never wrap; the table is
-    printed wider than the terminal rather than fold them."""
+    printed wider than the terminal rather than fold them, and in logs as wide as its rows need."""
     out = Table(title=escape(title) if title else None, show_lines=False)
     for i, column in enumerate(columns):
         if i < key_columns:
@@ -160,8 +166,16 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]], key_colu
             out.add_column(escape(column), overflow="fold")
     for row in rows:
         out.add_row(*[cell(v) for v in row])
-    needed = console.measure(out).minimum
-    console.print(out, width=max(console.width, needed))
+    measured = console.measure(out, options=console.options.update(max_width=UNBOUNDED_WIDTH))
+    # On a terminal, fit the screen (folding all but the key columns); in a log or a pipe, where nobody
+    # reads at 80 columns, print each row on one line up to LOG_TABLE_WIDTH.
+    needed = measured.minimum if console.is_terminal else min(measured.maximum, LOG_TABLE_WIDTH)
+    screen = console.width
+    console.width = max(screen, needed, measured.minimum)  # print(width=) cannot widen past the console's own
+    try:
+        console.print(out)
+    finally:
+        console.width = screen
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

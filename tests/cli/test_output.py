@@ -75,6 +75,18 @@ def test_names_never_wrap_in_listings(world: World, capsys: pytest.CaptureFixtur
     assert "tllama" in bases.out and "tbert" in bases.out
 
 
+def test_listings_in_a_log_keep_each_version_on_one_line(world: World, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # a log: not a terminal, 80 columns
+    result = run(capsys, "list", "-R", world.reg)
+    assert result.code == 0
+    card = world.registry.resolve("tgen@1")
+    rows = [line for line in result.out.splitlines() if "tgen@1" in line]
+    assert len(rows) == 1
+    for value in (str(card.task), card.base, card.created[:19]):  # no short column folded onto a second line
+        assert value in rows[0], (value, result.out)
+
+
 def test_show_prints_the_recipe_as_yaml(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     result = run(capsys, "show", "tgen@1", "-R", world.reg)
     assert result.code == 0
