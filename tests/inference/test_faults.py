@@ -15,7 +15,7 @@ import torch
 
 from adapterhub_local.errors import AdapterHubError, ConfigError, FormatError, UnsupportedError
 from adapterhub_local.inference import Engine, Request, SamplingParams
-from adapterhub_local.inference.adapters import PreparedAdapter, prepare
+from adapterhub_local.inference.adapters import prepare
 from adapterhub_local.inference.sampling import next_tokens
 from adapterhub_local.inference.types import (
     MAX_REPETITION_PENALTY,
@@ -29,6 +29,7 @@ from adapterhub_local.inference.types import (
     StreamEvent,
 )
 from adapterhub_local.registry import Registry
+from tests.inference.faults_kit import poison
 
 POISONED = "r4-qv"
 MIX: list[str | None] = ["r1-q", "r2-v", POISONED, "r8-attn", "soft", None, "r16-mlp", "r64-ko"]
@@ -45,19 +46,6 @@ def mixed_requests() -> list[Request]:
             repetition_penalty=1.2 if i == 3 else 1.0)))
     return out
 
-
-def poison(engine: Engine, ref: str) -> None:
-    """Make the pool's copy of ``ref`` hold NaN (bypassing the load-time refusal, as a fault would)."""
-    load = engine.pool.loader
-
-    def loader(name: str) -> PreparedAdapter:
-        adapter = load(name)
-        if name == ref:
-            pair = next(iter(adapter.pairs.values()))
-            pair.b.fill_(float("nan"))
-        return adapter
-
-    engine.pool.loader = loader
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 import pytest
 from fastapi.testclient import TestClient
 
-from adapterhub_local.inference.adapters import PreparedAdapter
 from adapterhub_local.inference.engine import Engine
 from adapterhub_local.inference.types import GenerationResult, Request, RowFailedError, SamplingParams
 from adapterhub_local.registry import Registry
 from adapterhub_local.server import ServerConfig
 from adapterhub_local.server.auth import AuthConfig
 from adapterhub_local.server.scheduler import Scheduler, SchedulerConfig
+from tests.inference.faults_kit import poison
 from tests.server.conftest import API_KEY, make_app
 
 T = TypeVar("T")
@@ -50,17 +50,6 @@ def solo(served_registry: Registry) -> list[GenerationResult]:
     assert len({tuple(r.token_ids) for r in results}) == len(results), "rows must differ to catch mis-delivery"
     return results
 
-
-def poison(engine: Engine, ref: str) -> None:
-    load = engine.pool.loader
-
-    def loader(name: str) -> PreparedAdapter:
-        adapter = load(name)
-        if name == ref:
-            next(iter(adapter.pairs.values())).b.fill_(float("nan"))
-        return adapter
-
-    engine.pool.loader = loader
 
 
 async def one_batch(scheduler: Scheduler, reqs: list[Request]) -> list[GenerationResult | BaseException]:

@@ -39,7 +39,8 @@ def test_truncate_then_compare(capsys: pytest.CaptureFixture[str], tiny_llama_di
     assert (tmp_path / "cmp" / "spectra.png").exists() and len(list((tmp_path / "cmp").glob("similarity-*.png"))) == 3
 
 
-def test_bad_sweep_options_fail_with_every_problem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def generation_recipe(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> tuple[Path, Path]:
+    """A one-row generation recipe on base ``tiny``, registered in a fresh registry: (recipe, registry)."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\nbase: tiny\ntask: {type: generation}\n"
                       f"data: {{train: {tmp_path / 'd.jsonl'}, template: '{{a}}', completion: '{{b}}'}}\n")
@@ -47,6 +48,11 @@ def test_bad_sweep_options_fail_with_every_problem(capsys: pytest.CaptureFixture
     reg = tmp_path / "reg"
     assert run(capsys, "-R", str(reg), "base", "add", "tiny",
                str(make_tiny_llama_with_tokenizer(tmp_path / "tiny")))[0] == 0
+    return recipe, reg
+
+
+def test_bad_sweep_options_fail_with_every_problem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    recipe, reg = generation_recipe(capsys, tmp_path)
     code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), "--ranks", "1,0,x", "--alpha-policy", "odd")
     assert code != 0 and "rank '0'" in err and "rank 'x'" in err
     code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), "--ranks", "1,2", "--alpha-policy", "odd",
@@ -73,13 +79,7 @@ def test_truncate_refuses_a_rank_at_or_above_the_adapters(capsys: pytest.Capture
 @pytest.mark.parametrize("form", ["positional", "set"])
 def test_sweep_takes_overrides_positionally_and_with_set(form: str, capsys: pytest.CaptureFixture[str],
                                                          tmp_path: Path) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: x\nbase: tiny\ntask: {type: generation}\n"
-                      f"data: {{train: {tmp_path / 'd.jsonl'}, template: '{{a}}', completion: '{{b}}'}}\n")
-    (tmp_path / "d.jsonl").write_text('{"a": "x", "b": "y"}\n')
-    reg = tmp_path / "reg"
-    assert run(capsys, "-R", str(reg), "base", "add", "tiny",
-               str(make_tiny_llama_with_tokenizer(tmp_path / "tiny")))[0] == 0
+    recipe, reg = generation_recipe(capsys, tmp_path)
     # The override turns the recipe into a soft-prompt one, which a rank sweep refuses: proof it was applied.
     override = ["method.name=prompt"] if form == "positional" else ["--set", "method.name=prompt"]
     code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), *override, "--ranks", "1,2")
