@@ -15,7 +15,6 @@ metrics and labels, and the same references (``name``, ``name@N``, ``name:tag``,
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +34,7 @@ from adapterhub_local.registry.formats import (
 )
 from adapterhub_local.registry.importer import admit, make_card
 from adapterhub_local.registry.names import validate_name
+from adapterhub_local.registry.safefiles import copy_regular
 from adapterhub_local.registry.store import MODEL_WEIGHTS, Registry
 
 KIND_FULL = "full"
@@ -99,9 +99,8 @@ def register_full(registry: Registry, name: str, source_dir: Path, base: str, in
     check_full_against_base(source_dir / MODEL_WEIGHTS, record)
     staged = registry.new_staging()
     try:
-        for fname in FULL_FILES:
-            shutil.copyfile(source_dir / fname, staged / fname)
-        files = {f: atomic.sha256_file(staged / f) for f in FULL_FILES}
+        # One pass per file: copied as a regular file inside the run directory (no symlinks), hashed as copied.
+        files = {f: copy_regular(source_dir / f, source_dir, staged / f, follow_inside=False) for f in FULL_FILES}
         card = AdapterCard(**asdict(info), name=name, kind=KIND_FULL, base=record.name,
                            base_fingerprint=record.fingerprint, files=files, created=_now())
         return registry.publish(staged, card)
