@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 if python -c "import pytest, hypothesis" 2>/dev/null; then
-  python -m pytest -q -p no:cacheprovider tests/inference/test_static_decode.py 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+  python -m pytest -p no:cacheprovider -o addopts= -q -rs -W ignore::DeprecationWarning tests/inference/test_static_decode.py 2>&1 | tail -15 | tee "$out/gpu-tests.txt"
 else
   echo "pytest/hypothesis missing on this machine: carry their wheels to run the GPU tests" | tee "$out/gpu-tests.txt"
 fi
