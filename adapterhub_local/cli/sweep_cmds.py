@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
 from adapterhub_local.cli.common import app, console, get_registry, parse_overrides, print_json, table
+from adapterhub_local.progress import is_tty
 
 
 @app.command("compare")
@@ -99,7 +101,8 @@ def sweep_cmd(
         seeds=_seeds(seeds), tolerance=tolerance, sweep_id=sweep_id, knee_metric=knee_metric,
         data_fractions=parse_fractions(data_fractions), advise=advise, num_beams=num_beams, e2e_metrics=e2e_metrics,
     )
-    summary = run_sweep(get_registry(create=True), loaded, config, progress=progress,
+    # Bars only on a terminal: in a log (`> sweep.log 2>&1`, nohup) a bar is a stream of carriage returns.
+    summary = run_sweep(get_registry(create=True), loaded, config, progress=progress and is_tty(sys.stderr),
                         log=lambda line: console.print(line, markup=False, highlight=False))
     if as_json:
         print_json(summary)

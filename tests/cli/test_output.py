@@ -115,11 +115,25 @@ def test_a_logged_train_run_is_quiet_and_reports_progress_in_plain_lines(world: 
         code = subprocess.run([sys.executable, "-m", "adapterhub_local", "train", str(world.cls_recipe),
                                "train.max_steps=3", "-R", world.reg], stdout=handle, stderr=subprocess.STDOUT,
                               env=env, check=False, timeout=300).returncode
-    text = log.read_text()
+    text = log.read_bytes().decode()  # bytes: read_text() would turn "\r" into "\n"
     assert code == 0, text
     assert "train: step 1/3" in text and "train: step 3/3 (100.0%)" in text
     for noise in ("\r", "LOAD REPORT", "Warning", "warn(", "Loading weights", "Writing model shards"):
         assert noise not in text, noise
+
+
+def test_a_logged_sweep_has_no_progress_bars(world: World) -> None:
+    """`adapterhub sweep ... > log 2>&1` (nohup): the per-rank training draws no carriage-return bars."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    log = world.root / "sweep.log"
+    with log.open("w") as handle:
+        code = subprocess.run([sys.executable, "-m", "adapterhub_local", "sweep", str(world.cls_recipe), "--ranks",
+                               "1,2", "train.max_steps=2", "-R", world.reg], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env, check=False, timeout=300).returncode
+    text = log.read_bytes().decode()
+    assert code == 0, text
+    assert "training r=2" in text and "report:" in text
+    assert "\r" not in text
 
 
 def test_library_progress_bars_stay_out_of_logs(tmp_path: Path) -> None:
