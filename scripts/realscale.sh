@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The rank study at real scale (issue 12), in the background, resumable: run it again after an interruption (a
+# killed process, a new session) and each sweep continues where it stopped — finished points are skipped and a
+# point interrupted mid-run continues from its checkpoint. Logs: runs/realscale-<task>.log; reports:
+# runs/sweep-*/results.{md,csv,json} and plots. Uses one torch thread, so it shares the machine gracefully.
+#
+#   bash scripts/realscale.sh              # start or resume both studies, one after the other, in the background
+#   bash scripts/realscale.sh --foreground # the same in this terminal
+#
+# 1. Rotten Tomatoes / all-MiniLM-L6-v2: 11 ranks × 3 seeds × training fractions 0.1 / 0.3 / 1.0 (250 steps of 32,
+#    about one epoch of the whole training split), sequential, 99 points.
+# 2. E2E / SmolLM2-135M-Instruct, LoRA on q and v, alpha fixed at 32: 11 ranks × 1 epoch × 2 seeds, with the
+#    E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), greedy and beam-3 decoding, the SVD-truncated curve
+#    from r = 64, 22 points.
+# 3. The rank advisor on both, beside the trained sweeps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" != "--foreground" ]]; then
+  mkdir -p runs
+  nohup setsid bash "$0" --foreground >runs/realscale.log 2>&1 &
+  echo "started in the background (pid $!): tail -f runs/realscale.log runs/realscale-*.log"
+  exit 0
+fi
+bash scripts/setup-env.sh >/dev/null
+export PATH="$PWD/.venv/bin:$PATH"
+export ADAPTERHUB_HOME="${ADAPTERHUB_HOME:-$PWD/registry}"
+adapterhub base show minilm >/dev/null 2>&1 || adapterhub base add minilm asset:minilm
+adapterhub base show smollm2 >/dev/null 2>&1 || adapterhub base add smollm2 asset:smollm2
+
+sentiment=(recipes/sweep-sentiment-minilm-lora.yaml --seeds 0,1,2 --data-fractions 0.1,0.3,1.0 --mode sequential)
+e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode sequential --truncate-from 64
+     --num-beams 3 --set train.epochs=1)
+
+# The advisor runs on the same sweep (same arguments): it trains only the highest rank (per seed and fraction),
+# predicts the rest from its SVD truncations, and every later run of the full sweep sets the prediction beside the
+# trained ranks. The sentiment sweep ran before its advisor (started first), so it is reported once more after it.
+run() { local log=$1; shift; echo "== $(date -u +%FT%TZ) $*"; adapterhub --threads 1 sweep "$@" >>"$log" 2>&1; }
+run runs/realscale-sentiment.log "${sentiment[@]}"
+run runs/realscale-sentiment.log "${sentiment[@]}" --advise
+run runs/realscale-sentiment.log "${sentiment[@]}"
+run runs/realscale-e2e.log "${e2e[@]}" --advise
+run runs/realscale-e2e.log "${e2e[@]}"
+echo "== $(date -u +%FT%TZ) done"
