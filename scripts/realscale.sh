@@ -11,7 +11,7 @@
 #    about one epoch of the whole training split), sequential, 99 points.
 # 2. E2E / SmolLM2-135M-Instruct, LoRA on q and v, alpha fixed at 32: 11 ranks × 1 epoch × 2 seeds, with the
 #    E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), greedy and beam-3 decoding, the SVD-truncated curve
-#    from r = 64, 22 points.
+#    from r = 64, 22 points; then φ (the paper's section 7) between r = 8 and r = 64 and between seeds of r = 64.
 # 3. The rank advisor on both, beside the trained sweeps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +40,8 @@ run runs/realscale-sentiment.log "${sentiment[@]}" --advise
 run runs/realscale-sentiment.log "${sentiment[@]}"
 run runs/realscale-e2e.log "${e2e[@]}" --advise
 run runs/realscale-e2e.log "${e2e[@]}"
+# The paper's section 7: φ between r = 8 and r = 64 (same seed) and between two seeds of r = 64.
+echo "== $(date -u +%FT%TZ) compare"
+adapterhub compare e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1 \
+  --out runs/realscale-e2e-compare >>runs/realscale-e2e.log 2>&1
 echo "== $(date -u +%FT%TZ) done"
