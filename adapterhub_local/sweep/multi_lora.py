@@ -257,8 +257,11 @@ class MultiLoraLinear(nn.Module):
             if rows.count != a.shape[0]:  # some of the group's adapters have no rows in this batch
                 a, b, scales = (t.index_select(0, rows.members) for t in (a, b, scales))
             picked = x if rows.whole else x.index_select(0, rows.rows)
-            # PEFT: result + lora_B(lora_A(dropout(x))) * scaling, input cast to the LoRA weight's dtype.
-            picked = picked.to(a.dtype).reshape(rows.count, -1, x.shape[-1])
+            # PEFT: result + lora_B(lora_A(dropout(x))) * scaling, input cast to the LoRA weight's dtype — except
+            # under autocast, where bmm casts it back to the compute dtype anyway (the round trip is exact).
+            if not torch.is_autocast_enabled(x.device.type):
+                picked = picked.to(a.dtype)
+            picked = picked.reshape(rows.count, -1, x.shape[-1])
             if self.dropout > 0:
                 picked = F.dropout(picked, p=self.dropout, training=self.training)
             update = torch.bmm(torch.bmm(picked, a.transpose(1, 2)), b.transpose(1, 2)) * scales.view(-1, 1, 1)

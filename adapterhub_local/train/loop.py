@@ -301,6 +301,13 @@ def train_loop(
     running_loss = torch.zeros((), device=accelerator.device)
     running_n = 0
     prefetch = Prefetcher(collate, examples)
+    # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is undone by the matmul's own cast
+    # to bf16 — two copies of every adapted activation, forward and backward, for bit-identical results.
+    casting = contextlib.ExitStack()
+    if runtime.resolve_precision(cfg.precision) in ("bf16", "fp16") and hasattr(model, "peft_config"):
+        from peft.helpers import disable_input_dtype_casting
+
+        casting.enter_context(disable_input_dtype_casting(model))
 
     def run_eval() -> bool:
         """Evaluate, keep the best, decide on early stopping; True = stop."""
@@ -384,6 +391,7 @@ def train_loop(
         raise
     finally:
         prefetch.close()
+        casting.close()
     bar.close()
     if state.last_eval_step != state.step and not state.stopped_early:
         run_eval()

@@ -168,3 +168,28 @@ def test_per_adapter_clipping_equals_clip_grad_norm_on_each_adapter_alone(tiny_l
         for got, want in zip(joint.gradients_of(i).values(), expected, strict=True):  # type: ignore[attr-defined]
             assert torch.allclose(got, want.grad, rtol=1e-5, atol=1e-9)  # type: ignore[arg-type]
         assert float(norm) > 0.5  # the clip did something
+
+
+def test_bf16_base_under_autocast_matches_peft_alone(tiny_llama_dir: Path) -> None:
+    from peft.utils.save_and_load import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_local import runtime
+
+    ranks = [1, 8]
+    singles = [_peft(tiny_llama_dir, "causal", r, seed=20 + i) for i, r in enumerate(ranks)]
+    for single in singles:
+        single.to(torch.bfloat16)
+        runtime.upcast_trainable(single)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    joint = build_joint_model(base, ["q_proj", "v_proj"], [Slot(r, lora_scale(8, r)) for r in ranks])
+    for i, single in enumerate(singles):
+        joint.load_peft_state(i, get_peft_model_state_dict(single))
+    joint.model.eval()
+    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(5))
+    with runtime.autocast("bf16", "cpu"), joint.segments.use([2, 2]):
+        ours = joint.model(input_ids=ids).logits
+    for i, single in enumerate(singles):
+        with runtime.autocast("bf16", "cpu"):
+            alone = single(input_ids=ids[2 * i : 2 * i + 2]).logits
+        assert torch.allclose(ours[2 * i : 2 * i + 2].float(), alone.float(), atol=2e-2), i

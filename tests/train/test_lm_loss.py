@@ -98,3 +98,22 @@ def test_models_whose_forward_is_more_than_backbone_and_head_keep_their_own_loss
     assert not lm_loss.supports(_llama(), {"labels": torch.zeros(4, dtype=torch.long)})  # a class label each
     with pytest.raises(ValueError, match="own forward"):
         lm_loss.causal_lm_loss(prompt, batch, lm_loss.label_targets(batch["labels"]))
+
+
+def test_skipping_peft_input_casts_under_autocast_changes_nothing() -> None:
+    """The loop turns off PEFT's cast of LoRA inputs to fp32 under bf16 autocast (the matmul casts back)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    model = _lora(_llama(torch.bfloat16), ["q_proj", "v_proj"])
+    batch = _batch()
+    results = []
+    for skip in (False, True):
+        with runtime.autocast("bf16", "cpu"), disable_input_dtype_casting(model, active=skip):
+            loss = lm_loss.causal_lm_loss(model, batch, lm_loss.label_targets(batch["labels"]))
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (loss_cast, grads_cast), (loss_skip, grads_skip) = results
+    assert torch.equal(loss_cast, loss_skip)
+    assert grads_cast.keys() == grads_skip.keys()
+    for name, grad in grads_cast.items():
+        assert torch.equal(grad, grads_skip[name]), name
