@@ -1,6 +1,7 @@
 """Concurrent against sequential rank sweeps: wall time and peak memory of the same sweep (same ranks, same
 steps, same data), in one run. Each mode runs in its own fresh process so that its peak RSS (or CUDA peak) is
-its own; ``--rounds N`` interleaves the modes N times and reports best and median, with the load average. Writes ``<out>/sweep-<preset>.json`` and ``<out>/sweep-<preset>.md``.
+its own; ``--rounds N`` interleaves the modes N times and reports best and median, with the load average.
+Writes ``<out>/sweep-<preset>.json`` and ``<out>/sweep-<preset>.md``.
 
     python benchmarks/sweep.py --preset cpu-small --out benchmarks/results      # MiniLM, 11 ranks, few steps
     python benchmarks/sweep.py --preset gpu --out benchmarks/results            # SmolLM2 E2E, 11 ranks
