@@ -1,14 +1,17 @@
 """Concurrent sweep training: every rank in one process, on one shared frozen base, each optimizer step running
 every adapter on its own batch in a single forward pass (see :mod:`adapterhub_local.sweep.multi_lora`).
 
-Each adapter follows the training runner's own recipe for a run (``train/loop.py``): the same batches
-(``epoch_batches`` of its seed and epoch), the same AdamW parameter groups, the same linear warm-up/decay schedule, the
-same gradient accumulation and per-adapter gradient clipping, the same evaluation cadence, best-checkpoint
-keeping and early stopping, and the same loss (the base model's own ``loss_function`` for causal LMs, cross
-entropy for classifiers). So with the same seed and the same initial weights the adapters equal the ones the
-sequential runner trains, up to floating-point noise from running the base on a larger batch.
-Dropout is the one exception: with non-zero dropout every adapter draws its own masks from the one shared
-RNG stream, so the masks (not their distribution) differ from a solo run.
+Each adapter follows the training runner's own recipe for a run (``train/loop.py``, whose pieces it calls): the
+same batches (``epoch_batches`` of its seed and epoch), the same AdamW parameter groups (``make_optimizer``: one
+AdamW over the stacked adapter parameters — AdamW is elementwise, so each adapter's slice moves as its own
+optimizer would move it), the same linear warm-up/decay schedule, the same gradient accumulation, gradient
+clipping per adapter (vectorised: ``JointModel.clip_grad_norms_``), the same evaluation cadence, best-checkpoint
+keeping and early stopping (``note_evaluation``), and the same loss: the loop's LM head on labelled positions
+only (``train/lm_loss.py``) for causal LMs, cross entropy for classifiers — every adapter's loss at once,
+summed per adapter with one ``index_add`` (:func:`segment_losses`). So with the same seed and the same initial
+weights the adapters equal the ones the sequential runner trains, up to floating-point noise from running the
+base on a larger batch. Dropout is the one exception: with non-zero dropout every adapter draws its own masks
+from the one shared RNG stream, so the masks (not their distribution) differ from a solo run.
 """
 
 from __future__ import annotations
