@@ -180,6 +180,24 @@ def autocast(precision: str, device: str | None = None) -> contextlib.AbstractCo
     return torch.autocast(kind, dtype=torch.bfloat16 if resolved == "bf16" else torch.float16)
 
 
+SHORT_ATTENTION_WIDTH = 128
+"""Widest batch for which CPU training uses the plain ("math") scaled-dot-product attention: at short widths
+its backward is about twice as fast as the CPU flash kernel's (8 × 9 heads × 100 positions: 37 vs 79 ms
+forward + backward); past ~200 positions the flash kernel wins."""
+
+
+def training_attention(width: int, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """The attention kernel for a training forward of ``width`` positions on ``device``: on CPU and short
+    widths the math kernel (see :data:`SHORT_ATTENTION_WIDTH`), else torch's own choice."""
+    import torch
+
+    if torch.device(device).type != "cpu" or width > SHORT_ATTENTION_WIDTH:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def upcast_trainable(model: torch.nn.Module) -> int:
     """Keep every trainable parameter in fp32 (master weights and optimizer state); returns how many moved."""
     import torch

@@ -1,6 +1,7 @@
 """Concurrent against sequential rank sweeps: wall time and peak memory of the same sweep (same ranks, same
 steps, same data), in one run. Each mode runs in its own fresh process so that its peak RSS (or CUDA peak) is
-its own. Writes ``<out>/sweep-<preset>.json`` and ``<out>/sweep-<preset>.md``.
+its own; ``--rounds N`` interleaves the modes N times and reports best and median, with the load average.
+Writes ``<out>/sweep-<preset>.json`` and ``<out>/sweep-<preset>.md``.
 
     python benchmarks/sweep.py --preset cpu-small --out benchmarks/results      # MiniLM, 11 ranks, few steps
     python benchmarks/sweep.py --preset gpu --out benchmarks/results            # SmolLM2 E2E, 11 ranks
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,12 +99,17 @@ def _markdown(result: dict[str, Any]) -> str:
         f"# Rank sweep: concurrent vs sequential ({result['preset']}, {result['device']})", "",
         f"`{result['command']}`", "",
         f"Recipe `{result['recipe']}`, ranks {result['ranks']}, overrides `{' '.join(result['overrides'])}`.", "",
-        "| mode | sweep wall s | train s | train tokens/s | peak memory MB |", "|---|---|---|---|---|",
+        f"{result['rounds']} interleaved round(s); best / median; load average after each run "
+        f"{min(result['load_average_after_each_run']):.1f}–{max(result['load_average_after_each_run']):.1f}.", "",
+        "| mode | sweep wall s best / median | train s best / median | train tokens/s | peak memory MB |",
+        "|---|---|---|---|---|",
     ]
     for row in (seq, con):
-        lines.append(f"| {row['mode']} | {row['sweep_wall_s']:.1f} | {row['train_s']:.1f} | "
+        lines.append(f"| {row['mode']} | {row['sweep_wall_s']:.1f} / {row['sweep_wall_s_median']:.1f} | "
+                     f"{row['train_s']:.1f} / {row['train_s_median']:.1f} | "
                      f"{(row['train_tokens_per_s'] or 0):.0f} | {row['peak_memory_mb']:.0f} |")
-    lines += ["", f"- concurrent / sequential sweep wall time: **{result['ratio_sweep_wall']:.2f}×**",
+    lines += ["", f"- concurrent / sequential sweep wall time: **{result['ratio_sweep_wall']:.2f}×** best, "
+              f"{result['ratio_sweep_wall_median']:.2f}× median",
               f"- concurrent / sequential training time: **{result['ratio_train']:.2f}×**",
               f"- concurrent / sequential peak memory: **{result['ratio_peak_memory']:.2f}×** "
               f"({seq['peak_memory_kind']})", ""]
@@ -117,6 +124,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ADAPTERHUB_THREADS") or 2),
                         help="torch threads of both modes (pinned; default $ADAPTERHUB_THREADS or 2).")
+    parser.add_argument("--rounds", type=int, default=1, help="Interleaved rounds (both modes once per round).")
     parser.add_argument("--child", choices=["sequential", "concurrent"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,28 +137,40 @@ def main() -> None:
         return
     result: dict[str, Any] = {"preset": args.preset, "recipe": preset["recipe"], "ranks": ranks,
                               "overrides": overrides, "command": "python " + " ".join(sys.argv),
-                              "python": platform.python_version()}
-    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+                              "python": platform.python_version(), "rounds": args.rounds}
+    rounds: dict[str, list[dict[str, Any]]] = {"sequential": [], "concurrent": []}
+    load: list[float] = []
+    for round_ in range(args.rounds):  # interleaved: each round runs both modes, so load drifts hit both
         for mode in ("sequential", "concurrent"):
-            work = Path(tmp) / mode
-            work.mkdir()
-            command = [sys.executable, __file__, "--preset", args.preset, "--ranks", ranks, "--child", mode,
-                       "--work", str(work), "--out", str(args.out), *[f"--set={o}" for o in args.overrides]]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "ADAPTERHUB_THREADS": str(args.threads)}
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+                work = Path(tmp) / mode
+                work.mkdir()
+                command = [sys.executable, __file__, "--preset", args.preset, "--ranks", ranks, "--child", mode,
+                           "--work", str(work), "--out", str(args.out), *[f"--set={o}" for o in args.overrides]]
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", "ADAPTERHUB_THREADS": str(args.threads)}
+                done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
                 raise SystemExit(f"{mode} sweep failed (exit {done.returncode})")
-            result[mode] = json.loads(lines[-1][len("RESULT "):])
-            print(f"{mode}: sweep {result[mode]['sweep_wall_s']:.1f} s, train {result[mode]['train_s']:.1f} s, "
-                  f"peak {result[mode]['peak_memory_mb']:.0f} MB", flush=True)
+            figures = json.loads(lines[-1][len("RESULT "):])
+            rounds[mode].append(figures)
+            load.append(os.getloadavg()[0])
+            print(f"round {round_ + 1}: {mode}: sweep {figures['sweep_wall_s']:.1f} s, "
+                  f"train {figures['train_s']:.1f} s, peak {figures['peak_memory_mb']:.0f} MB", flush=True)
+    for mode, runs in rounds.items():
+        best = min(runs, key=lambda r: r["sweep_wall_s"])
+        result[mode] = {**best, "sweep_wall_s_median": statistics.median(r["sweep_wall_s"] for r in runs),
+                        "train_s_median": statistics.median(r["train_s"] for r in runs),
+                        "sweep_wall_s_rounds": [r["sweep_wall_s"] for r in runs]}
+    result["load_average_after_each_run"] = load
     import torch
 
     result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"cpu ({result['sequential']['threads']} threads, {result['sequential']['precision']})"
     seq, con = result["sequential"], result["concurrent"]
     result["ratio_sweep_wall"] = con["sweep_wall_s"] / seq["sweep_wall_s"]
+    result["ratio_sweep_wall_median"] = con["sweep_wall_s_median"] / seq["sweep_wall_s_median"]
     result["ratio_train"] = con["train_s"] / seq["train_s"] if seq["train_s"] else None
     result["ratio_peak_memory"] = con["peak_memory_mb"] / seq["peak_memory_mb"]
     args.out.mkdir(parents=True, exist_ok=True)

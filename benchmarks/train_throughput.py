@@ -126,7 +126,8 @@ class TokenMeter:
         self.started: float | None = None
         self.ended: float | None = None
         self.start_after = start_after
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        # On the decoder, not the PEFT wrapper: our loop calls the decoder and the LM head itself.
+        model.get_base_model().model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         if not module.training:

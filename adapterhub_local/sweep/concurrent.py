@@ -1,14 +1,17 @@
 """Concurrent sweep training: every rank in one process, on one shared frozen base, each optimizer step running
 every adapter on its own batch in a single forward pass (see :mod:`adapterhub_local.sweep.multi_lora`).
 
-Each adapter follows the training runner's own recipe for a run (``train/loop.py``): the same batches
-(``epoch_batches`` of its seed and epoch), the same AdamW parameter groups, the same linear warm-up/decay schedule, the
-same gradient accumulation and per-adapter gradient clipping, the same evaluation cadence, best-checkpoint
-keeping and early stopping, and the same loss (the base model's own ``loss_function`` for causal LMs, cross
-entropy for classifiers). So with the same seed and the same initial weights the adapters equal the ones the
-sequential runner trains, up to floating-point noise from running the base on a larger batch.
-Dropout is the one exception: with non-zero dropout every adapter draws its own masks from the one shared
-RNG stream, so the masks (not their distribution) differ from a solo run.
+Each adapter follows the training runner's own recipe for a run (``train/loop.py``, whose pieces it calls): the
+same batches (``epoch_batches`` of its seed and epoch), the same AdamW parameter groups (``make_optimizer``: one
+AdamW over the stacked adapter parameters — AdamW is elementwise, so each adapter's slice moves as its own
+optimizer would move it), the same linear warm-up/decay schedule, the same gradient accumulation, gradient
+clipping per adapter (vectorised: ``JointModel.clip_grad_norms_``), the same evaluation cadence, best-checkpoint
+keeping and early stopping (``note_evaluation``), and the same loss: the loop's LM head on labelled positions
+only (``train/lm_loss.py``) for causal LMs, cross entropy for classifiers — every adapter's loss at once,
+summed per adapter with one ``index_add`` (:func:`segment_losses`). So with the same seed and the same initial
+weights the adapters equal the ones the sequential runner trains, up to floating-point noise from running the
+base on a larger batch. Dropout is the one exception: with non-zero dropout every adapter draws its own masks
+from the one shared RNG stream, so the masks (not their distribution) differ from a solo run.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.nn import functional as F
 from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.sweep.multi_lora import JointModel
+from adapterhub_local.train import lm_loss
 from adapterhub_local.train.loop import (
     Prefetcher,
     epoch_batches,
@@ -91,12 +95,32 @@ def concat_batches(batches: Sequence[Batch], pad_id: int) -> dict[str, torch.Ten
     return {k: torch.cat(v, dim=0) for k, v in out.items()}
 
 
-def segment_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss the model's own forward would return for this segment alone."""
-    if labels.dim() == 1:  # classification: HF single-label problem type
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-    vocab = int(getattr(model, "config").vocab_size)  # noqa: B009 - HF config attribute
-    return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)  # type: ignore[operator]
+def segment_losses(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   row_owner: torch.Tensor, counts: torch.Tensor, fast: bool) -> torch.Tensor:
+    """Every adapter's loss at once (``[adapters]``), each the loss the model's own forward would return for
+    its segment alone: the mean next-token cross entropy over its labelled positions (causal LM) or the mean
+    cross entropy over its rows (classifier). Per-token losses are summed per adapter with one ``index_add``.
+
+    ``labels`` and ``row_owner`` (each batch row's adapter) stay on the host; ``counts``: each adapter's number
+    of labelled positions (causal) or rows (classifier), on the device, at least 1."""
+    device = counts.device
+    if labels.dim() == 2 and fast:
+        targets = lm_loss.label_targets(labels)
+        hidden, head = lm_loss.labelled_hidden(model, inputs, targets.to(device))
+        losses = lm_loss.token_losses(hidden, targets.tokens.to(device, non_blocking=True), head)
+        owner = row_owner[targets.rows].to(device, non_blocking=True)
+    else:
+        logits = model(**inputs).logits
+        if labels.dim() == 1:  # classification: HF single-label problem type
+            losses = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction="none")
+            owner = row_owner.to(device, non_blocking=True)
+        else:  # the model's own causal loss, per token: logits upcast, position t predicts token t + 1
+            shifted = labels[:, 1:].to(device, non_blocking=True)
+            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, reduction="none")
+            losses = per_token.sum(dim=1)  # ignored positions contribute 0
+            owner = row_owner.to(device, non_blocking=True)
+    total = torch.zeros(counts.shape[0], device=device, dtype=losses.dtype).index_add(0, owner, losses)
+    return total / counts
 
 
 def train_concurrent(
@@ -124,8 +148,10 @@ def train_concurrent(
     n_steps = total_steps(len(examples), cfg)
     eval_every = cfg.eval_every or steps_per_epoch(len(examples), cfg)
     batch_count = math.ceil(len(examples) / cfg.batch_size)
-    params = [joint.parameters_of(i) for i in range(count)]
-    optimizers = [make_optimizer(p, cfg, n_steps) for p in params]
+    # One AdamW over every adapter's stacked parameters: AdamW is elementwise, so each adapter's slice moves
+    # exactly as its own optimizer would move it (same groups, same schedule; all adapters share the step count).
+    optimizer, scheduler = make_optimizer(joint.trainable_parameters(), cfg, n_steps)
+    fast = lm_loss.supports(model, {"labels": torch.zeros(1, 1)})
     prefetch = Prefetcher(collate, examples)
     lengths = [len(e.input_ids) for e in examples]
     plans: dict[tuple[int, int], list[list[int]]] = {}
@@ -164,40 +190,37 @@ def train_concurrent(
             if b + 1 < batch_count:
                 for i in active:
                     prefetch.want(plan_of(runs[i])[b + 1])
-            inputs = {k: v.to(accelerator.device) for k, v in concat_batches(per_adapter, pad_id).items()}
-            labels = inputs.pop("labels")
+            joined = concat_batches(per_adapter, pad_id)
+            labels = joined.pop("labels")
+            inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in joined.items()}
             sizes = [0] * count
+            counts = [1] * count
             for i, batch in zip(active, per_adapter, strict=True):
                 sizes[i] = batch.tensors["input_ids"].shape[0]
-            with joint.segments.use(sizes), forward_context(accelerator, cfg.precision):
-                logits = model(**inputs).logits
-            losses = []
-            start = 0
-            for i, batch in zip(active, per_adapter, strict=True):
-                n, width = batch.tensors["input_ids"].shape
-                seg_logits = logits[start : start + n]
-                seg_labels = labels[start : start + n]
-                if seg_labels.dim() == 2:
-                    # contiguous: the loss views logits flat, and a width cut of a wider batch is strided
-                    seg_logits, seg_labels = seg_logits[:, :width].contiguous(), seg_labels[:, :width]
-                loss = segment_loss(model, seg_logits, seg_labels) / len(group)
-                losses.append(loss)
+                own = batch.tensors["labels"]
+                counts[i] = max(1, int((own[:, 1:] != IGNORE).sum()) if own.dim() == 2 else own.shape[0])
                 runs[i].train_tokens += batch.real_tokens
                 tokens += batch.real_tokens
-                start += n
+            row_owner = torch.repeat_interleave(torch.arange(count), torch.tensor(sizes))
+            width = int(joined["input_ids"].shape[1])
+            with joint.segments.use(sizes), forward_context(accelerator, cfg.precision), \
+                    runtime.training_attention(width, accelerator.device):
+                losses = segment_losses(model, inputs, labels, row_owner,
+                                        torch.tensor(counts, dtype=torch.float32).to(accelerator.device), fast)
             # Parameters of different adapters are disjoint: each gets exactly its own loss's gradient.
-            stacked = torch.stack(losses)
-            accelerator.backward(stacked.sum())
-            step_loss[active] += stacked.detach().float()
+            losses = losses / len(group)
+            accelerator.backward(losses.sum())
+            step_loss += losses.detach().float()
         step += 1
+        if cfg.max_grad_norm:
+            joint.clip_grad_norms_(cfg.max_grad_norm)  # each adapter on its own, as the loop clips a run
+        # Adapters that stopped early have no rows and zero gradients; AdamW's momentum may still move them,
+        # which changes nothing kept: they are not evaluated again and end on their best state.
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         for i in active:
             run = runs[i]
-            optimizer, scheduler = optimizers[i]
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params[i], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             run.step = step
             run.batch_in_epoch = group.stop
             if run.batch_in_epoch >= batch_count:

@@ -27,8 +27,8 @@ def _joint(tmp_path: Path, dtype: torch.dtype, ranks: list[int]) -> object:
     joint = build_joint_model(base, ["q_proj", "v_proj"], [Slot(r, lora_scale(8, r)) for r in ranks])
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero B so that every adapter changes the output from the first step
-        for p in base.parameters():
-            if p.requires_grad:
+        for i in range(len(ranks)):  # each adapter's own tensors: views that leave the rank padding zero
+            for p in joint.named_parameters_of(i).values():
                 p.normal_(0, 0.02)
     return joint
 
@@ -83,3 +83,43 @@ def test_early_stopping_matches_the_training_loop(tmp_path: Path, patience: int)
     for run in result.runs:
         assert (run.step, run.best_step, run.best_metric, run.stopped_early) == (
             expected.step, expected.best_step, expected.best_metric, expected.stopped_early)
+
+
+def test_rank_padding_stays_zero_through_training_and_clipping(tmp_path: Path) -> None:
+    """Ranks 60 and 64 share one stacked parameter padded to rank 64: the padding never moves (weight decay,
+    clipping and AdamW included), so adapter 0 stays a rank-60 adapter."""
+    joint = _joint(tmp_path, torch.float32, [60, 64])
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=3, eval_every=100, precision="fp32", warmup_steps=0,
+                      weight_decay=0.1, max_grad_norm=1e-3)
+    modules = joint.lora_modules.values()  # type: ignore[attr-defined]
+    assert all(len(m.lora_A) == 1 and m.lora_A[0].shape[1] == 64 for m in modules)  # one group, padded
+    before = joint.peft_state(0)  # type: ignore[attr-defined]
+    train_concurrent(joint, _examples(), lambda ex: collate_generation(ex, 0), cfg, [0, 1], 0,  # type: ignore[arg-type]
+                     lambda m: {"val_loss": 1.0}, "val_loss", False)
+    for m in modules:
+        assert not m.lora_A[0][0, 60:].any() and not m.lora_B[0][0, :, 60:].any()
+    after = joint.peft_state(0)  # type: ignore[attr-defined]
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # the real rank-1 part did train
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_segment_losses_equal_each_adapters_own_loss_alone(tmp_path: Path, fast: bool) -> None:
+    from adapterhub_local.sweep.concurrent import concat_batches, segment_losses
+
+    joint = _joint(tmp_path, torch.float32, [1, 4, 4])
+    model = joint.model  # type: ignore[attr-defined]
+    examples = _examples(9)
+    # Prompt positions unlabelled in some rows, so labelled counts differ from token counts.
+    examples = [Example(e.input_ids, [-100] * (k % 3) + list(e.labels)[k % 3:]) for k, e in enumerate(examples)]  # type: ignore[arg-type]
+    batches = [collate_generation(examples[i : i + 3], 0) for i in (0, 3, 6)]
+    joined = concat_batches(batches, 0)
+    labels = joined.pop("labels")
+    sizes = [3, 3, 3]
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    counts = torch.tensor([float((b.tensors["labels"][:, 1:] != -100).sum()) for b in batches])
+    with joint.segments.use(sizes):  # type: ignore[attr-defined]
+        losses = segment_losses(model, joined, labels, owner, counts, fast)
+    for i, batch in enumerate(batches):
+        with joint.segments.only(i):  # type: ignore[attr-defined]
+            alone = model(**batch.tensors).loss
+        assert torch.allclose(losses[i], alone, atol=1e-5), i

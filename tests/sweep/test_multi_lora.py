@@ -9,7 +9,7 @@ import torch
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.lora import lora_scale
-from adapterhub_local.sweep.multi_lora import Slot, build_joint_model
+from adapterhub_local.sweep.multi_lora import Slot, build_joint_model, rank_groups
 
 
 def _peft(base_dir: Path, kind: str, rank: int, seed: int) -> torch.nn.Module:
@@ -49,14 +49,17 @@ def _joint(base_dir: Path, kind: str, ranks: list[int]) -> tuple[object, list[to
     return joint, singles
 
 
-@pytest.mark.parametrize("kind", ["causal", "classifier"])
+@pytest.mark.parametrize(("kind", "ranks", "sizes"), [
+    ("causal", [1, 4, 64], [2, 3, 1]),  # 1 and 4 share a group padded to 4; unequal segments; 64 over-complete
+    ("classifier", [1, 4, 64], [2, 3, 1]),
+    ("causal", [4, 4, 4], [2, 2, 2]),  # one group covering the batch in order: no gathering
+    ("causal", [2, 2, 8], [2, 0, 2]),  # an adapter without rows (stopped early) inside a group
+])
 def test_each_segment_matches_its_adapter_alone_forward_and_backward(
-    kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path
+    kind: str, ranks: list[int], sizes: list[int], tiny_llama_dir: Path, tiny_bert_dir: Path
 ) -> None:
     base_dir = tiny_llama_dir if kind == "causal" else tiny_bert_dir
-    ranks = [1, 4, 64]  # 64 is over-complete for the 32-wide tiny models
     joint, singles = _joint(base_dir, kind, ranks)
-    sizes = [2, 3, 1]
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randint(0, 96, (n, 7), generator=g) for n in sizes]
     with joint.segments.use(sizes):  # type: ignore[attr-defined]
@@ -64,6 +67,8 @@ def test_each_segment_matches_its_adapter_alone_forward_and_backward(
     losses = []
     start = 0
     for i, (single, ids) in enumerate(zip(singles, inputs, strict=True)):
+        if sizes[i] == 0:
+            continue
         alone = single(input_ids=ids).logits
         mine = out[start : start + sizes[i]]
         assert torch.allclose(mine, alone, atol=1e-5), f"adapter {i}"
@@ -72,12 +77,15 @@ def test_each_segment_matches_its_adapter_alone_forward_and_backward(
         start += sizes[i]
     torch.stack(losses).sum().backward()
     for i, single in enumerate(singles):
+        if sizes[i] == 0:
+            assert all(g is None or not g.any() for g in joint.gradients_of(i).values())  # type: ignore[attr-defined]
+            continue
         # PEFT's live names → its saved names: drop the adapter name ("default").
         peft_grads = {_saved_name(n): p.grad for n, p in single.named_parameters() if p.requires_grad}
-        ours = joint.named_parameters_of(i)  # type: ignore[attr-defined]
+        ours = joint.gradients_of(i)  # type: ignore[attr-defined]
         assert ours.keys() == peft_grads.keys()
-        for name, param in ours.items():
-            assert param.grad is not None and torch.allclose(param.grad, peft_grads[name], atol=1e-6), name  # type: ignore[arg-type]
+        for name, grad in ours.items():
+            assert grad is not None and torch.allclose(grad, peft_grads[name], atol=1e-6), name  # type: ignore[arg-type]
 
 
 def _saved_name(name: str) -> str:
@@ -112,3 +120,76 @@ def test_solo_mode_runs_one_adapter_on_every_row(kind: str, tiny_llama_dir: Path
         with joint.segments.only(i):  # type: ignore[attr-defined]
             ours = joint.model(input_ids=ids).logits  # type: ignore[attr-defined]
         assert torch.allclose(ours, single(input_ids=ids).logits, atol=1e-5)
+
+
+def test_rank_groups_are_few_whatever_the_number_of_adapters() -> None:
+    geometric = [2**k for k in range(11)]
+    groups = rank_groups(geometric)
+    assert sorted(i for g in groups for i in g) == list(range(11))
+    assert len(groups) == 5 and groups[-1] == [10]  # small ranks pad up together, large ones stay apart
+    assert len(rank_groups(geometric * 3)) == 5  # three seeds of each rank: still 5 groups
+    assert rank_groups([8, 8, 8]) == [[0, 1, 2]]
+    padded = sum(len(g) * max(geometric[i] for i in g) for g in groups)
+    assert padded <= 1.25 * sum(geometric)
+
+
+def test_forward_makes_one_matmul_pair_per_rank_group_not_per_adapter(tiny_llama_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    joint, _ = _joint(tiny_llama_dir, "causal", [2] * 6)
+    calls = []
+    real_bmm = torch.bmm
+
+    def counting(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(a.shape[0])
+        return real_bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", counting)
+    with joint.segments.use([1] * 6):  # type: ignore[attr-defined]
+        joint.model(input_ids=torch.zeros(6, 4, dtype=torch.long))  # type: ignore[attr-defined]
+    modules = len(joint.lora_modules)  # type: ignore[attr-defined]
+    assert len(calls) == 2 * modules and set(calls) == {6}
+
+
+def test_per_adapter_clipping_equals_clip_grad_norm_on_each_adapter_alone(tiny_llama_dir: Path) -> None:
+    joint, _ = _joint(tiny_llama_dir, "causal", [1, 4, 64])
+    sizes = [2, 1, 2]
+    ids = torch.randint(0, 96, (5, 6), generator=torch.Generator().manual_seed(2))
+    with joint.segments.use(sizes):  # type: ignore[attr-defined]
+        out = joint.model(input_ids=ids).logits  # type: ignore[attr-defined]
+    (out.square().mean() * 1e3).backward()
+    before = [{k: g.clone() for k, g in joint.gradients_of(i).items()} for i in range(3)]  # type: ignore[attr-defined]
+    norms = joint.clip_grad_norms_(0.5)  # type: ignore[attr-defined]
+    for i in range(3):
+        expected = [g.clone().requires_grad_() for g in before[i].values()]
+        for t in expected:
+            t.grad = t.detach().clone()
+        norm = torch.nn.utils.clip_grad_norm_(expected, 0.5)
+        assert torch.allclose(norms[i], norm, rtol=1e-5)
+        for got, want in zip(joint.gradients_of(i).values(), expected, strict=True):  # type: ignore[attr-defined]
+            assert torch.allclose(got, want.grad, rtol=1e-5, atol=1e-9)  # type: ignore[arg-type]
+        assert float(norm) > 0.5  # the clip did something
+
+
+def test_bf16_base_under_autocast_matches_peft_alone(tiny_llama_dir: Path) -> None:
+    from peft.utils.save_and_load import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_local import runtime
+
+    ranks = [1, 8]
+    singles = [_peft(tiny_llama_dir, "causal", r, seed=20 + i) for i, r in enumerate(ranks)]
+    for single in singles:
+        single.to(torch.bfloat16)
+        runtime.upcast_trainable(single)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    joint = build_joint_model(base, ["q_proj", "v_proj"], [Slot(r, lora_scale(8, r)) for r in ranks])
+    for i, single in enumerate(singles):
+        joint.load_peft_state(i, get_peft_model_state_dict(single))
+    joint.model.eval()
+    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(5))
+    with runtime.autocast("bf16", "cpu"), joint.segments.use([2, 2]):
+        ours = joint.model(input_ids=ids).logits
+    for i, single in enumerate(singles):
+        with runtime.autocast("bf16", "cpu"):
+            alone = single(input_ids=ids[2 * i : 2 * i + 2]).logits
+        assert torch.allclose(ours[2 * i : 2 * i + 2].float(), alone.float(), atol=2e-2), i
