@@ -12,7 +12,7 @@ from tests.peft_factory import save_lora, save_prompt
 
 @pytest.fixture
 def composed_registry(llama_registry: Registry, tmp_path: Path) -> Registry:
-    """``ta`` (rank 4 on q,v), ``tb`` (rank 2 on q,k, another alpha), ``tc`` (rank 4 on q,v) and ``sp`` (soft prompt)."""
+    """``ta`` (rank 4 on q,v), ``tb`` (rank 2 on q,k), ``tc`` (rank 4 on q,v), ``sp`` (soft prompt)."""
     base = llama_registry.base("tiny").path
     save_lora(base, tmp_path / "ta", rank=4, targets=("q_proj", "v_proj"), seed=1, alpha=8)
     save_lora(base, tmp_path / "tb", rank=2, targets=("q_proj", "k_proj"), seed=3, alpha=6)
