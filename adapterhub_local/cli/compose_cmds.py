@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from adapterhub_local.cli.common import app, console, get_registry, print_json
+from adapterhub_local.cli.common import app, console, get_registry, print_json, table
 from adapterhub_local.compose.combine import CombineOptions, combine
 from adapterhub_local.compose.lineage import describe
 from adapterhub_local.compose.methods import METHODS
@@ -35,3 +35,19 @@ def combine_cmd(
                     "content_hash": card.content_hash})
         return
     console.print(f"registered {escape(card.ref)} (rank {card.rank}) = {escape(describe(card))}", highlight=False)
+
+
+def eval_combination(ref: str, max_examples: int | None, batch_size: int, max_new_tokens: int | None,
+                     as_json: bool) -> None:
+    """``adapterhub eval REF`` without ``--data`` on a combined adapter: the task × adapter table."""
+    from adapterhub_local.compose.evaluate import evaluate_composition, table_rows
+
+    result = evaluate_composition(get_registry(), ref, max_examples=max_examples, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    columns, rows = table_rows(result)
+    table(f"{result.ref} on its parents' held-out tasks", columns, rows)
+    for line in result.skipped:
+        console.print(f"skipped: {escape(line)}", highlight=False)
