@@ -93,6 +93,12 @@ def evaluate_composition(registry: Registry, ref: str, *, max_examples: int | No
     if not result.tasks:
         raise UnsupportedError(f"no parent task of {result.ref} can be evaluated: {'; '.join(result.skipped)}",
                                "evaluate it on a file with `adapterhub eval REF --data FILE`")
+    return score(registry, result, batch_size=batch_size, max_new_tokens=max_new_tokens, generate=generate)
+
+
+def score(registry: Registry, result: CompositionEval, *, batch_size: int = 16, max_new_tokens: int | None = None,
+          generate: bool = True) -> CompositionEval:
+    """Fill ``result.scores``: every model of ``result.models`` on every task of ``result.tasks``."""
     for model_ref in result.models:
         restored = restore(registry, model_ref)
         for task in result.tasks:

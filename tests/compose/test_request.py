@@ -113,3 +113,13 @@ def test_bad_compositions_are_refused(engine: Engine, composed_registry: Registr
     for text, error, message in cases:
         with pytest.raises(error, match=message):
             engine.logits([Request(prompt=PROMPT, adapter=text)])
+
+
+def test_a_composition_merges_and_unmerges_exactly(engine: Engine) -> None:
+    swapped = _logits(engine, MIX)
+    base = _logits(engine, None)
+    engine.set_mode("merge")
+    torch.testing.assert_close(_logits(engine, MIX), swapped, atol=1e-5, rtol=0)
+    assert engine.merged == "ta@1*0.7+tb@1*-0.3"
+    engine.unmerge()
+    assert torch.equal(_logits(engine, None), base)
