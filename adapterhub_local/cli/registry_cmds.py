@@ -11,6 +11,7 @@ import typer
 
 from adapterhub_local import assets
 from adapterhub_local.cli.common import app, console, get_registry, print_json, table
+from adapterhub_local.compose import lineage
 from adapterhub_local.errors import IntegrityError
 from adapterhub_local.registry import maintenance, remote
 from adapterhub_local.registry.cards import PER_EXAMPLE_KEYS, CardInfo
@@ -90,13 +91,16 @@ def list_adapters(
     tag_map: dict[tuple[str, int], list[str]] = {}
     for n, t, v in registry.tags(name):
         tag_map.setdefault((n, v), []).append(t)
+    cards = {c.ref: c for c in lineage.cards_of(registry, [(r.name, r.version) for r in versions])}
     if as_json:
-        print_json([{**dataclasses.asdict(r), "ref": r.ref, "tags": tag_map.get((r.name, r.version), [])}
-                    for r in versions])
+        print_json([{**dataclasses.asdict(r), "ref": r.ref, "tags": tag_map.get((r.name, r.version), []),
+                     "composition": getattr(cards.get(r.ref), "composition", None)} for r in versions])
         return
     table("adapters", ["ref", "kind", "rank", "task", "base", "size", "sha256", "tags", "created"],
           [[r.ref, r.kind, r.rank, r.task, r.base, _size(r.size_bytes), r.sha256[:12],
             ",".join(tag_map.get((r.name, r.version), [])), r.created[:19]] for r in versions])
+    for line in lineage.graph_lines(registry, list(cards.values())):  # combinations: parents → child
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _size(n: int) -> str:
@@ -106,14 +110,19 @@ def _size(n: int) -> str:
 @app.command("show")
 def show(ref: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show a version's card."""
-    card = get_registry().resolve(ref)
-    data = {**dataclasses.asdict(card), "content_hash": card.content_hash}
+    registry = get_registry()
+    card = registry.resolve(ref)
+    data = {**dataclasses.asdict(card), "content_hash": card.content_hash,
+            "parents": [dataclasses.asdict(link) for link in lineage.links(registry, card)],
+            "children": lineage.children(registry, card)}
     if as_json:
         print_json(data)
         return
     # Per-example evaluation records (kept for the sweep's noise estimates) are data, not a summary: --json has them.
     data["metrics"] = {k: (f"<{_record_size(v)} per-example records; see --json>" if k in PER_EXAMPLE_KEYS else v)
                        for k, v in card.metrics.items()}
+    data["composition"] = " ".join(lineage.graph_lines(registry, [card])) or None
+    data["parents"] = None
     table(f"adapter {card.ref}", ["field", "value"], [[k, v] for k, v in data.items() if v not in (None, {}, [])])
 
 

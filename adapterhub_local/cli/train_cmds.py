@@ -135,7 +135,8 @@ def train(
 @app.command("eval")
 def eval_cmd(
     ref: str = typer.Argument(..., help="Adapter reference: name, name@N, name:tag or sha256:<prefix>."),
-    data: Path = typer.Option(..., "--data", help="JSONL/CSV file or datasets directory to evaluate on."),
+    data: Path | None = typer.Option(None, "--data", help="JSONL/CSV file or datasets directory to evaluate on "
+                                     "(omit it for a combined adapter: then each parent's task, held-out split)."),
     template: str | None = typer.Option(None, help="Input/prompt template (default: the adapter's recipe)."),
     completion: str | None = typer.Option(None, help="Completion template for generation adapters."),
     text_field: str | None = typer.Option(None, help="Text field for classification (no template)."),
@@ -150,6 +151,11 @@ def eval_cmd(
     """Evaluate a registered adapter on a data file with its task's metrics (in its trained format)."""
     from adapterhub_local.train.eval_ref import EvalOptions, evaluate_ref
 
+    if data is None:  # a combination: a task × adapter table over its parents' tasks (adapterhub_local.compose)
+        from adapterhub_local.cli.compose_cmds import eval_combination
+
+        eval_combination(ref, max_examples, batch_size, max_new_tokens, as_json)
+        return
     if raw:
         # Plain fields are templates too: "{text}" is the text column unchanged.
         template = template or "{" + (text_field or "text") + "}"

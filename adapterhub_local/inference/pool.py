@@ -5,6 +5,11 @@ Three tiers: the *device* tier (installed in the model's multi-adapter stacks, b
 tensors in CPU memory, bounded by ``host_bytes``) and the registry on disk. Both caches evict
 least-recently-used first; pinned adapters are never evicted from the device. Eviction only moves bytes:
 an adapter reloaded later is the same bytes, so answers never change.
+
+A *composition* (``a@1*0.7+b@2*0.3``, :mod:`adapterhub_local.compose.request`) is one more entry: built once
+from its parents' prepared pairs (rank-concatenated, the weights folded in: the stored ``cat`` combination's
+operands) and then cached, bounded and evicted like any adapter, under its canonical spelling and checked by
+its content hash (the parents' content hashes and weights), so a changed parent is never served stale.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from adapterhub_local.compose.request import Composition, build, resolve_composition
+from adapterhub_local.compose.spec import is_composition
 from adapterhub_local.errors import UnsupportedError
-from adapterhub_local.inference.adapters import PreparedAdapter, prepare
+from adapterhub_local.inference.adapters import PreparedAdapter, prepare, refuse_non_finite
 from adapterhub_local.inference.rows import RowLedger
 from adapterhub_local.inference.types import PoolStats
 from adapterhub_local.registry.store import Registry
 
 log = logging.getLogger("adapterhub_local.inference")
-
+MAX_COMPOSITIONS = 1024
+"""Resolved compositions remembered (beyond those resident); older ones are resolved again when next asked."""
 
 
 class Installer(Protocol):
@@ -60,6 +68,7 @@ class AdapterPool:
         self._content: dict[str, str] = {}  # ref -> content hash (AdapterCard.content_hash) cached under it
         self._fresh: set[str] = set()  # loaded from disk and not installed since (not a host hit)
         self.loader: Callable[[str], PreparedAdapter] = self._load_from_registry
+        self._compositions: OrderedDict[str, Composition] = OrderedDict()  # canonical spelling -> resolved parts
 
     @property
     def busy(self) -> dict[str, int]:
@@ -72,12 +81,24 @@ class AdapterPool:
         target). Resolved against the registry every time, and checked against what is cached: entries carry
         their content hash (``AdapterCard.content_hash``), so if the bytes behind ``name@N`` ever changed (a
         damaged or re-created version) the stale copy is dropped here and the new bytes load on use."""
-        card = self.registry.resolve(ref)
-        canonical = card.ref
+        if is_composition(ref):
+            composition = resolve_composition(self.registry, ref, self.base)
+            card, canonical = composition.card, composition.key
+            self._remember(composition)
+        else:
+            card = self.registry.resolve(ref)
+            canonical = card.ref
         cached = self._content.get(canonical)
         if cached is not None and cached != card.content_hash:
             self._drop_stale(canonical)
         return canonical
+
+    def _remember(self, composition: Composition) -> None:
+        self._compositions[composition.key] = composition
+        self._compositions.move_to_end(composition.key)
+        for key in list(self._compositions)[: max(0, len(self._compositions) - MAX_COMPOSITIONS)]:
+            if key not in self.device and key not in self.host:
+                del self._compositions[key]
 
     def _drop_stale(self, ref: str) -> None:
         rows = self.rows.busy(ref)
@@ -94,8 +115,22 @@ class AdapterPool:
             self.acquire([ref])
 
     def _load_from_registry(self, ref: str) -> PreparedAdapter:
+        composition = self._compositions.get(ref)
+        if composition is not None:
+            return self._compose(composition)
         loaded = self.registry.load_adapter(ref, base=self.base)
         return prepare(loaded, self.model, self.dtype)
+
+    def _compose(self, composition: Composition) -> PreparedAdapter:
+        """A composition's operands, built once from its parents (loaded through this pool's own tiers)."""
+        parents = [self.get(card.ref) for card in composition.parents]
+        if len({p.fan_in_fan_out for p in parents}) > 1:
+            raise UnsupportedError(f"{composition.key}: the parents store their weights transposed differently",
+                                   "compose adapters saved with the same fan_in_fan_out")
+        pairs = build([p.pairs for p in parents], composition.weights)
+        adapter = PreparedAdapter(ref=composition.key, card=composition.card, kind="lora", pairs=pairs,
+                                  fan_in_fan_out=parents[0].fan_in_fan_out, dtype=self.dtype)
+        return refuse_non_finite(adapter)
 
     def get(self, ref: str) -> PreparedAdapter:
         """The prepared adapter, from the device or host tier or (a miss) from disk."""

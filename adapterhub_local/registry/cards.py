@@ -56,6 +56,10 @@ class CardInfo:
     """Where an imported adapter came from."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping (e.g. pooling for classifier heads)."""
+    composition: dict[str, Any] | None = None
+    """For an adapter made by ``adapterhub combine``: ``{"method": ..., "params": {...}, "parents": [{"name",
+    "version", "content_hash", "weight"}, ...]}`` (the lineage graph parents → child; the child holds its own
+    weights, so deleting a parent never breaks it). ``None`` for every other adapter (and on older cards)."""
 
 
 @dataclass
@@ -161,6 +165,19 @@ def _files(value: Any) -> bool:
         and isinstance(v, str) and _HEX64.fullmatch(v) is not None for k, v in value.items())
 
 
+def _composition(value: Any) -> bool:
+    if not isinstance(value, dict) or set(value) != {"method", "params", "parents"}:
+        return False
+    if not isinstance(value["method"], str) or not isinstance(value["params"], dict):
+        return False
+    parents = value["parents"]
+    return isinstance(parents, list) and len(parents) >= 1 and all(
+        isinstance(p, dict) and set(p) == {"name", "version", "content_hash", "weight"}
+        and _safe_name(p["name"]) and _is_int(p["version"]) and p["version"] >= 1
+        and isinstance(p["content_hash"], str) and _HEX64.fullmatch(p["content_hash"]) is not None
+        and _number(p["weight"]) for p in parents)
+
+
 def _safe_name(value: Any) -> bool:
     try:
         validate_name(value)
@@ -180,6 +197,8 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training": (lambda v: isinstance(v, dict), "an object"),
     "source": (_opt(lambda v: isinstance(v, str)), "a string or null"),
     "extra": (lambda v: isinstance(v, dict), "an object"),
+    "composition": (_opt(_composition), "null or {method, params, parents: [{name, version, content_hash, "
+                    "weight}]}"),
     "name": (_safe_name, "a valid adapter name"),
     "version": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "kind": (lambda v: isinstance(v, str) and _FILE_NAME.fullmatch(v) is not None, "a kind name"),

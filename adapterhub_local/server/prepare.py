@@ -1,7 +1,11 @@
 """From an HTTP body to an engine :class:`~adapterhub_local.inference.types.Request`, checked one by one
 before batching so that one bad request never fails a batch.
 
-* ``model`` → the base (``None``) or an adapter version ``name@N`` made for this base (404, 409, 400).
+* ``model`` → the base (``None``) or an adapter version ``name@N`` made for this base (404, 409, 400), or a
+  composition ``task-a*0.7+style-b@2*0.3`` (:mod:`adapterhub_local.compose.spec`): each part resolves as a
+  plain ``model`` would (same cache, same 404/409), then the whole is checked (LoRA only, no head, one task
+  type; bad syntax or weights 422, a soft prompt 400) and sent to the engine as ``name@N*w+…``. Compositions
+  are not cached here (their spellings are unbounded); their metric label is ``composition``.
   Only canonical spellings resolve (``name``, ``name@N``, ``name:tag``, ``sha256:<lowercase hex>``; no
   whitespace, no ``name@01``), so the names the server answers to — and the metric labels derived from
   them — are bounded by the registry. Resolutions are kept until ``/admin/registry/reload``, so a name
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from adapterhub_local.compose.request import resolve_composition
+from adapterhub_local.compose.spec import canonical, is_composition, parse_composition
 from adapterhub_local.errors import (
     AdapterHubError,
     ConfigError,
@@ -44,6 +50,8 @@ from adapterhub_local.server.schemas import ChatMessage, ModelCard
 from adapterhub_local.task_spec import PrefixStripper, TaskSpec, spec_from_card
 
 GENERATIVE = (None, "causal_lm")
+COMPOSITION_LABEL = "composition"
+"""The metric label of every composed request (labels stay bounded whatever weights clients send)."""
 CLASSIFIER = "sequence_classification"
 
 
@@ -88,6 +96,12 @@ class Target:
         """:meth:`answer` for a stream (only the prefix: the engine already stops at every stop string)."""
         return PrefixStripper("" if raw or self.spec is None else self.spec.completion_prefix)
 
+    def label(self, base: str) -> str:
+        """The name metrics count this target under: the base, the adapter ``name@N``, or ``composition``."""
+        if self.adapter is not None and is_composition(self.adapter):
+            return COMPOSITION_LABEL
+        return self.adapter or base
+
     @property
     def virtual_tokens(self) -> int:
         if self.card is None or self.card.kind != "prompt":
@@ -116,6 +130,8 @@ class ModelResolver:
             cached = self._cache.get(name)
         if cached is not None:
             return cached
+        if is_composition(name):
+            return self._composition(name)
         if not _plain(name):
             raise unknown_model(name, InvalidReferenceError("it contains whitespace or control characters"))
         try:
@@ -130,6 +146,22 @@ class ModelResolver:
         with self._lock:
             self._cache[name] = target
         return target
+
+    def _composition(self, name: str) -> Target:
+        """A per-request composition: every part resolved like a plain ``model`` (so ``name`` means the version it
+        means for plain requests), then the whole checked and described (see the module docstring)."""
+        parts = parse_composition(name)
+        refs = []
+        for part in parts:
+            target = self.resolve(part.ref)
+            if target.adapter is None:
+                raise UnsupportedError(f"{name!r} names the base {part.ref!r}; the base is in every composition",
+                                       "compose adapters only")
+            refs.append((target.adapter, part.weight))
+        composition = resolve_composition(self.registry, canonical(refs), self.base.name)
+        card = composition.card
+        spec = spec_from_card(card.extra, card.recipe, card.labels, where=f"composition {composition.key}")
+        return Target(model=name, adapter=composition.key, card=card, spec=spec)
 
     def generative(self, name: str) -> Target:
         target = self.resolve(name)

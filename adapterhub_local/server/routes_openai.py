@@ -77,7 +77,7 @@ def build_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
 
     def queue(http: Request, target: Target, ids: list[int], sampling: SamplingParams, streaming: bool) -> Job:
-        http.state.model = target.adapter or state.base.name  # canonical: metric labels bounded by the registry
+        http.state.model = target.label(state.base.name)  # canonical: metric labels bounded by the registry
         return state.scheduler.submit(EngineRequest(prompt=ids, adapter=target.adapter, sampling=sampling),
                                       target.model, streaming)
 
@@ -98,7 +98,7 @@ def build_router(state: ServerState) -> APIRouter:
         return result.result()
 
     def account(target: Target, result: GenerationResult) -> None:
-        state.metrics.tokens(target.adapter or state.base.name, result.prompt_tokens, result.completion_tokens)
+        state.metrics.tokens(target.label(state.base.name), result.prompt_tokens, result.completion_tokens)
 
     async def event_stream(job: Job, target: Target, raw: bool, first: Callable[[], dict[str, Any] | None],
                            chunk: Callable[[str, str | None], dict[str, Any]],

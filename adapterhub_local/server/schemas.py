@@ -40,8 +40,10 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field(min_length=1, max_length=256,
-                       description="An adapter reference (name, name@N, name:tag) or the base name.")
+    model: str = Field(min_length=1, max_length=1200,
+                       description="An adapter reference (name, name@N, name:tag), the base name, or a composition "
+                       "of up to 8 LoRA adapters written REF*WEIGHT joined by '+' (e.g. task-a*0.7+style-b@2*0.3), "
+                       "served exactly as their stored `cat` combination.")
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float = Field(default=1.0, ge=0.0, le=min(2.0, MAX_TEMPERATURE),
                                description=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}.")
