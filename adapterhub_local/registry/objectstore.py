@@ -55,6 +55,7 @@ from adapterhub_local.errors import (
 from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BASE_FILE, BaseRecord
 from adapterhub_local.registry.cards import CARD_FILE, AdapterCard
+from adapterhub_local.registry.index import IndexRow
 from adapterhub_local.registry.names import is_version_text, parse_reference, validate_name
 from adapterhub_local.registry.store import Registry
 
@@ -331,6 +332,12 @@ class ObjectStoreRegistry(Registry):
     def rebuild_index(self) -> int:
         self.sync()
         return super().rebuild_index()
+
+    def list_adapters(self, name: str | None = None) -> list[IndexRow]:
+        """The listing after a sync: what other writers published is listed (and so served after a
+        server's reload) as soon as it is committed."""
+        self.sync()
+        return super().list_adapters(name)
 
     # ----------------------------------------------------- not offered yet
     def _unsupported(self, what: str) -> UnsupportedError:

@@ -75,6 +75,8 @@ def test_a_moved_tag_resolves_to_the_new_bytes_never_the_cached_old_ones(two_ver
     second = res.resolve("org/tiny", "qa:prod")
     assert first is not None and second is not None
     assert second.lora_int_id == lora_int_id(two_versions.resolve("qa@2").content_hash) != first.lora_int_id
+    stored = two_versions.verified_path("qa@2")[1] / "adapter_model.safetensors"
+    assert (Path(second.lora_path) / "adapter_model.safetensors").read_bytes() == stored.read_bytes()
 
 
 def test_a_damaged_stored_version_is_refused(two_versions: Registry, tmp_path: Path) -> None:
