@@ -191,15 +191,27 @@ def test_cli_on_an_s3_registry(s3_env: dict[str, str], tiny_llama_dir: Path, lor
     assert code == 0 and [r["ref"] for r in json.loads(out)] == ["qa@1"]
     assert run("verify")[0] == 0
     assert run("export", "qa@1", str(tmp_path / "v"), "--target", "vllm")[0] == 0
-    code, _, err = run("tag", "qa@1", "prod")
+    assert run("tag", "qa@1", "prod")[0] == 0
+    code, out, _ = run("show", "qa:prod", "--json")
+    assert code == 0 and json.loads(out)["version"] == 1
+    code, _, err = run("delete", "qa@1", "--yes")
     assert code != 0 and "not supported on an object-store registry" in err
 
 
-def test_tags_are_refused_with_the_fix(backend: tuple[Registry, Opener], lora_dir: Path) -> None:
-    registry, _ = backend
-    registry.register_adapter("qa", lora_dir, "tiny")
+def test_tags_move_for_every_client_and_deletes_are_refused_on_s3(backend: tuple[Registry, Opener],
+                                                                  lora_dir: Path) -> None:
+    registry, reopen = backend
+    registry.register_adapter("qa", lora_dir, "tiny", CardInfo(task="one"))
+    registry.register_adapter("qa", lora_dir, "tiny", CardInfo(task="two"))
+    registry.tag("qa@1", "prod")
+    other = reopen("cache-b")
+    assert other.resolve("qa:prod").version == 1
+    other.tag("qa@2", "prod")
+    other.tag("qa@1", "old")
+    other.untag("qa", "old")
+    assert reopen("cache-c").tags("qa") == [("qa", "prod", 2)]
+    registry.list_adapters()  # a client's listing syncs (a server's reload does this)
+    assert registry.resolve("qa:prod").version == 2
     if isinstance(registry, ObjectStoreRegistry):
-        with pytest.raises(UnsupportedError, match="name@N"):
-            registry.tag("qa@1", "prod")
-    else:
-        assert registry.tag("qa@1", "prod").ref == "qa@1"
+        with pytest.raises(UnsupportedError, match="object-store"):
+            registry.delete("qa@1")
