@@ -8,6 +8,7 @@ Layout under the prefix::
     objects/<sha256>                 every file's bytes, content-addressed (written once, never changed)
     bases/<name>.json                a base's manifest: its base.json record and {file: sha256}
     adapters/<name>/<N>.json         a version's card (card.json, which lists {file: sha256})
+    tags/<name>/<seq>.json           the name's tag map, one object per change
 
 **Publish** uploads the version's files to ``objects/`` (invisible: nothing refers to them yet), then
 creates ``adapters/<name>/<N>.json`` with a *conditional write* (``If-None-Match: *``, s3fs
@@ -29,7 +30,9 @@ remote number — so every reading command (list, show, load, serve, verify) run
 and loading re-checks the hashes as the local registry always does. The remote listing is the index:
 ``index rebuild`` syncs, then rebuilds the cache's SQLite index from its directories.
 
-Tags, delete and base removal are not offered on an object store yet (they are refused with the fix).
+Tags live in ``tags/<name>/<seq>.json``: each change publishes the whole new map under the next sequence
+number with the same conditional create, so concurrent taggers never lose an update (the loser re-reads
+and re-applies). Deleting a version or a base is not offered on an object store yet (refused with the fix).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,7 @@ from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BASE_FILE, BaseRecord
 from adapterhub_local.registry.cards import CARD_FILE, AdapterCard
 from adapterhub_local.registry.index import IndexRow
-from adapterhub_local.registry.names import is_version_text, parse_reference, validate_name
+from adapterhub_local.registry.names import is_version_text, parse_reference, validate_name, validate_tag
 from adapterhub_local.registry.store import Registry
 
 SCHEMES = ("s3://",)
@@ -218,6 +221,9 @@ class ObjectStoreRegistry(Registry):
                     self.remote_problems.pop((name, version), None)
                 except (IntegrityError, FormatError) as exc:  # refused on read; named when it is asked for
                     self.remote_problems[(name, version)] = f"{name}@{version} in {self.url}: {exc.problem}"
+            if self.versions_on_disk(name):
+                with contextlib.suppress(FormatError):  # a malformed tag map: the cache keeps the last good one
+                    self._sync_tags(name)
         return installed
 
     def locate(self, ref: str) -> tuple[str, int]:
@@ -339,16 +345,73 @@ class ObjectStoreRegistry(Registry):
         self.sync()
         return super().list_adapters(name)
 
+    # --------------------------------------------------------------- tags
+    def remote_tags(self, name: str) -> tuple[int, dict[str, int]]:
+        """The latest tag map of ``name`` in the store and its sequence number (0: never tagged)."""
+        with self._remote("list"):
+            entries = self._listing("tags", name)
+        seqs = sorted(int(e[:-5]) for e in entries if e.endswith(".json") and is_version_text(e[:-5]))
+        if not seqs:
+            return 0, {}
+        data = self._read_manifest("tags", name, f"{seqs[-1]}.json").get("tags")
+        if not isinstance(data, dict) or not all(isinstance(t, str) and isinstance(v, int) for t, v in data.items()):
+            raise FormatError(f"{self.url}/tags/{name}/{seqs[-1]}.json is not a tag map", "remove it from the store")
+        return seqs[-1], dict(data)
+
+    def _change_tags(self, name: str, change: Callable[[dict[str, int]], None]) -> dict[str, int]:
+        """Apply ``change`` to the latest tag map and publish the result as the next map, by the same
+        conditional create as versions (a concurrent tagger makes us re-read and re-apply)."""
+        for _ in range(COMMIT_ATTEMPTS):
+            seq, tags = self.remote_tags(name)
+            change(tags)
+            try:
+                with self._remote("publish to"):
+                    self.fs.pipe_file(self._key("tags", name, f"{seq + 1}.json"),
+                                      json.dumps({"tags": tags}, sort_keys=True).encode(), mode="create")
+            except FileExistsError:
+                continue
+            self._install_tags(name, tags)
+            return tags
+        raise RemoteError(f"could not update the tags of {name!r} in {self.url} after {COMMIT_ATTEMPTS} tries",
+                          "run the command again")
+
+    def _sync_tags(self, name: str) -> None:
+        _, tags = self.remote_tags(name)
+        if tags != self.tag_map(name):
+            self._install_tags(name, tags)
+
+    def _install_tags(self, name: str, tags: dict[str, int]) -> None:
+        with self.locked():
+            self._write_tags(name, tags)
+            self._after_commit(lambda index: index.set_tags(name, tags))
+
+    def tag(self, ref: str, tag: str) -> AdapterCard:
+        """Point ``name:tag`` at the version ``ref`` resolves to, in the store (then in the cache)."""
+        validate_tag(tag)
+        self.sync()
+        card = self.resolve(ref)
+
+        def point(tags: dict[str, int]) -> None:
+            tags[tag] = card.version
+
+        self._change_tags(card.name, point)
+        return card
+
+    def untag(self, name: str, tag: str) -> None:
+        validate_name(name, "adapter name")
+        validate_tag(tag)
+
+        def drop(tags: dict[str, int]) -> None:
+            if tag not in tags:
+                raise NotFoundError(f"adapter {name!r} has no tag {tag!r}", "see `adapterhub list --tags`")
+            del tags[tag]
+
+        self._change_tags(name, drop)
+
     # ----------------------------------------------------- not offered yet
     def _unsupported(self, what: str) -> UnsupportedError:
         return UnsupportedError(f"{what} is not supported on an object-store registry ({self.url}) yet",
-                                "use immutable references (name@N or sha256:…), or a local --registry")
-
-    def tag(self, ref: str, tag: str) -> AdapterCard:
-        raise self._unsupported("tagging")
-
-    def untag(self, name: str, tag: str) -> None:
-        raise self._unsupported("untagging")
+                                "publish a new version instead, or use a local --registry")
 
     def delete(self, ref: str) -> str:
         raise self._unsupported("deleting a version")
