@@ -29,7 +29,8 @@ from adapterhub_local.errors import AdapterHubError
 
 # Command groups register themselves on ``app`` when imported. A group whose module is absent
 # (e.g. a layer not built yet) is simply not offered.
-_COMMAND_MODULES = ("registry_cmds", "train_cmds", "infer_cmds", "sweep_cmds", "serve_cmds", "compose_cmds")
+_COMMAND_MODULES = ("registry_cmds", "train_cmds", "infer_cmds", "sweep_cmds", "serve_cmds", "compose_cmds",
+                    "export_cmds")
 for _module in _COMMAND_MODULES:
     try:
         importlib.import_module(f"adapterhub_local.cli.{_module}")

@@ -27,7 +27,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from adapterhub_local.errors import AlreadyExistsError, ConfigError, UnsupportedError
-from adapterhub_local.registry.store import Registry
+from adapterhub_local.registry.objectstore import is_remote
+from adapterhub_local.registry.store import HOME_ENV, Registry
 
 app = typer.Typer(
     name="adapterhub",
@@ -48,8 +49,9 @@ GLOBAL_OPTIONS = {"--registry": True, "-R": True, "--verbose": False, "-v": Fals
 
 @app.callback()
 def _global_options(
-    registry: Path | None = typer.Option(
-        None, "--registry", "-R", help="Registry directory (default: $ADAPTERHUB_HOME or ./registry)."
+    registry: str | None = typer.Option(
+        None, "--registry", "-R", help="Registry directory or s3://bucket/prefix (default: $ADAPTERHUB_HOME or "
+        "./registry)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show library load reports, warnings and full tracebacks."),
@@ -127,8 +129,14 @@ def hoist_global_options(argv: list[str], group: Any) -> list[str]:
 def get_registry(create: bool = False) -> Registry:
     """The registry chosen by ``--registry`` / ``$ADAPTERHUB_HOME`` / ``./registry``. Only commands that
     add to it (base add, import, pull, train, sweep) pass ``create=True``; every other command refuses a
-    path that holds no registry instead of creating an empty one."""
-    return Registry(_state["registry"], create=create)
+    path that holds no registry instead of creating an empty one. ``s3://bucket/prefix`` (there or in
+    ``$ADAPTERHUB_HOME``) opens a registry on object storage, read through a local cache."""
+    location = _state["registry"] or os.environ.get(HOME_ENV) or None
+    if is_remote(location):
+        from adapterhub_local.registry.objectstore import ObjectStoreRegistry
+
+        return ObjectStoreRegistry(str(location), create=create)
+    return Registry(location, create=create)
 
 
 def print_json(data: Any) -> None:

@@ -1,5 +1,5 @@
 """Registry commands: ``base add/list/show/remove``, ``list``, ``show``, ``tag``, ``untag``, ``delete``,
-``verify``, ``gc``, ``index rebuild``, ``import``, ``export``, ``push``, ``pull``."""
+``verify``, ``gc``, ``index rebuild``, ``import``, ``push``, ``pull``."""
 
 from __future__ import annotations
 
@@ -191,17 +191,6 @@ def import_adapter(
     card = get_registry(create=True).register_adapter(name, directory, base,
                                                       CardInfo(task=task, source=str(directory)))
     console.print(f"imported {card.ref} ({card.kind}, rank {card.rank}) on base {card.base}")
-
-
-@app.command("export")
-def export(
-    ref: str,
-    directory: Path,
-    with_card: bool = typer.Option(False, "--with-card", help="Also write card.json."),
-) -> None:
-    """Write a version as a plain PEFT directory."""
-    maintenance.export(get_registry(), ref, directory, with_card=with_card)
-    console.print(f"exported {ref} to {directory}")
 
 
 @app.command("push")

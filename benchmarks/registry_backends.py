@@ -1,0 +1,103 @@
+"""Registry back ends side by side: import and load latency of the same adapters in a local registry and
+in a registry on object storage (``s3://``, moto's S3-compatible server on 127.0.0.1, started here).
+
+For each back end, ``--versions`` imports of the same LoRA directory (every import runs the full gate,
+hashes every file and publishes), then loads of each version (``load_adapter``: resolve, verify every
+file's sha256, read the tensors): **cold** — a new client with an empty cache (for S3: list, download,
+check, install, then load) — and **warm** (the same client again; for S3 the read-through cache hits). The
+store is local, so the S3 figures are the protocol's cost (requests, conditional create, hashing, copies),
+not a network's. A new S3 client syncs on open: it downloads the base and every version it lacks
+(once; later loads hit its cache). The model is a random-weight Llama built on the spot (no downloads).
+
+    .venv/bin/python benchmarks/registry_backends.py                  # about half a minute on 2 CPU cores
+    .venv/bin/python benchmarks/registry_backends.py --hidden 1024 --rank 64
+
+Writes ``benchmarks/results/registry_backends.json`` and ``.md`` (or ``--out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapterhub_local.registry import CardInfo, Registry  # noqa: E402
+from adapterhub_local.registry.objectstore import ObjectStoreRegistry  # noqa: E402
+from tests.conftest import make_tiny_llama  # noqa: E402
+from tests.peft_factory import save_lora  # noqa: E402
+from tests.registry import s3_kit  # noqa: E402
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000
+
+
+def measure(make: Callable[[str], Registry], base_dir: Path, lora: Path, versions: int) -> dict[str, float]:
+    writer = make("writer")
+    add_base_ms = timed(lambda: writer.add_base("tiny", str(base_dir)))
+    imports = [timed(lambda i=i: writer.register_adapter("qa", lora, "tiny", CardInfo(task=f"t{i}")))
+               for i in range(versions)]
+    cold_open_ms = 0.0
+    cold, warm = [], []
+    for i in range(1, versions + 1):
+        start = time.perf_counter()
+        reader = make(f"reader{i}")  # a new client, empty cache
+        cold_open_ms = (time.perf_counter() - start) * 1000
+        cold.append(cold_open_ms + timed(lambda r=reader, v=i: r.load_adapter(f"qa@{v}", base="tiny")))
+        warm.append(timed(lambda r=reader, v=i: r.load_adapter(f"qa@{v}", base="tiny")))
+    return {"add_base_ms": add_base_ms, "import_ms": statistics.median(imports),
+            "load_cold_ms": statistics.median(cold), "load_warm_ms": statistics.median(warm),
+            "adapter_bytes": (lora / "adapter_model.safetensors").stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--versions", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name, s3_kit.s3_server() as endpoint:
+        tmp = Path(tmp_name)
+        os.environ.update(s3_kit.environment(endpoint))
+        base_dir = make_tiny_llama(tmp / "base", hidden=args.hidden, vocab=256)
+        save_lora(base_dir, tmp / "lora", rank=args.rank, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+        url = f"s3://{s3_kit.new_bucket(endpoint)}/bench"
+        results = {
+            "local": measure(lambda _c: Registry(tmp / "local"), base_dir, tmp / "lora", args.versions),
+            "s3": measure(lambda c: ObjectStoreRegistry(url, cache=tmp / "cache" / c), base_dir, tmp / "lora",
+                          args.versions),
+        }
+    record = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.processor()
+              or platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg()[0], "args": vars(args)
+              | {"out": str(args.out)}, "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "registry_backends.json").write_text(json.dumps(record, indent=2))
+    rows = ["| operation | local (ms) | s3 via moto (ms) | s3 / local |", "|---|---:|---:|---:|"]
+    for key, label in (("add_base_ms", "base add (once)"), ("import_ms", "import (median)"),
+                       ("load_cold_ms", "load, new client (median)"), ("load_warm_ms", "load, cached (median)")):
+        local, s3 = results["local"][key], results["s3"][key]
+        rows.append(f"| {label} | {local:.1f} | {s3:.1f} | {s3 / local:.2f}x |")
+    table = "\n".join(rows)
+    (args.out / "registry_backends.md").write_text(
+        f"Registry back ends, {record['date']}, adapter {results['local']['adapter_bytes'] / 1e6:.2f} MB "
+        f"(hidden {args.hidden}, 2 layers, rank {args.rank} on q/k/v/o), load average {record['load_average']:.2f}"
+        f"\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

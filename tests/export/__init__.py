@@ -1,0 +1,1 @@
+"""Tests of the hand-off to other engines."""
