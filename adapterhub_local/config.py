@@ -116,6 +116,8 @@ class MethodConfig:
     """Module names to adapt (default: the architecture's attention query/value)."""
     use_rslora: bool = False
     """rsLoRA scaling ``alpha / sqrt(r)``."""
+    use_dora: bool = False
+    """DoRA: also learn a magnitude per output feature (PEFT ``use_dora``); served exactly by the engine."""
     init: str = "default"
     """LoRA init: ``default`` (Kaiming-uniform A, zero B) or ``gaussian`` (Gaussian A, zero B)."""
     num_virtual_tokens: int = 20

@@ -1,6 +1,6 @@
 """Methods: turn a loaded base model into the thing to train, and save what was trained.
 
-* ``lora`` / ``qlora`` — PEFT LoRA (r, alpha, dropout, targets, rsLoRA, init); QLoRA loads the base in
+* ``lora`` / ``qlora`` — PEFT LoRA (r, alpha, dropout, targets, rsLoRA, DoRA, init); QLoRA loads the base in
   4-bit NF4 through bitsandbytes (refused, before training, where bitsandbytes cannot run).
 * ``prompt`` — PEFT prompt tuning (virtual tokens initialised randomly, from text, or from vocabulary).
 * ``head_only`` — frozen backbone, trained classification head. Saved as a valid PEFT directory: the head
@@ -91,7 +91,7 @@ def _lora_config(method: MethodConfig, model: torch.nn.Module, task_type: str, h
         r=method.r, lora_alpha=method.alpha,  # type: ignore[arg-type]  # PEFT accepts a float alpha
         lora_dropout=method.dropout,
         target_modules=method.target_modules or default_targets(model), use_rslora=method.use_rslora,
-        init_lora_weights=init, task_type=task_type, modules_to_save=[head] if head else None,  # type: ignore[arg-type]
+        use_dora=method.use_dora, init_lora_weights=init, task_type=task_type, modules_to_save=[head] if head else None,  # type: ignore[arg-type]
     )
 
 
