@@ -172,3 +172,15 @@ def test_conv1d_with_bias_swap_and_merge_match_peft(gpt2_dora: Registry) -> None
     torch.testing.assert_close(got, peft_logits(gpt2_dora, "g", "d", ids), atol=1e-5, rtol=0)
     merged = Engine(gpt2_dora, "g", mode="merge").logits([Request(prompt=ids, adapter="d")])[0].logits
     torch.testing.assert_close(merged, peft_logits(gpt2_dora, "g", "d", ids, merged=True), atol=1e-5, rtol=0)
+
+
+def test_exported_merged_model_equals_peft_merge(dora_zoo: Registry, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_local.inference.merge import export_merged
+
+    out = export_merged(dora_zoo, "dora", tmp_path / "merged")
+    ids = Engine(dora_zoo, "tiny").runner.encode(Request(prompt="exported dora"))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, peft_logits(dora_zoo, "tiny", "dora", ids, merged=True), atol=1e-5, rtol=0)
