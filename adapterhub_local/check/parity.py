@@ -127,7 +127,19 @@ def _peft_model(registry: Registry, card: AdapterCard, task_type: str, dtype: to
 
     _, path = registry.verified_path(card.ref, card.base)
     base = load_base_model(registry.base(card.base), task_type, num_labels=num_labels, dtype=dtype, device=device)
-    return PeftModel.from_pretrained(base, str(path)).eval()
+    try:
+        return PeftModel.from_pretrained(base, str(path)).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:  # PEFT's own refusal: there is no reference to compare
+        problem = f"PEFT cannot load {card.ref} on base {card.base} for the parity check ({exc})"[:500]
+        fix = "check the adapter's config and card (labels for classifiers), or pass --no-check"
+        raise UnsupportedError(problem, fix) from exc
+
+
+def _head_outputs(registry: Registry, card: AdapterCard) -> int | None:
+    """How many outputs the adapter's saved classification head has (when the card lists no labels)."""
+    tensors = registry.load_adapter(card.ref, base=card.base).tensors
+    heads = [v for k, v in tensors.items() if k.endswith((".classifier.weight", ".score.weight"))]
+    return int(heads[0].shape[0]) if heads else None
 
 
 @torch.inference_mode()
@@ -200,10 +212,10 @@ def _check_causal(registry: Registry, card: AdapterCard, probe: Probe, dtype: to
 # ------------------------------------------------------------------ classifiers
 def _check_classifier(registry: Registry, card: AdapterCard, probe: Probe, dtype: torch.dtype,
                       device: str) -> tuple[dict[str, float], float, float]:
-    labels = list(card.labels or [])
+    outputs = len(card.labels) if card.labels else _head_outputs(registry, card)
     swap = Engine(registry, card.base, mode="swap", device=device, dtype=dtype)
     ids = [_encode(swap, text) for text in probe.texts]
-    model = _peft_model(registry, card, "sequence_classification", dtype, device, num_labels=len(labels) or None)
+    model = _peft_model(registry, card, "sequence_classification", dtype, device, num_labels=outputs)
     with torch.inference_mode():
         want = [model(input_ids=torch.tensor([row], device=device)).logits[0].float().cpu().log_softmax(-1)
                 for row in ids]

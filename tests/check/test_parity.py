@@ -135,3 +135,12 @@ def test_v1_models_reports_each_versions_latest_check(world: tuple[Registry, Pat
     assert by_id["cls2@1"]["parity"]["passed"] is True and by_id["cls2"]["parity"] == by_id["cls2@1"]["parity"]
     assert by_id["tiny"]["parity"] is None
     assert summary(registry, registry.resolve("cls2")) == by_id["cls2@1"]["parity"]
+
+
+def test_a_classifier_imported_without_labels_is_checked_with_its_heads_outputs(world: tuple[Registry, Path],
+                                                                                 tmp_path: Path) -> None:
+    registry, llama = world
+    source = lora_dir(llama, tmp_path / "nolabels", 2, ["q_proj"], 11, task="SEQ_CLS", num_labels=5)
+    registry.register_adapter("nolabels", source, "tiny", CardInfo(task_type="sequence_classification"))
+    record = run_check(registry, "nolabels", prompts=1)
+    assert record.passed and "label_agreement" in record.paths
