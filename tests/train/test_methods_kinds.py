@@ -89,3 +89,16 @@ def test_inits_that_cannot_be_stored_exactly_are_refused_by_the_recipe_check(tmp
 
     _, problems = parse_recipe(gen_raw(gen_data, tmp_path / "runs", **method))
     assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize("method", [{"use_dora": True}, {"init": "pissa"}, {"init": "eva"}])
+def test_a_concurrent_sweep_refuses_what_its_joint_plain_lora_cannot_train(
+        tmp_path: Path, llama_tok_registry: Registry, gen_data: Path, method: dict[str, object]) -> None:
+    from adapterhub_local.errors import UnsupportedError
+    from adapterhub_local.sweep.driver import run_sweep
+    from adapterhub_local.sweep.plan import SweepConfig
+
+    recipe = build_recipe(gen_raw(gen_data, tmp_path / "runs", **method))
+    config = SweepConfig(ranks=[1, 2], mode="concurrent", sweep_id="sw", e2e_metrics=False)
+    with pytest.raises(UnsupportedError, match="concurrent sweeps train plain LoRA"):
+        run_sweep(llama_tok_registry, recipe, config, progress=False, log=lambda _: None)
