@@ -25,7 +25,9 @@ TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "qlora", "prompt", "head_only", "freeze_first_k", "full")
 POOLINGS = ("auto", "native", "cls", "mean", "last")  # adapterhub_local/pooling.py implements them
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LORA_INITS = ("default", "gaussian")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva")
+MUTATING_INITS = ("pissa", "olora")
+"""Inits that move the base's weights (``W_res = W - B0·A0``); the stored adapter is converted (rank 2r)."""
 PROMPT_INITS = ("random", "text", "vocab")
 DATA_FORMATS = ("auto", "jsonl", "csv", "datasets")
 ASSET_PREFIX = "asset:"
@@ -116,8 +118,12 @@ class MethodConfig:
     """Module names to adapt (default: the architecture's attention query/value)."""
     use_rslora: bool = False
     """rsLoRA scaling ``alpha / sqrt(r)``."""
+    use_dora: bool = False
+    """DoRA: also learn a magnitude per output feature (PEFT ``use_dora``); served exactly by the engine."""
     init: str = "default"
-    """LoRA init: ``default`` (Kaiming-uniform A, zero B) or ``gaussian`` (Gaussian A, zero B)."""
+    """LoRA init (PEFT's own): ``default`` (Kaiming-uniform A, zero B), ``gaussian``, ``pissa`` / ``olora`` (from the
+    weights' SVD / QR; converted at registration to a rank-2r LoRA on the unchanged base) or ``eva`` (from a pass
+    over the training data)."""
     num_virtual_tokens: int = 20
     prompt_init: str = "random"
     """Soft-prompt init: ``random``, ``text`` (from ``prompt_init_text``) or ``vocab`` (sampled tokens)."""
@@ -391,6 +397,10 @@ def static_problems(recipe: Recipe) -> list[str]:
         if m.dropout is not None and not 0 <= m.dropout < 1:
             p.append(f"method.dropout = {m.dropout}: must be in [0, 1)")
         p += _one_of(m.init, LORA_INITS, "method.init")
+        if m.init in MUTATING_INITS and (m.name == "qlora" or m.use_dora):
+            p.append(f"method.init = {m.init!r} changes the base's weights, and with "
+                     f"{'a 4-bit base' if m.name == 'qlora' else 'DoRA (magnitudes of W_res)'} the adapter cannot "
+                     "be converted exactly to one on the unchanged base: use init default, gaussian or eva")
     if m.name == "qlora":
         reason = qlora_problem()
         if reason:

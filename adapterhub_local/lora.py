@@ -1,6 +1,11 @@
 """The LoRA update, defined once: ``ΔW = scale · B @ A`` with ``scale = alpha / r`` (or
 ``alpha / sqrt(r)`` for rsLoRA). Merge, unmerge, SVD truncation and comparison all call this.
 
+DoRA (``use_dora``) adds a learned magnitude ``m`` (``[d_out]``) per module: the adapted weight is
+``W' = (m / ‖W + ΔW‖_row) ⊙ (W + ΔW)``, the norm taken per output feature over the input features and
+treated as a constant (PEFT detaches it). :func:`dora_factor` computes ``m / ‖W + ΔW‖`` once per adapter,
+so serving scales each output feature of the row's ``W·x + ΔW·x`` and merging scales the weight's rows.
+
 Shapes: ``A`` is ``[r, d_in]``, ``B`` is ``[d_out, r]``, ``ΔW`` is ``[d_out, d_in]`` like ``nn.Linear.weight``
 (transpose it for GPT-2 ``Conv1D`` weights, stored ``[d_in, d_out]``, i.e. PEFT's ``fan_in_fan_out``).
 """
@@ -16,6 +21,8 @@ import torch
 from adapterhub_local.errors import FormatError
 
 PEFT_PREFIX = "base_model.model."
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+"""PEFT's key for a module's DoRA magnitude (``base_model.model.<module>.lora_magnitude_vector``, ``[d_out]``)."""
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -36,6 +43,8 @@ class LoraPair:
     a: torch.Tensor  # [r, d_in]
     b: torch.Tensor  # [d_out, r]
     scale: float
+    magnitude: torch.Tensor | None = None
+    """DoRA: the learned magnitude ``m`` per output feature (``[d_out]``); ``None`` for plain LoRA."""
 
     @property
     def rank(self) -> int:
@@ -43,6 +52,21 @@ class LoraPair:
 
     def delta(self) -> torch.Tensor:
         return lora_delta(self.a, self.b, self.scale)
+
+
+def dora_factor(weight: torch.Tensor, pair: LoraPair, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """DoRA's per-output-feature factor ``m / ‖W + scale·B·A‖_row`` in fp32 (``[d_out]``).
+
+    ``weight`` is the base weight as stored (``[d_out, d_in]``; ``[d_in, d_out]`` for ``Conv1D`` with
+    ``fan_in_fan_out``). The norm runs over the input features, as PEFT's ``DoraLinearLayer.get_weight_norm``.
+    """
+    assert pair.magnitude is not None, "dora_factor needs a DoRA pair"
+    dense = weight.to(torch.float32)
+    if fan_in_fan_out:
+        dense = dense.T
+    delta = lora_delta(pair.a.to(weight.device), pair.b.to(weight.device), pair.scale)
+    norm = torch.linalg.norm(dense + delta, dim=1)  # [d_out]
+    return pair.magnitude.to(weight.device, torch.float32) / norm
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
@@ -59,6 +83,11 @@ def lora_pairs(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict
     (``rank_pattern``/``alpha_pattern`` honoured)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
+        if key.endswith(MAGNITUDE_SUFFIX):
+            module = key[: -len(MAGNITUDE_SUFFIX)]
+            module = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+            grouped.setdefault(module, {})["magnitude"] = value
+            continue
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if key.endswith(suffix):
@@ -67,10 +96,19 @@ def lora_pairs(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict
                 grouped.setdefault(module, {})[part] = value
     pairs: dict[str, LoraPair] = {}
     use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
     for module, parts in grouped.items():
-        if set(parts) != {"lora_A", "lora_B"}:
+        if {"lora_A", "lora_B"} - set(parts):
             raise FormatError(f"module {module!r} lacks lora_A or lora_B", "re-save the adapter with PEFT")
+        magnitude = parts.get("magnitude")
+        if use_dora != (magnitude is not None):
+            what = "has no DoRA magnitude" if use_dora else "has a DoRA magnitude but use_dora is false"
+            raise FormatError(f"module {module!r} {what}", "re-save the adapter with PEFT")
+        if magnitude is not None and tuple(magnitude.shape) != (int(parts["lora_B"].shape[0]),):
+            raise FormatError(f"module {module!r}: DoRA magnitude {list(magnitude.shape)} does not match lora_B "
+                              f"{list(parts['lora_B'].shape)}", "re-save the adapter with PEFT")
         rank = int(parts["lora_A"].shape[0])
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
-        pairs[module] = LoraPair(module, parts["lora_A"], parts["lora_B"], lora_scale(alpha, rank, use_rslora))
+        pairs[module] = LoraPair(module, parts["lora_A"], parts["lora_B"], lora_scale(alpha, rank, use_rslora),
+                                 magnitude)
     return pairs

@@ -1,5 +1,5 @@
 """Registry commands: ``base add/list/show/remove``, ``list``, ``show``, ``tag``, ``untag``, ``delete``,
-``verify``, ``gc``, ``index rebuild``, ``import``, ``push``, ``pull``."""
+``verify``, ``gc``, ``index rebuild``, ``import``, ``push``, ``pull``, ``check`` (engine = PEFT)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Any
 import typer
 
 from adapterhub_local import assets
-from adapterhub_local.cli.common import app, console, get_registry, print_json, table
+from adapterhub_local.check.sidecar import CHECKABLE_KINDS, CheckRecord
+from adapterhub_local.check.sidecar import summary as check_summary
+from adapterhub_local.cli.common import app, check_device, console, get_registry, print_json, table
 from adapterhub_local.compose import lineage
-from adapterhub_local.errors import IntegrityError
+from adapterhub_local.errors import ConfigError, IntegrityError
 from adapterhub_local.registry import maintenance, remote
 from adapterhub_local.registry.cards import PER_EXAMPLE_KEYS, CardInfo
 
@@ -114,7 +116,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json", help="Print JSO
     card = registry.resolve(ref)
     data = {**dataclasses.asdict(card), "content_hash": card.content_hash,
             "parents": [dataclasses.asdict(link) for link in lineage.links(registry, card)],
-            "children": lineage.children(registry, card)}
+            "children": lineage.children(registry, card), "parity": check_summary(registry, card)}
     if as_json:
         print_json(data)
         return
@@ -186,11 +188,50 @@ def import_adapter(
     name: str = typer.Option(..., "--name", help="Adapter name in the registry."),
     base: str = typer.Option(..., "--base", help="Registered base the adapter belongs to."),
     task: str | None = typer.Option(None, help="Task name to record."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the parity check against PEFT."),
 ) -> None:
-    """Import a PEFT adapter directory as a new version (shapes checked against the base)."""
-    card = get_registry(create=True).register_adapter(name, directory, base,
-                                                      CardInfo(task=task, source=str(directory)))
+    """Import a PEFT adapter directory as a new version (shapes checked against the base), then check that the
+    engine serves it as PEFT runs it (``--no-check`` skips that)."""
+    registry = get_registry(create=True)
+    card = registry.register_adapter(name, directory, base, CardInfo(task=task, source=str(directory)))
     console.print(f"imported {card.ref} ({card.kind}, rank {card.rank}) on base {card.base}")
+    if not no_check and card.kind in CHECKABLE_KINDS:
+        from adapterhub_local.check.parity import run_check
+
+        report_check(run_check(registry, card.ref))
+
+
+def report_check(record: CheckRecord) -> None:
+    """One line: the check's verdict, its largest difference against the tolerance, and each path's figure."""
+    paths = ", ".join(f"{k} {v:.2g}" for k, v in record.paths.items())
+    console.print(f"parity {'passed' if record.passed else 'FAILED'} for {record.ref} ({record.dtype}, "
+                  f"{record.prompts} prompts): largest logit difference {record.max_logit_diff:.3g} (tolerance "
+                  f"{record.tolerance:.3g}), greedy agreement {record.greedy_agreement:.0%} — {paths}")
+
+
+@app.command("check")
+def check(
+    ref: str,
+    dtype: str = typer.Option("float32", help="Engine and reference dtype: float32, bfloat16 or float16."),
+    device: str | None = typer.Option(None, help="Device (default: cuda when available, else cpu)."),
+    prompts: int = typer.Option(3, help="How many prompts of the adapter's task to run."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Run an adapter through PEFT and through the engine (swap, mixed batch, merge, dynamic and static
+    decoding), record the largest logit difference and greedy agreement, and fail above the dtype's tolerance."""
+    import torch
+
+    from adapterhub_local.check.parity import run_check
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ConfigError([f"--dtype {dtype!r} is not one of {', '.join(dtypes)}"], "pick one of them",
+                          what="option")
+    record = run_check(get_registry(), ref, dtype=dtypes[dtype], device=check_device(device), prompts=prompts)
+    if as_json:
+        print_json(dataclasses.asdict(record))
+        return
+    report_check(record)
 
 
 @app.command("push")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import signal
 import sys
@@ -18,7 +19,18 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from adapterhub_local.cli.common import app, console, err_console, get_registry, parse_overrides, print_json, table
+from adapterhub_local.check.sidecar import CHECKABLE_KINDS
+from adapterhub_local.cli.common import (
+    app,
+    check_device,
+    console,
+    err_console,
+    get_registry,
+    parse_overrides,
+    print_json,
+    table,
+)
+from adapterhub_local.cli.registry_cmds import report_check
 from adapterhub_local.config import Recipe
 from adapterhub_local.progress import Progress, is_tty
 from adapterhub_local.train.checks import PreparedData
@@ -78,8 +90,10 @@ def train(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: runs/<name>-<time>)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the parity check (engine = PEFT) after registering."),
 ) -> None:
-    """Train an adapter from a recipe, evaluate it on held-out data, and register it."""
+    """Train an adapter from a recipe, evaluate it on held-out data, register it, and check that the engine
+    serves it as PEFT runs it."""
     from adapterhub_local.train import runner
     from adapterhub_local.train.checks import load_and_check
 
@@ -109,9 +123,16 @@ def train(
         finally:
             if log_progress is not None:
                 log_progress.close()
+        parity = None
+        if result.card is not None and not no_check and result.card.kind in CHECKABLE_KINDS:
+            from adapterhub_local.check.parity import run_check
+
+            parity = run_check(get_registry(), result.card.ref, device=check_device(None))
+            report_check(parity)
     if as_json:
         print_json({"run_dir": str(result.run_dir), "metrics": result.metrics, "training": result.training,
-                    "registered": result.card.ref if result.card else None, "samples": result.samples})
+                    "registered": result.card.ref if result.card else None, "samples": result.samples,
+                    "parity": None if parity is None else dataclasses.asdict(parity)})
         return
     table("test metrics", ["metric", "value"], _metric_rows(result.metrics))
     facts = {k: v for k, v in result.training.items() if k in (

@@ -1,5 +1,6 @@
 """Turning a registry :class:`LoadedAdapter` into what the engine runs: LoRA pairs keyed by the engine
-model's own module names, a soft prompt, and a classifier head (PEFT ``modules_to_save``).
+model's own module names (with their DoRA magnitudes), a soft prompt, and a classifier head (PEFT
+``modules_to_save``).
 
 PEFT names modules by the task model it trained (``bert.encoder…`` for a BERT classifier,
 ``model.layers…`` for Llama); the engine holds one model (a causal LM or a bare encoder), so module
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from adapterhub_local.errors import FormatError, ShapeMismatchError, UnsupportedError
-from adapterhub_local.lora import PEFT_PREFIX, LoraPair, lora_pairs
+from adapterhub_local.lora import MAGNITUDE_SUFFIX, PEFT_PREFIX, LoraPair, lora_pairs
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import LoadedAdapter
 
@@ -55,12 +56,17 @@ class PreparedAdapter:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor the adapter carries (its device footprint, unpadded)."""
-        count = sum(p.a.numel() + p.b.numel() for p in self.pairs.values())
+        count = sum(p.a.numel() + p.b.numel() + (0 if p.magnitude is None else p.magnitude.numel())
+                    for p in self.pairs.values())
         if self.prompt is not None:
             count += self.prompt.numel()
         if self.head is not None:
             count += self.head.weight.numel() + (0 if self.head.bias is None else self.head.bias.numel())
         return count * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def is_dora(self) -> bool:
+        return any(p.magnitude is not None for p in self.pairs.values())
 
     @property
     def rank(self) -> int | None:
@@ -89,8 +95,6 @@ def prepare(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> PreparedAd
         return _prepare_prompt(loaded, model, dtype)
     if peft_type != "LORA":
         raise UnsupportedError(f"adapter {card.ref} is {peft_type}", "the engine runs LoRA and prompt-tuning adapters")
-    if config.get("use_dora"):
-        raise UnsupportedError(f"adapter {card.ref} uses DoRA", "retrain it as plain LoRA (use_dora=False)")
     if config.get("lora_bias") or config.get("bias", "none") != "none":
         raise UnsupportedError(f"adapter {card.ref} trains biases", "retrain it with bias='none'")
     names = {name for name, _ in model.named_modules()}
@@ -102,11 +106,12 @@ def prepare(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> PreparedAd
         if target is None:
             missing.append(path)
             continue
-        prepared.pairs[target] = LoraPair(target, pair.a, pair.b, pair.scale)
+        prepared.pairs[target] = LoraPair(target, pair.a, pair.b, pair.scale, pair.magnitude)
     if missing:
         raise ShapeMismatchError(f"adapter {card.ref}: modules {missing[:4]} are not in the base model",
                                  "use the base the adapter was trained on")
-    rest = {k: v for k, v in loaded.tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    rest = {k: v for k, v in loaded.tensors.items()
+            if ".lora_A." not in k and ".lora_B." not in k and not k.endswith(MAGNITUDE_SUFFIX)}
     prepared.head = _head(card, rest, dtype)
     return refuse_non_finite(prepared)
 
@@ -118,6 +123,8 @@ def refuse_non_finite(adapter: PreparedAdapter) -> PreparedAdapter:
     tensors: list[tuple[str, torch.Tensor]] = []
     for name, pair in adapter.pairs.items():
         tensors += [(f"{name}.lora_A", pair.a), (f"{name}.lora_B", pair.b)]
+        if pair.magnitude is not None:
+            tensors.append((f"{name}.lora_magnitude_vector", pair.magnitude))
         if not torch.isfinite(torch.tensor(float(pair.scale))):
             raise FormatError(f"adapter {adapter.ref}: the LoRA scale of {name} is not finite ({pair.scale})",
                               "fix lora_alpha / r in adapter_config.json")
@@ -134,6 +141,10 @@ def refuse_non_finite(adapter: PreparedAdapter) -> PreparedAdapter:
         if not bool(torch.isfinite(tensor.to(adapter.dtype)).all()):
             raise FormatError(f"adapter {adapter.ref}: tensor {name} holds NaN or inf (in {adapter.dtype})",
                               "retrain or re-export the adapter; the registry's `verify` reports such files")
+    for name, pair in adapter.pairs.items():
+        if pair.magnitude is not None and not bool((pair.magnitude > 0).all()):
+            raise FormatError(f"adapter {adapter.ref}: the DoRA magnitude of {name} holds values <= 0",
+                              "retrain or re-export the adapter: magnitudes are positive norms")
     return adapter
 
 

@@ -34,7 +34,7 @@ from adapterhub_local.errors import ConfigError, UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter
 from adapterhub_local.inference.continuous import OpenBatch, editable_cache
 from adapterhub_local.inference.generation import RowState, decode
-from adapterhub_local.inference.merge import Merger, refuse_prompt
+from adapterhub_local.inference.merge import refuse_prompt
 from adapterhub_local.inference.model_state import EngineModel
 from adapterhub_local.inference.policy import AutoPolicy
 from adapterhub_local.inference.pool import AdapterPool
@@ -95,7 +95,7 @@ class Engine:
         self.runner = EngineModel(self.base, self.device, dtype, lora_strategy)
         self.pool = AdapterPool(registry, self.base.name, self.runner.model, self.runner, pool_bytes,
                                 host_bytes if host_bytes is not None else 4 * pool_bytes, dtype)
-        self.merger = Merger(self.runner.model)
+        self.merger = self.runner.merger  # one merger: DoRA installs read its clean weights
         self.decoder = resolve_decoder(decoder, self.device, self.runner.model) if self.runner.is_causal else "dynamic"
         self._static: StaticDecoder | None = None
         self.policy = policy or AutoPolicy()

@@ -1,5 +1,5 @@
-"""Merge mode: add ``scale·B·A`` (fp32, from :mod:`adapterhub_local.lora`) into the base weights, and
-take it out again bit for bit.
+"""Merge mode: add ``scale·B·A`` (fp32, from :mod:`adapterhub_local.lora`) into the base weights — for DoRA,
+``W' = f ⊙ (W + scale·B·A)`` row-wise with ``f = m / ‖W + scale·B·A‖`` — and take it out again bit for bit.
 
 ``W + ΔW - ΔW`` is not ``W`` in floating point, so :class:`Merger` keeps a copy of every weight it
 touches and unmerging copies those bytes back. :func:`export_merged` writes a standalone merged model
@@ -18,7 +18,7 @@ from torch import nn
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter, prepare
 from adapterhub_local.inference.multi_lora import base_linear, weight_of
-from adapterhub_local.lora import lora_delta
+from adapterhub_local.lora import dora_factor, lora_delta
 from adapterhub_local.registry.store import Registry
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -41,7 +41,11 @@ def merged_weight(weight: torch.Tensor, adapter: PreparedAdapter, name: str) -> 
     delta = lora_delta(pair.a.to(weight.device), pair.b.to(weight.device), pair.scale)
     if adapter.fan_in_fan_out:
         delta = delta.T
-    return (weight.to(torch.float32) + delta).to(weight.dtype)
+    merged = weight.to(torch.float32) + delta
+    if pair.magnitude is not None:  # DoRA: scale each output feature (a row; a column of a Conv1D weight)
+        factor = dora_factor(weight, pair, adapter.fan_in_fan_out)
+        merged = merged * (factor[None, :] if adapter.fan_in_fan_out else factor[:, None])
+    return merged.to(weight.dtype)
 
 
 class Merger:
@@ -56,6 +60,11 @@ class Merger:
     @property
     def merged_ref(self) -> str | None:
         return None if self.merged is None else self.merged.ref
+
+    def clean_weight(self, name: str) -> torch.Tensor:
+        """The weight at ``name`` as it is without any merged adapter (its kept original while merged)."""
+        original = self._originals.get(name)
+        return weight_of(base_linear(self.model, name)) if original is None else original
 
     @torch.no_grad()
     def merge(self, adapter: PreparedAdapter) -> None:

@@ -14,9 +14,11 @@ import torch
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import Head, PreparedAdapter
+from adapterhub_local.inference.merge import Merger
 from adapterhub_local.inference.multi_lora import BatchContext, wrap, wrappers
 from adapterhub_local.inference.soft_prompt import Batch, Row, build_batch
 from adapterhub_local.inference.types import Request
+from adapterhub_local.lora import dora_factor
 from adapterhub_local.models import load_base_model, load_tokenizer
 from adapterhub_local.registry.bases import BaseRecord
 
@@ -43,6 +45,8 @@ class EngineModel:
         self.model: Any = model
         self.tokenizer: Any = load_tokenizer(record) if _has_tokenizer(record) else None
         self.context = BatchContext(device, strategy=lora_strategy)
+        self.merger = Merger(model)
+        """Merge mode's merger (the engine's): it knows each weight's clean bytes while an adapter is merged."""
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
         eos = getattr(config, "eos_token_id", None)
@@ -59,8 +63,12 @@ class EngineModel:
     def install(self, slot: int, adapter: PreparedAdapter) -> None:
         for name, pair in adapter.pairs.items():
             b_scaled = (pair.b.to(torch.float32) * pair.scale).to(self.dtype)
-            wrap(self.model, name, self.context).install(slot, pair.a.to(self.device, self.dtype),
-                                                         b_scaled.to(self.device))
+            wrapper = wrap(self.model, name, self.context)
+            dora_g = None
+            if pair.magnitude is not None:  # DoRA: the factor is computed once, here, from the clean base weight
+                clean = self.merger.clean_weight(name)  # (not a merged one, if an adapter is merged now)
+                dora_g = (dora_factor(clean, pair, adapter.fan_in_fan_out) - 1).to(self.dtype)
+            wrapper.install(slot, pair.a.to(self.device, self.dtype), b_scaled.to(self.device), dora_g)
 
     def uninstall(self, slot: int, adapter: PreparedAdapter) -> None:
         for name in adapter.pairs:

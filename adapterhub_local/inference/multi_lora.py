@@ -10,6 +10,12 @@ that none of its rows adapt, so one resident rank-256 adapter does not slow batc
 it to its local slot with a lookup table, so an adapter that does not target a module (or a row with no
 adapter, or a soft-prompt row) lands on the zero slot.
 
+DoRA adapters add a per-output-feature factor ``f = m / ‖W + scale·B·A‖_row`` (computed once, at install,
+by :func:`adapterhub_local.lora.dora_factor`); the module stacks ``g = f - 1`` as ``[S, d_out]`` (slot 0 and
+plain-LoRA slots zero) and, when a batch holds a DoRA row, gathers it per row like the LoRA operands:
+``y = base(x) + Δ + g ⊙ (base(x) - bias + Δ)`` — PEFT's eval-mode DoRA output ``bias + f ⊙ (W·x + Δ)``
+rearranged so a plain-LoRA row (``g = 0``) gets exactly ``base(x) + Δ``, the same bits as without DoRA.
+
 Two batched operations, in the spirit of Punica's BGMV/SGMV and S-LoRA, both plain torch (CPU and GPU):
 
 - ``gather`` (BGMV): gather each row's ``A`` and ``B`` by index and run two batched matmuls (shrink
@@ -189,6 +195,9 @@ class MultiLoraLinear(nn.Module):
         self._rows_local = torch.zeros(1, dtype=torch.long, device=self._device)
         self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._staged: dict[int, Staged] = {}  # slab id -> operands (static decoding)
+        self.g_stack: torch.Tensor | None = None  # [S, d_out] DoRA factor - 1; None while no DoRA adapter is here
+        self._dora: set[int] = set()  # local slots holding a DoRA adapter
+        self._batch_dora = False  # whether this batch has a DoRA row on this module
 
     @property
     def weight(self) -> torch.Tensor:
@@ -203,7 +212,16 @@ class MultiLoraLinear(nn.Module):
     @property
     def stack_bytes(self) -> int:
         """Device bytes held by this module's stacks (padding and free slots included)."""
-        return self.a_stack.numel() * self.a_stack.element_size() + self.b_stack.numel() * self.b_stack.element_size()
+        total = self.a_stack.numel() * self.a_stack.element_size() + self.b_stack.numel() * self.b_stack.element_size()
+        return total + (0 if self.g_stack is None else self.g_stack.numel() * self.g_stack.element_size())
+
+    def _dora_scaled(self, y: torch.Tensor, delta: torch.Tensor, rows_local: torch.Tensor) -> torch.Tensor:
+        """``y + Δ + g ⊙ (y - bias + Δ)`` with each row's ``g`` gathered from the stack (``y``: ``[B, T, d_out]``)."""
+        assert self.g_stack is not None
+        g = self.g_stack.index_select(0, rows_local)[:, None, :].to(y.dtype)  # [B, 1, d_out]
+        bias = getattr(self.base, "bias", None)
+        unbiased = y if bias is None else y - bias
+        return y + delta + g * (unbiased + delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
@@ -223,6 +241,9 @@ class MultiLoraLinear(nn.Module):
         else:
             rank = self._batch_rank
             delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], self._rows_local)
+        if self._batch_dora:
+            y3 = y.reshape(delta.shape)
+            return self._dora_scaled(y3, delta.to(y.dtype), self._rows_local).reshape(y.shape)
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def _static_forward(self, x: torch.Tensor, y: torch.Tensor, slab: int) -> torch.Tensor:
@@ -236,6 +257,9 @@ class MultiLoraLinear(nn.Module):
         else:
             rank = staged.rank
             delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], staged.rows_local)
+        if self.g_stack is not None:  # a DoRA adapter is resident (allocating the stack bumps the layout)
+            y3 = y.reshape(delta.shape)
+            return self._dora_scaled(y3, delta.to(y.dtype), staged.rows_local).reshape(y.shape)
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def _local_slots(self, rows: torch.Tensor) -> torch.Tensor:
@@ -285,6 +309,7 @@ class MultiLoraLinear(nn.Module):
         self._seen_version = self._context.version
         present = sorted({self._local[g] for g in self._context.present if g in self._local})
         self._batch_rank = rank = max((self._ranks[s] for s in present), default=0)
+        self._batch_dora = any(s in self._dora for s in present)
         self._dense = None
         if rank == 0:
             return
@@ -298,14 +323,19 @@ class MultiLoraLinear(nn.Module):
             self._dense = (a_cat, b_cat, owner)
 
     # ------------------------------------------------------------ residency
-    def install(self, global_slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
-        """Place an adapter's ``A`` ``[r, d_in]`` and ``scale·B`` ``[d_out, r]`` in a free local slot."""
+    def install(self, global_slot: int, a: torch.Tensor, b_scaled: torch.Tensor,
+                dora_g: torch.Tensor | None = None) -> None:
+        """Place an adapter's ``A`` ``[r, d_in]`` and ``scale·B`` ``[d_out, r]`` in a free local slot; for DoRA
+        also ``g = factor - 1`` ``[d_out]`` (see the module docstring)."""
         rank = int(a.shape[0])
         self._seen_version = -1
         if tuple(a.shape) != (rank, self.d_in) or tuple(b_scaled.shape) != (self.d_out, rank):
             raise ShapeMismatchError(
                 f"{self.name}: LoRA A {list(a.shape)} / B {list(b_scaled.shape)} do not fit a {self.d_in}→{self.d_out} "
                 "linear", "use an adapter made for this base")
+        if dora_g is not None and tuple(dora_g.shape) != (self.d_out,):
+            raise ShapeMismatchError(f"{self.name}: DoRA magnitude {list(dora_g.shape)} does not fit a "
+                                     f"{self.d_in}→{self.d_out} linear", "use an adapter made for this base")
         if global_slot in self._local:
             self.uninstall(global_slot)
         if rank > self.rank:
@@ -326,6 +356,12 @@ class MultiLoraLinear(nn.Module):
         self.slot_map[global_slot] = local
         self._local[global_slot] = local
         self._ranks[local] = rank
+        if dora_g is not None:
+            if self.g_stack is None:
+                self.g_stack = torch.zeros(self.a_stack.shape[0], self.d_out, dtype=self._dtype, device=self._device)
+                self._context.layout += 1
+            self.g_stack[local].copy_(dora_g)
+            self._dora.add(local)
 
     def uninstall(self, global_slot: int) -> None:
         """Drop an adapter; shrink the padded rank when the largest resident adapters are gone."""
@@ -337,6 +373,13 @@ class MultiLoraLinear(nn.Module):
         self.a_stack[local].zero_()
         self.b_stack[local].zero_()
         self._ranks.pop(local, None)
+        if local in self._dora:
+            self._dora.discard(local)
+            assert self.g_stack is not None
+            self.g_stack[local].zero_()
+            if not self._dora:
+                self.g_stack = None
+                self._context.layout += 1
         top = max(self._ranks.values(), default=1)
         if top < self.rank:  # the largest adapter left: shrink, so the stacks hold what the pool budgets
             self._resize(top, self.a_stack.shape[0])
@@ -348,6 +391,10 @@ class MultiLoraLinear(nn.Module):
         a[:keep_s, :keep_r] = self.a_stack[:keep_s, :keep_r]
         b[:keep_s, :keep_r] = self.b_stack[:keep_s, :keep_r]
         self.a_stack, self.b_stack, self.rank = a, b, rank
+        if self.g_stack is not None and self.g_stack.shape[0] != slots:
+            g = torch.zeros(slots, self.d_out, dtype=self._dtype, device=self._device)
+            g[:keep_s] = self.g_stack[:keep_s]
+            self.g_stack = g
         self._context.layout += 1
 
 

@@ -3,8 +3,9 @@
 :func:`stage_source` copies an untrusted PEFT directory into a private staging directory (regular files
 only: symlinks leaving the directory, FIFOs and device files are refused without being read), and
 :func:`inspect_version` checks the copies — strict safetensors, floating and finite values, a config of
-the right types whose rank matches its tensors, no feature the engine cannot serve, every module and
-target present on the base with the right shape. ``verify`` runs the same checks on stored versions, so
+the right types whose rank matches its tensors, DoRA magnitudes of the right shape and strictly positive
+(each scales an output feature's norm), no feature the engine cannot serve, every module and target present
+on the base with the right shape. ``verify`` runs the same checks on stored versions, so
 import and verify can never disagree about what is admissible.
 """
 
@@ -20,7 +21,7 @@ from adapterhub_local.registry.cards import CARD_FILE
 from adapterhub_local.registry.fingerprint import tensor_shapes
 from adapterhub_local.registry.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json, refuse_pickle_dir
 from adapterhub_local.registry.peft_config import Problem
-from adapterhub_local.registry.peft_dir import AdapterSummary, fit_problems, inspect
+from adapterhub_local.registry.peft_dir import AdapterSummary, fit_problems, inspect, magnitude_keys
 from adapterhub_local.registry.safefiles import checked_path, copy_regular
 from adapterhub_local.registry.safetensors_check import read_layout, value_problems
 
@@ -65,9 +66,29 @@ def inspect_version(directory: Path) -> tuple[AdapterSummary | None, list[Proble
     weights = directory / ADAPTER_WEIGHTS
     layout = read_layout(weights)
     summary, problems = inspect(config, layout.tensors())
+    values = value_problems(weights, layout)
     problems += [Problem(p, fix="retrain or repair the adapter: weights must be finite floating point")
-                 for p in value_problems(weights, layout)]
+                 for p in values]
+    if summary is not None and not values:
+        problems += _magnitude_values(weights, magnitude_keys(summary.tensors))
     return summary, problems
+
+
+def _magnitude_values(weights: Path, keys: list[str]) -> list[Problem]:
+    """DoRA magnitudes must be > 0: a zero or negative one silences or flips an output feature, which no
+    training by PEFT produces (it starts at the column norm and divides by it)."""
+    if not keys:
+        return []
+    from safetensors import safe_open
+
+    problems: list[Problem] = []
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in keys:
+            value = handle.get_tensor(key)
+            if not value.is_floating_point() or not bool((value > 0).all()):
+                problems.append(Problem(f"DoRA magnitude {key!r} holds values <= 0 (min {float(value.min()):.3g})",
+                                        fix="retrain or re-export the adapter: magnitudes are positive norms"))
+    return problems
 
 
 def base_fit(summary: AdapterSummary, record: BaseRecord) -> list[Problem]:

@@ -1,6 +1,7 @@
 """``adapter_config.json`` as untrusted input: the type and range of every field this project reads, and
 the PEFT features the engine cannot serve (refused at import, with the fix, instead of accepted and
-broken later). Unknown fields are ignored — PEFT adds fields between releases.
+broken later). DoRA (``use_dora``) is served; its magnitude tensors are checked in :mod:`peft_dir`.
+Unknown fields are ignored — PEFT adds fields between releases.
 """
 
 from __future__ import annotations
@@ -120,9 +121,6 @@ def _lora_problems(config: dict[str, Any]) -> list[Problem]:
 
 def _unsupported_lora(config: dict[str, Any]) -> list[Problem]:
     problems: list[Problem] = []
-    if config.get("use_dora") is True:
-        problems.append(Problem("the adapter uses DoRA (use_dora=true), which the engine cannot serve",
-                                "unsupported", "retrain it as plain LoRA (use_dora=False)"))
     bias = config.get("bias", "none")
     if bias is not None and bias != "none":
         kind = "unsupported" if bias in ("all", "lora_only") else "format"

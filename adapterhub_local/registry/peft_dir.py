@@ -2,7 +2,8 @@
 consistency of its tensors with that config, and the fit of every tensor to a base model's shapes.
 
 PEFT names LoRA tensors ``base_model.model.<module path>.lora_A.weight`` (shape ``[r, in]``) and
-``...lora_B.weight`` (shape ``[out, r]``); ``modules_to_save`` copies (e.g. a classifier head) as
+``...lora_B.weight`` (shape ``[out, r]``), and with DoRA ``...lora_magnitude_vector`` (shape ``[out]``);
+``modules_to_save`` copies (e.g. a classifier head) as
 ``base_model.model.<module path>.<param>``; a prompt-tuning adapter holds ``prompt_embeddings`` of shape
 ``[num_virtual_tokens * num_transformer_submodules, token_dim]``.
 
@@ -27,6 +28,7 @@ from adapterhub_local.registry.safetensors_check import TensorInfo
 
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 _RESAVE = "re-save the adapter with PEFT's save_pretrained"
 
 
@@ -93,10 +95,14 @@ def _inspect_lora(
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     problems: list[Problem] = []
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    magnitudes: dict[str, tuple[int, ...]] = {}
     rest: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if not name.startswith(PEFT_PREFIX):
             problems.append(Problem(f"tensor {name!r} lacks PEFT's '{PEFT_PREFIX}' prefix", fix=_RESAVE))
+            continue
+        if name.endswith(MAGNITUDE_SUFFIX):
+            magnitudes[name[len(PEFT_PREFIX) : -len(MAGNITUDE_SUFFIX)]] = info.shape
             continue
         for suffix in LORA_SUFFIXES:
             if name.endswith(suffix):
@@ -104,9 +110,8 @@ def _inspect_lora(
                 break
         else:
             if ".lora_" in name:
-                what = "DoRA magnitude" if "lora_magnitude" in name else "LoRA on a non-linear layer"
-                problems.append(Problem(f"tensor {name!r} ({what}) cannot be served by the engine", "unsupported",
-                                        "retrain with plain LoRA on linear layers"))
+                problems.append(Problem(f"tensor {name!r} (LoRA on a non-linear layer) cannot be served by the "
+                                        "engine", "unsupported", "retrain with LoRA on linear layers"))
             else:
                 rest[name] = info
     lora_modules: dict[str, tuple[int, int, int]] = {}
@@ -122,6 +127,7 @@ def _inspect_lora(
             problems.append(Problem(f"module {path!r} has rank {a[0]} but the config says r={expected}",
                                     fix="fix r (or rank_pattern) in adapter_config.json to match the tensors"))
         lora_modules[path] = (a[0], a[1], b[0])
+    problems += _magnitude_problems(magnitudes, lora_modules, bool(config.get("use_dora", False)))
     if not modules and not problems:
         problems.append(Problem("LoRA adapter holds no lora_A/lora_B tensors", fix=_RESAVE))
     targets = config.get("target_modules") or []
@@ -137,6 +143,33 @@ def _inspect_lora(
         lora_modules=lora_modules, saved_modules=saved, task_type=task_type,
     )
     return summary, problems + head_problems
+
+
+def _magnitude_problems(magnitudes: dict[str, tuple[int, ...]], lora_modules: dict[str, tuple[int, int, int]],
+                        use_dora: bool) -> list[Problem]:
+    """DoRA: every LoRA module has a magnitude ``[out]`` and nothing else does (values: :func:`magnitude_keys`)."""
+    problems: list[Problem] = []
+    if magnitudes and not use_dora:
+        problems.append(Problem(f"DoRA magnitudes for {sorted(magnitudes)[:3]} but use_dora is not true",
+                                fix="set use_dora=true in adapter_config.json or re-save the adapter with PEFT"))
+        return problems
+    for path in sorted(set(magnitudes) - set(lora_modules)):
+        problems.append(Problem(f"DoRA magnitude for {path!r}, which has no LoRA pair", fix=_RESAVE))
+    if not use_dora:
+        return problems
+    for path, (_rank, _d_in, d_out) in sorted(lora_modules.items()):
+        shape = magnitudes.get(path)
+        if shape is None:
+            problems.append(Problem(f"module {path!r} lacks its DoRA magnitude (use_dora=true)", fix=_RESAVE))
+        elif tuple(shape) != (d_out,):
+            problems.append(Problem(f"module {path!r}: DoRA magnitude {list(shape)} is not [{d_out}] (lora_B's "
+                                    "rows)", fix=_RESAVE))
+    return problems
+
+
+def magnitude_keys(tensors: dict[str, TensorInfo]) -> list[str]:
+    """The DoRA magnitude tensors of a state dict (their values must be finite and > 0: the admission checks)."""
+    return sorted(k for k in tensors if k.endswith(MAGNITUDE_SUFFIX))
 
 
 def _saved_modules(rest: dict[str, TensorInfo], config: dict[str, Any]) -> tuple[list[str], list[Problem]]:

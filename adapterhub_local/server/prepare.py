@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from adapterhub_local.check.sidecar import summary as check_summary
 from adapterhub_local.compose.request import resolve_composition
 from adapterhub_local.compose.spec import canonical, is_composition, parse_composition
 from adapterhub_local.errors import (
@@ -192,14 +193,22 @@ class ModelResolver:
             if row.name not in latest or row.version > latest[row.name].version:
                 latest[row.name] = row
         tasks = {row.ref: self.task_of(row) for row in rows}
+        parity = {row.ref: self.parity_of(row) for row in rows}
         for name, row in sorted(latest.items()):
             cards.append(ModelCard(id=name, created=_epoch(row.created, created), root=row.ref, parent=self.base.name,
-                                   kind="alias", loaded=row.ref in loaded, task=tasks[row.ref]))
+                                   kind="alias", loaded=row.ref in loaded, task=tasks[row.ref], parity=parity[row.ref]))
         for row in sorted(rows, key=lambda r: (r.name, r.version)):
             cards.append(ModelCard(id=row.ref, created=_epoch(row.created, created), root=row.ref,
                                    parent=self.base.name, kind=row.kind, loaded=row.ref in loaded,
-                                   task=tasks[row.ref]))
+                                   task=tasks[row.ref], parity=parity[row.ref]))
         return cards
+
+    def parity_of(self, row: IndexRow) -> dict[str, Any] | None:
+        """The latest parity check of one listed version (None: never checked, or an unreadable card)."""
+        try:
+            return check_summary(self.registry, self.registry.card_of(row.name, row.version))
+        except AdapterHubError:
+            return None
 
     def task_of(self, row: IndexRow) -> dict[str, Any] | None:
         """The task spec of one listed version, as the server applies it (None: none, or an unreadable card —

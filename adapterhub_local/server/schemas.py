@@ -278,6 +278,8 @@ class ModelCard(BaseModel):
     loaded: bool = False
     task: dict[str, Any] | None = None
     """The adapter's task spec (template, completion prefix, stops, labels) that requests get unless raw."""
+    parity: dict[str, Any] | None = None
+    """The latest ``adapterhub check`` of this version (engine vs PEFT), or None if never checked."""
 
 
 class ModelList(BaseModel):

@@ -57,8 +57,9 @@ def truncate_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], r
     if rank < 1:
         raise UnsupportedError(f"cannot truncate to rank {rank}", "give a rank of at least 1")
     if config.get("use_dora"):
-        raise UnsupportedError("DoRA adapters cannot be SVD-truncated (the magnitude vector rescales ΔW)",
-                               "truncate a plain LoRA adapter")
+        raise UnsupportedError("DoRA adapters cannot be SVD-truncated: each magnitude was trained for the norm of "
+                               "W + ΔW with the full-rank ΔW, so a truncated ΔW would be rescaled by the wrong factor",
+                               "truncate a plain LoRA adapter, or retrain DoRA at the smaller rank")
     if config.get("lora_bias"):
         raise UnsupportedError("adapters with a LoRA bias cannot be SVD-truncated", "truncate a plain LoRA adapter")
     pairs = lora_pairs(tensors, config)

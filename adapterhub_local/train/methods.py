@@ -1,6 +1,6 @@
 """Methods: turn a loaded base model into the thing to train, and save what was trained.
 
-* ``lora`` / ``qlora`` — PEFT LoRA (r, alpha, dropout, targets, rsLoRA, init); QLoRA loads the base in
+* ``lora`` / ``qlora`` — PEFT LoRA (r, alpha, dropout, targets, rsLoRA, DoRA, init); QLoRA loads the base in
   4-bit NF4 through bitsandbytes (refused, before training, where bitsandbytes cannot run).
 * ``prompt`` — PEFT prompt tuning (virtual tokens initialised randomly, from text, or from vocabulary).
 * ``head_only`` — frozen backbone, trained classification head. Saved as a valid PEFT directory: the head
@@ -10,19 +10,28 @@
   cannot be a PEFT directory: the whole model is saved as a transformers directory (``config.json`` +
   ``model.safetensors``) and registered as kind ``full`` (``registry/model_kinds.py``).
 
+LoRA inits are PEFT's own (``init_lora_weights``). PiSSA and OLoRA start from the weights' SVD / QR and *move
+the base* (``W_res = W - scale·B0·A0``); the registry's contract is an adapter on the unchanged base, so the
+initial ``A0``/``B0`` are kept (in memory) and :func:`save_result` has PEFT convert the trained adapter to
+``ΔW = B·A - B0·A0`` — a plain LoRA of rank ``2r`` (``path_initial_model_for_weight_conversion``). EVA
+initialises ``A`` from the SVD of the training inputs' activations (:func:`initialize_eva`, one pass over the
+training batches before the first step; ``rho = 1`` keeps every module at rank ``r``, so checkpoints keep
+their shapes); it does not move the base.
+
 Classifier convention (shared with inference): LoRA + ``modules_to_save`` = the head module; the head reads
 the pooling recorded on the card (``adapterhub_local/pooling.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adapterhub_local.config import MethodConfig, Recipe
+from adapterhub_local.config import MUTATING_INITS, MethodConfig, Recipe
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.pooling import unwrap
 
@@ -52,6 +61,8 @@ class Trainable:
     note: str | None = None
     pooling: str = "native"
     """What the classification head reads (``native``, ``cls``, ``mean``, ``last``); recorded on the card."""
+    initial: tuple[dict[str, torch.Tensor], Any] | None = None
+    """PiSSA/OLoRA: the initial adapter state and its config (``init_lora_weights=True``), for the conversion."""
 
 
 def model_type(model: torch.nn.Module) -> str:
@@ -84,14 +95,16 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _lora_config(method: MethodConfig, model: torch.nn.Module, task_type: str, head: str | None) -> Any:
-    from peft import LoraConfig
+    from peft import EvaConfig, LoraConfig
 
     init: bool | str = True if method.init == "default" else method.init
     return LoraConfig(
         r=method.r, lora_alpha=method.alpha,  # type: ignore[arg-type]  # PEFT accepts a float alpha
         lora_dropout=method.dropout,
         target_modules=method.target_modules or default_targets(model), use_rslora=method.use_rslora,
-        init_lora_weights=init, task_type=task_type, modules_to_save=[head] if head else None,  # type: ignore[arg-type]
+        use_dora=method.use_dora, init_lora_weights=init, task_type=task_type,  # type: ignore[arg-type]
+        modules_to_save=[head] if head else None,
+        eva_config=EvaConfig(rho=1.0) if method.init == "eva" else None,
     )
 
 
@@ -125,12 +138,14 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, base_path: Path) -> Tra
     task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
     head = head_module(model) if classification else None
     note = None
+    initial = None
     if method.name in ("lora", "qlora"):
         if method.name == "qlora":
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model)
         peft_model = get_peft_model(model, _lora_config(method, model, task_type, head))
+        initial = _initial_adapter(peft_model) if method.init in MUTATING_INITS else None
     elif method.name == "prompt":
         peft_model = get_peft_model(model, _prompt_config(method, base_path))
     elif method.name == "head_only":
@@ -159,7 +174,33 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, base_path: Path) -> Tra
         raise UnsupportedError(f"unknown method {method.name!r}", "use lora, qlora, prompt, head_only, "
                                "freeze_first_k or full")
     trainable, total = count_params(peft_model)
+    if method.name in ("lora", "qlora") and method.init in MUTATING_INITS:
+        note = (f"{method.init} init moved the base during training; the stored adapter is converted to a plain LoRA "
+                f"of rank {2 * method.r} on the unchanged base (delta B·A - B0·A0)")
+        return Trainable(peft_model, method.name, True, trainable, total, head, note, initial=initial)
     return Trainable(peft_model, method.name, True, trainable, total, head, note)
+
+
+def _initial_adapter(peft_model: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """The freshly initialised adapter (``A0``, ``B0``) and a config that loads it without initialising again."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.init_lora_weights = True  # PEFT's conversion refuses an initial adapter that would re-run the SVD
+    return state, config
+
+
+def initialize_eva(trained: Trainable, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+    """EVA: PEFT's ``initialize_lora_eva_weights`` over the training batches (input ids and attention masks
+    only: classification labels are not token labels)."""
+    from peft import initialize_lora_eva_weights
+
+    device = next(trained.model.parameters()).device
+    inputs = ({k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in batches)
+    initialize_lora_eva_weights(trained.model, dataloader=list(inputs), show_progress_bar=False)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -183,7 +224,18 @@ def save_result(trained: Trainable, directory: Path) -> Path:
     """Write the trained result: a PEFT directory, or for full/partial fine-tunes the whole transformers model
     (``config.json`` + ``model.safetensors``, safetensors only, one file)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if trained.is_peft:
+    if trained.is_peft and trained.initial is not None:
+        # PiSSA/OLoRA: PEFT loads the initial adapter from beside the output and subtracts it (rank 2r)
+        initial = directory.parent / "initial_adapter"
+        initial.mkdir(exist_ok=True)
+        from safetensors.torch import save_file
+
+        state, config = trained.initial
+        save_file(state, str(initial / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(initial))
+        trained.model.save_pretrained(str(directory), safe_serialization=True,  # type: ignore[operator]
+                                      path_initial_model_for_weight_conversion=str(initial))
+    elif trained.is_peft:
         trained.model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
     else:  # transformers writes safetensors only, in one file up to its 50 GB shard size
         unwrap(trained.model).save_pretrained(str(directory))  # type: ignore[operator]

@@ -38,7 +38,7 @@ from adapterhub_local.train import tasks
 from adapterhub_local.train.checks import PreparedData
 from adapterhub_local.train.data import read_rows, render
 from adapterhub_local.train.loop import load_best, train_loop
-from adapterhub_local.train.methods import FULL_METHODS, Trainable, apply_method, save_result
+from adapterhub_local.train.methods import FULL_METHODS, Trainable, apply_method, initialize_eva, save_result
 
 RECIPE_FILE = "recipe.yaml"
 FROZEN_BASE_METHODS = ("lora", "prompt", "head_only")
@@ -241,6 +241,10 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         collate = lambda ex: tasks.collate_generation(ex, pad_id)  # noqa: E731
         metric = recipe.train.metric_for_best or "val_loss"
         greater = metric not in ("val_loss", "perplexity")
+    if recipe.method.init == "eva":  # a data pass before the first step (methods.initialize_eva)
+        size = recipe.train.batch_size
+        initialize_eva(trained, [collate(encoded.train[i: i + size]).tensors
+                                 for i in range(0, len(encoded.train), size)])
     result = train_loop(trained.model, encoded.train, collate, recipe.train, run_dir, periodic, metric, greater,
                         resume=resume, progress=progress, on_step=on_step)
     model = trained.model

@@ -237,8 +237,6 @@ def _with_tensor(name: str, shape: list[int]) -> dict[str, tuple[str, list[int],
 
 
 UNSUPPORTED = {
-    "DoRA": (lora_config(use_dora=True), None, "DoRA"),
-    "DoRA magnitude tensor": (lora_config(), _with_tensor(f"{PREFIX}.q_proj.lora_magnitude_vector", [32]), "DoRA"),
     "bias all": (lora_config(bias="all"), None, "bias='none'"),
     "bias lora_only": (lora_config(bias="lora_only"), None, "bias='none'"),
     "lora_bias": (lora_config(lora_bias=True), None, "lora_bias"),
@@ -262,6 +260,49 @@ UNSUPPORTED = {
 def test_features_the_engine_cannot_serve_are_refused_at_import(reg: Registry, tmp_path: Path, attack: str) -> None:
     config, tensors, needle = UNSUPPORTED[attack]
     _refused(reg, adapter_dir(tmp_path / "a", config=config, tensors=tensors), UnsupportedError, needle)
+
+
+# ------------------------------------------------------------------------------ DoRA
+def _magnitudes(values: dict[str, list[float]]) -> dict[str, tuple[str, list[int], bytes]]:
+    import numpy as np
+
+    return {f"{PREFIX}.{m}.lora_magnitude_vector": ("F32", [len(v)], np.asarray(v, "<f4").tobytes())
+            for m, v in values.items()}
+
+
+GOOD_MAGNITUDES = {"q_proj": [1.0] * 32, "v_proj": [0.5] * 16}
+
+
+def test_a_dora_adapter_with_positive_magnitudes_is_admitted(reg: Registry, tmp_path: Path) -> None:
+    source = adapter_dir(tmp_path / "a", config=lora_config(use_dora=True),
+                         tensors=lora_tensors() | _magnitudes(GOOD_MAGNITUDES))
+    card = reg.register_adapter("dora-ok", source, "tiny")
+    assert card.kind == "lora" and verify(reg, card.ref).ok
+
+
+DORA = {
+    "use_dora without magnitudes": (lora_config(use_dora=True), None, "lacks its DoRA magnitude"),
+    "one magnitude missing": (lora_config(use_dora=True), lora_tensors() | _magnitudes({"q_proj": [1.0] * 32}),
+                              "'model.layers.0.self_attn.v_proj' lacks its DoRA magnitude"),
+    "magnitudes without use_dora": (lora_config(), lora_tensors() | _magnitudes(GOOD_MAGNITUDES),
+                                    "use_dora is not true"),
+    "magnitude of the wrong length": (lora_config(use_dora=True),
+                                      lora_tensors() | _magnitudes({**GOOD_MAGNITUDES, "v_proj": [1.0] * 32}),
+                                      "DoRA magnitude \\[32\\] is not \\[16\\]"),
+    "magnitude without a LoRA pair": (lora_config(use_dora=True),
+                                      lora_tensors() | _magnitudes({**GOOD_MAGNITUDES, "k_proj": [1.0] * 16}),
+                                      "which has no LoRA pair"),
+    "zero magnitude": (lora_config(use_dora=True),
+                       lora_tensors() | _magnitudes({**GOOD_MAGNITUDES, "v_proj": [0.5] * 15 + [0.0]}), "<= 0"),
+    "negative magnitude": (lora_config(use_dora=True),
+                           lora_tensors() | _magnitudes({**GOOD_MAGNITUDES, "q_proj": [-1.0] * 32}), "<= 0"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(DORA))
+def test_dora_magnitudes_are_checked(reg: Registry, tmp_path: Path, attack: str) -> None:
+    config, tensors, needle = DORA[attack]
+    _refused(reg, adapter_dir(tmp_path / "a", config=config, tensors=tensors), FormatError, needle)
 
 
 # ------------------------------------------------------------------- fit to the base
@@ -359,7 +400,8 @@ def _tamper(reg: Registry, ref: str, fname: str, content: bytes, update_card: bo
 
 
 STORED = {
-    "DoRA config": ("adapter_config.json", json.dumps(lora_config(use_dora=True)).encode(), "DoRA"),
+    "DoRA config": ("adapter_config.json", json.dumps(lora_config(use_dora=True)).encode(),
+                    "lacks its DoRA magnitude"),
     "rank mismatch": ("adapter_config.json", json.dumps(lora_config(r=8)).encode(), "config says r=8"),
     "alpha NaN": ("adapter_config.json", json.dumps(lora_config(lora_alpha=float("nan"))).encode(), "lora_alpha"),
     "alpha changed": ("adapter_config.json", json.dumps(lora_config(lora_alpha=16)).encode(), "alpha=8.0"),

@@ -78,3 +78,13 @@ def test_truncated_adapter_registers_with_its_parent_and_loads_in_peft(
     peft_delta = layer.get_delta_weight("default")
     ours = _deltas(llama_registry.load_adapter(card.ref).tensors, {"r": 2, "lora_alpha": card.alpha})
     assert torch.allclose(peft_delta, ours["model.layers.0.self_attn.q_proj"], atol=1e-6)
+
+
+def test_dora_adapters_are_refused_with_the_reason() -> None:
+    from adapterhub_local.errors import UnsupportedError
+
+    tensors = {"base_model.model.q.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.q.lora_B.weight": torch.ones(4, 2),
+               "base_model.model.q.lora_magnitude_vector": torch.ones(4)}
+    with pytest.raises(UnsupportedError, match="magnitude was trained for the norm of W \\+ ΔW with the full-rank"):
+        truncate_tensors(tensors, {"r": 2, "lora_alpha": 2, "use_dora": True}, 1)
