@@ -53,6 +53,7 @@ from adapterhub_local.inference.generation import (
     forward_cached,
 )
 from adapterhub_local.inference.sampling import make_generator, next_tokens
+from adapterhub_local.inference.slab_rows import SlabRows
 from adapterhub_local.inference.soft_prompt import Row, build_batch
 from adapterhub_local.inference.types import GenerationResult, Request, RowFailedError, StreamEvent
 
@@ -87,6 +88,8 @@ class _Row:
     """The last chosen token, fed at the next step."""
     prompt: torch.Tensor | None = None
     """The soft prompt's virtual tokens (prefilled before the prompt), if any."""
+    place: int = -1
+    """Static slab mode: the row's slot in the slab."""
 
     def event(self, delta: str, token: int | None) -> StreamEvent:
         if self.state.error is not None:
@@ -118,9 +121,13 @@ class OpenBatch:
             joiners are prefilled on their own and the live rows skip that step. Padding costs compute per
             position, a separate forward costs a fixed overhead: on CPU with tiny models the separate prefill
             wins beyond a few dozen positions (measured with ``benchmarks/server_load.py``).
+        slab: decode on this static slab (:mod:`slab_rows`: rows hold slots, joiners are prefilled on their
+            own while the live rows decode, nothing is copied on join or leave, the step can be a CUDA graph);
+            ``None``: on transformers' growing cache as described above (``fuse_budget`` applies only here).
     """
 
-    def __init__(self, engine: Engine, max_rows: int = 64, max_wait_steps: int = 3, fuse_budget: int = 32) -> None:
+    def __init__(self, engine: Engine, max_rows: int = 64, max_wait_steps: int = 3, fuse_budget: int = 32,
+                 slab: SlabRows | None = None) -> None:
         if max_rows < 1:
             raise UnsupportedError(f"max_rows must be >= 1 (got {max_rows})", "pass a positive max_rows")
         self.engine = engine
@@ -139,6 +146,11 @@ class OpenBatch:
         self._ledger = engine.pool.rows
         self._id = self._ledger.new_batch()
         self._cache_kw = cache_keyword(self.runner.model)
+        if slab is not None and not slab.claim(self):
+            raise UnsupportedError("this static slab is in use by another open batch", "give each batch its own")
+        self.slab = slab
+        self._order = torch.zeros(0, dtype=torch.long)
+        """Slab mode: the slots of ``rows``, in order (rebuilt only when the membership changes)."""
 
     # ----------------------------------------------------------------- facts
     def __len__(self) -> int:
@@ -234,6 +246,8 @@ class OpenBatch:
                 new, self.waiting, self._waited = self.waiting, [], 0
             elif self.waiting:
                 self._waited += 1
+            if self.slab is not None:
+                return self._slab_step(new)
             finished = len(self.rows) - len(live)
             full = any(r.length >= self.engine.context_length for r in self.rows)
             if finished and (new or full or 2 * finished >= len(self.rows)):
@@ -304,10 +318,36 @@ class OpenBatch:
             kv_rows.gather_columns(self.cache, index.to(device))
         self.rows = [*self.rows, *new]
         self._rebuild_mask()
-        return self._choose(rows, out.logits[:, -1])
+        return self._choose(rows, out.logits[:, -1])[0]
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[StreamEvent]:
-        """Pick each unfinished row's next token, advance its text, and return its event (if it has news)."""
+    def _slab_step(self, new: list[_Row]) -> list[StreamEvent]:
+        """Slab mode: the live rows' decode step and the joiners' prefill (each its first token); rows that
+        finish leave at once (their slots are free for the next joiner)."""
+        assert self.slab is not None
+        live, parts = self.rows, []
+        if live:
+            parts.append(self.slab.decode(self._order))
+        if new:
+            embeddings = self.runner.model.get_input_embeddings()
+            places, logits = self.slab.join([Row(r.state.prompt_ids, r.prompt) for r in new], [r.length for r in new],
+                                            [r.length + r.state.limit for r in new], [r.slot for r in new],
+                                            embeddings, self.runner.pad_id)
+            for row, place in zip(new, places, strict=True):
+                row.place = place
+            parts.append(logits)
+            self.rows = [*live, *new]
+            self._order = torch.tensor([r.place for r in self.rows], dtype=torch.long, device=self.slab.device)
+        events, chosen = self._choose(self.rows, parts[0] if len(parts) == 1 else torch.cat(parts))
+        self.slab.feed(self._order, chosen)
+        self.steps += 1
+        done = {r.key for r in self.rows if r.state.finished}
+        if done:
+            self._remove(done)
+        return events
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[StreamEvent], torch.Tensor]:
+        """Pick each unfinished row's next token, advance its text, and return its event (if it has news) and
+        the chosen tokens (on the device, one per unfinished row)."""
         device = logits.device
         keep = [k for k, r in enumerate(rows) if not r.state.finished]
         if len(keep) < len(rows):
@@ -330,7 +370,7 @@ class OpenBatch:
             new_token = int(token) if len(row.state.generated) > before else None
             if delta or new_token is not None or row.state.finished:
                 events.append(row.event(delta, new_token))
-        return events
+        return events, chosen
 
     # ----------------------------------------------------------------- leave
     def leave(self, key: int) -> bool:
@@ -349,6 +389,8 @@ class OpenBatch:
         """Drop every row (releases their adapters); the batch can be used again afterwards."""
         with self.engine.exclusive():
             self._remove({r.key for r in (*self.rows, *self.waiting)})
+            if self.slab is not None:
+                self.slab.release(self)
 
     def _remove(self, keys: set[int]) -> None:
         gone = [r for r in (*self.rows, *self.waiting) if r.key in keys]
@@ -357,6 +399,11 @@ class OpenBatch:
             self._ledger.release(self._id, row.key)
         keep = [k for k, r in enumerate(self.rows) if r.key not in keys]
         if len(keep) == len(self.rows):
+            return
+        if self.slab is not None:  # slots go back on the free list: nothing is copied
+            self.slab.free([r.place for r in self.rows if r.key in keys])
+            self.rows = [self.rows[k] for k in keep]
+            self._order = torch.tensor([r.place for r in self.rows], dtype=torch.long, device=self.slab.device)
             return
         self.rows = [self.rows[k] for k in keep]
         self._version = -1
