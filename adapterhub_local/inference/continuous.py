@@ -52,7 +52,7 @@ from adapterhub_local.inference.generation import (
     cache_of,
     forward_cached,
 )
-from adapterhub_local.inference.sampling import make_generator, next_tokens
+from adapterhub_local.inference.sampling import RowSampling
 from adapterhub_local.inference.slab_rows import SlabRows
 from adapterhub_local.inference.soft_prompt import Row, build_batch
 from adapterhub_local.inference.types import GenerationResult, Request, RowFailedError, StreamEvent
@@ -80,8 +80,6 @@ class _Row:
     """The ref when it is a LoRA adapter (held busy in the pool), else ``None``."""
     slot: int
     state: RowState
-    generator: torch.Generator | None
-    prompt_hist: torch.Tensor
     length: int
     """Real tokens in the cache (virtual + prompt + fed generated tokens)."""
     pending: int = -1
@@ -149,6 +147,8 @@ class OpenBatch:
         if slab is not None and not slab.claim(self):
             raise UnsupportedError("this static slab is in use by another open batch", "give each batch its own")
         self.slab = slab
+        self._sampling: RowSampling | None = None
+        """The sampling state of ``rows``, in order (extended on join, selected on leave)."""
         self._order = torch.zeros(0, dtype=torch.long)
         """Slab mode: the slots of ``rows``, in order (rebuilt only when the membership changes)."""
 
@@ -223,14 +223,11 @@ class OpenBatch:
                                        limit=min(request.sampling.max_new_tokens, engine.context_length - used)))
             held = [r.lora for r in (*self.rows, *self.waiting) if r.lora is not None]
             slots = pool.acquire(held + [ref for ref in refs if ref is not None and kinds[ref] == "lora"])
-            device = self.runner.model.get_input_embeddings().weight.device
             for k, ref in enumerate(refs):
                 lora = ref if ref is not None and kinds[ref] == "lora" else None
                 self._ledger.admit(self._id, keys[k], lora)
                 self.waiting.append(_Row(
                     key=keys[k], ref=ref, lora=lora, slot=0 if lora is None else slots[lora], state=states[k],
-                    generator=make_generator(states[k].params, device),
-                    prompt_hist=torch.tensor(ids[k], dtype=torch.long, device=device),
                     length=virtual[k] + len(ids[k]), prompt=prompts[k]))
 
     # ------------------------------------------------------------------ step
@@ -316,9 +313,23 @@ class OpenBatch:
             index = (torch.arange(target)[None, :] + torch.tensor(shift)[:, None]).clamp(min=0)
             index[: len(live), -1] = width + columns - 1
             kv_rows.gather_columns(self.cache, index.to(device))
+        logits = out.logits[:, -1]
+        fresh = self._sampling_of(new, logits) if new else None
+        if live:  # one forward over every row: the batch's sampling state covers them all
+            assert self._sampling is not None
+            if fresh is not None:
+                self._sampling.extend(fresh)
+            events = self._choose(rows, logits, self._sampling)[0]
+        else:  # the joiners alone
+            assert fresh is not None
+            events = self._choose(rows, logits, fresh)[0]
+            if self._sampling is None or not self.rows:
+                self._sampling = fresh
+            else:
+                self._sampling.extend(fresh)
         self.rows = [*self.rows, *new]
         self._rebuild_mask()
-        return self._choose(rows, out.logits[:, -1])[0]
+        return events
 
     def _slab_step(self, new: list[_Row]) -> list[StreamEvent]:
         """Slab mode: the live rows' decode step and the joiners' prefill (each its first token); rows that
@@ -335,9 +346,15 @@ class OpenBatch:
             for row, place in zip(new, places, strict=True):
                 row.place = place
             parts.append(logits)
+            fresh = self._sampling_of(new, logits)
+            if self._sampling is None or not live:
+                self._sampling = fresh
+            else:
+                self._sampling.extend(fresh)
             self.rows = [*live, *new]
             self._order = torch.tensor([r.place for r in self.rows], dtype=torch.long, device=self.slab.device)
-        events, chosen = self._choose(self.rows, parts[0] if len(parts) == 1 else torch.cat(parts))
+        assert self._sampling is not None
+        events, chosen = self._choose(self.rows, parts[0] if len(parts) == 1 else torch.cat(parts), self._sampling)
         self.slab.feed(self._order, chosen)
         self.steps += 1
         done = {r.key for r in self.rows if r.state.finished}
@@ -345,20 +362,22 @@ class OpenBatch:
             self._remove(done)
         return events
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[StreamEvent], torch.Tensor]:
-        """Pick each unfinished row's next token, advance its text, and return its event (if it has news) and
-        the chosen tokens (on the device, one per unfinished row)."""
-        device = logits.device
-        keep = [k for k, r in enumerate(rows) if not r.state.finished]
-        if len(keep) < len(rows):
-            logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
-            rows = [rows[k] for k in keep]
-        history = [torch.cat([r.prompt_hist, torch.tensor(r.state.generated, dtype=torch.long, device=device)])
-                   if r.state.params.repetition_penalty != 1.0 else r.prompt_hist for r in rows]
-        chosen, ok = next_tokens(logits, [r.state.params for r in rows], history, [r.generator for r in rows])
+    @staticmethod
+    def _sampling_of(rows: list[_Row], logits: torch.Tensor) -> RowSampling:
+        return RowSampling([r.state.params for r in rows], [r.state.prompt_ids for r in rows], int(logits.shape[-1]),
+                           logits.device)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor,
+                sampling: RowSampling) -> tuple[list[StreamEvent], torch.Tensor]:
+        """Pick each row's next token (``sampling``: the rows' state, in order), advance each unfinished row's
+        text, and return its event (if it has news) and the chosen tokens (on the device, one per row; a
+        finished row's is ignored)."""
+        chosen, ok = sampling.choose(logits)
         events = []
         tokens, fine = torch.stack([chosen, ok.long()]).tolist()  # the one host sync per step
         for row, token, good in zip(rows, tokens, fine, strict=True):
+            if row.state.finished:  # awaiting reclaim (growing cache only)
+                continue
             if not good:  # this row alone ends; its cache row is reclaimed with the finished ones
                 row.state.fail(NON_FINITE)
                 row.pending = int(token)  # the placeholder: a valid id to feed until the row is reclaimed
@@ -400,6 +419,10 @@ class OpenBatch:
         keep = [k for k, r in enumerate(self.rows) if r.key not in keys]
         if len(keep) == len(self.rows):
             return
+        if not keep:
+            self._sampling = None
+        elif self._sampling is not None:
+            self._sampling.select(torch.tensor(keep, dtype=torch.long, device=self._sampling.device))
         if self.slab is not None:  # slots go back on the free list: nothing is copied
             self.slab.free([r.place for r in self.rows if r.key in keys])
             self.rows = [self.rows[k] for k in keep]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterhub_local.inference.sampling import make_generator, next_tokens
+from adapterhub_local.inference.sampling import RowSampling
 from adapterhub_local.inference.soft_prompt import Batch
 from adapterhub_local.inference.types import FinishReason, SamplingParams
 
@@ -137,8 +137,7 @@ class Sampler:
         self.tokenizer = tokenizer
         self.eos = eos
         self.device = device
-        self.generators = [make_generator(s.params, device) for s in states]
-        self.prompts = [torch.tensor(s.prompt_ids, dtype=torch.long, device=device) for s in states]
+        self.sampling: RowSampling | None = None  # built at the first step (the vocabulary is the logits')
 
     @property
     def done(self) -> bool:
@@ -149,9 +148,10 @@ class Sampler:
         row's is a harmless placeholder) and, for each live row, ``(row, new text, new token or None)``; a
         row that failed this step is reported once, finished, with its ``error`` set."""
         states = self.states
-        history = [torch.cat([self.prompts[i], torch.tensor(s.generated, dtype=torch.long, device=self.device)])
-                   if s.params.repetition_penalty != 1.0 else self.prompts[i] for i, s in enumerate(states)]
-        tokens, ok = next_tokens(logits, [s.params for s in states], history, self.generators)
+        if self.sampling is None:
+            self.sampling = RowSampling([s.params for s in states], [s.prompt_ids for s in states],
+                                        int(logits.shape[-1]), self.device)
+        tokens, ok = self.sampling.choose(logits)
         step: list[tuple[int, str, int | None]] = []
         chosen, fine = torch.stack([tokens, ok.long()]).tolist()  # the one host sync per step
         for i, (token, good) in enumerate(zip(chosen, fine, strict=True)):

@@ -133,10 +133,8 @@ def test_the_sampler_never_raises_inside_the_validated_ranges() -> None:
     for params in EXTREMES:
         sampling = SamplingParams(**params)
         assert sampling.problems() == []
-        history = [torch.arange(10)] * len(scales)
-        generators = [torch.Generator().manual_seed(params.get("seed", 1)) if sampling.temperature else None
-                      for _ in scales]
-        tokens, ok = next_tokens(logits, [sampling] * len(scales), history, generators)
+        history = [list(range(10))] * len(scales)
+        tokens, ok = next_tokens(logits, [sampling] * len(scales), history)
         assert ((tokens >= 0) & (tokens < vocab)).all(), params
         assert not (ok.logical_not() & (tokens != 0)).any()
         chosen = [int(t) for t, good in zip(tokens, ok, strict=True) if good]
@@ -154,13 +152,10 @@ def test_non_finite_rows_are_flagged_and_the_others_untouched() -> None:
     logits[5, :30] = float("-inf")  # masked tokens: still a valid row
     params = [SamplingParams(temperature=0.9 if i % 2 else 0.0, seed=i) for i in range(6)]
 
-    def gens() -> list[torch.Generator | None]:
-        return [torch.Generator().manual_seed(i) if p.temperature else None for i, p in enumerate(params)]
-
-    tokens, ok = next_tokens(logits, params, [torch.arange(3)] * 6, gens())
+    tokens, ok = next_tokens(logits, params, [[0, 1, 2]] * 6)
     assert ok.tolist() == [True, False, True, False, False, True]
     for i in (0, 2, 5):  # each healthy row: what it gets alone
-        alone, _ = next_tokens(logits[i:i + 1], params[i:i + 1], [torch.arange(3)], gens()[i:i + 1])
+        alone, _ = next_tokens(logits[i:i + 1], params[i:i + 1], [[0, 1, 2]])
         assert int(tokens[i]) == int(alone[0])
 
 
