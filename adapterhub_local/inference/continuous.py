@@ -11,8 +11,14 @@ Every event is a :class:`StreamEvent` whose ``index`` is the caller's key; a row
 ``finished`` with its :class:`GenerationResult`, and the row is gone from the batch on return, so a short
 request never waits for a long one.
 
-How it works (in the spirit of vLLM/LoRAX/S-LoRA iteration-level scheduling, on Hugging Face's own KV
-cache). The cache is one padded tensor per layer, kept *right-aligned*: row ``i``'s real tokens fill its
+Two ways to hold the rows' keys and values. **On a static slab** (the default wherever the base supports a
+static cache: :mod:`slab_rows`), each row holds a slot of one preallocated cache: joiners are prefilled on
+their own into free slots while the live rows take their decode step, a finished or cancelled row frees its
+slot at once, nothing is copied, and the fixed-shape step is replayed as a CUDA graph on GPUs. **On the
+growing cache** (the fallback), as follows.
+
+How the growing cache works (in the spirit of vLLM/LoRAX/S-LoRA iteration-level scheduling, on Hugging Face's
+own KV cache). The cache is one padded tensor per layer, kept *right-aligned*: row ``i``'s real tokens fill its
 last ``n_i`` columns, the columns before are zeros that the attention mask hides (:mod:`kv_rows`). A step
 with joiners is one mixed forward, as vLLM mixes prefill and decode tokens: the live rows' pending tokens
 and the joiners' prompts (soft-prompt virtual tokens and all, through the same :func:`build_batch` as the
@@ -21,8 +27,9 @@ afterwards one gather per layer puts every row's real tokens back into a right-a
 padding sat between a live row's cache and its new token). When that padding would exceed
 ``fuse_budget`` positions (long prompts joining many rows), the joiners are prefilled on their own and
 stacked under the live rows instead, which skip that step. Rows that finish leave by row selection, and
-the columns no live row needs are cut. Each row keeps its own sampling parameters and ``torch.Generator``
-(seeded from its request), its own positions (real tokens only) and its own adapter slot, so every row's
+the columns no live row needs are cut. Each row keeps its own sampling parameters and random stream
+(seeded from its request; :class:`~adapterhub_local.inference.sampling.RowSampling`, per-row tensors
+extended on join and selected on leave), its own positions (real tokens only) and its own adapter slot, so every row's
 tokens are those it gets alone, whoever joins or leaves around it.
 
 The per-row adapter index stays a device tensor in the model's :class:`BatchContext`; it is rewritten

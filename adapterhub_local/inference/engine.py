@@ -85,6 +85,9 @@ class Engine:
         decoder: how batches decode: ``dynamic`` (transformers' growing cache), ``static`` (a preallocated
             cache and fixed-shape step), ``graph`` (``static`` with the step captured as a CUDA graph) or
             ``auto`` (``graph`` on CUDA where the base allows, else ``dynamic``); see :mod:`static_decode`.
+            Open batches (continuous batching, the server's default path) follow :attr:`continuous_decoder`:
+            under ``auto`` a static slab wherever the base supports a static cache (``graph`` on CUDA,
+            ``static`` on CPUs; :mod:`slab_rows`), the growing cache only where it does not.
     """
 
     def __init__(self, registry: Registry, base: str, mode: Mode = "swap", pool_bytes: int = 256 << 20,
