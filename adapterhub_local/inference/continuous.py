@@ -11,8 +11,14 @@ Every event is a :class:`StreamEvent` whose ``index`` is the caller's key; a row
 ``finished`` with its :class:`GenerationResult`, and the row is gone from the batch on return, so a short
 request never waits for a long one.
 
-How it works (in the spirit of vLLM/LoRAX/S-LoRA iteration-level scheduling, on Hugging Face's own KV
-cache). The cache is one padded tensor per layer, kept *right-aligned*: row ``i``'s real tokens fill its
+Two ways to hold the rows' keys and values. **On a static slab** (the default wherever the base supports a
+static cache: :mod:`slab_rows`), each row holds a slot of one preallocated cache: joiners are prefilled on
+their own into free slots while the live rows take their decode step, a finished or cancelled row frees its
+slot at once, nothing is copied, and the fixed-shape step is replayed as a CUDA graph on GPUs. **On the
+growing cache** (the fallback), as follows.
+
+How the growing cache works (in the spirit of vLLM/LoRAX/S-LoRA iteration-level scheduling, on Hugging Face's
+own KV cache). The cache is one padded tensor per layer, kept *right-aligned*: row ``i``'s real tokens fill its
 last ``n_i`` columns, the columns before are zeros that the attention mask hides (:mod:`kv_rows`). A step
 with joiners is one mixed forward, as vLLM mixes prefill and decode tokens: the live rows' pending tokens
 and the joiners' prompts (soft-prompt virtual tokens and all, through the same :func:`build_batch` as the
@@ -21,8 +27,9 @@ afterwards one gather per layer puts every row's real tokens back into a right-a
 padding sat between a live row's cache and its new token). When that padding would exceed
 ``fuse_budget`` positions (long prompts joining many rows), the joiners are prefilled on their own and
 stacked under the live rows instead, which skip that step. Rows that finish leave by row selection, and
-the columns no live row needs are cut. Each row keeps its own sampling parameters and ``torch.Generator``
-(seeded from its request), its own positions (real tokens only) and its own adapter slot, so every row's
+the columns no live row needs are cut. Each row keeps its own sampling parameters and random stream
+(seeded from its request; :class:`~adapterhub_local.inference.sampling.RowSampling`, per-row tensors
+extended on join and selected on leave), its own positions (real tokens only) and its own adapter slot, so every row's
 tokens are those it gets alone, whoever joins or leaves around it.
 
 The per-row adapter index stays a device tensor in the model's :class:`BatchContext`; it is rewritten
@@ -52,7 +59,8 @@ from adapterhub_local.inference.generation import (
     cache_of,
     forward_cached,
 )
-from adapterhub_local.inference.sampling import make_generator, next_tokens
+from adapterhub_local.inference.sampling import RowSampling
+from adapterhub_local.inference.slab_rows import SlabRows
 from adapterhub_local.inference.soft_prompt import Row, build_batch
 from adapterhub_local.inference.types import GenerationResult, Request, RowFailedError, StreamEvent
 
@@ -79,14 +87,14 @@ class _Row:
     """The ref when it is a LoRA adapter (held busy in the pool), else ``None``."""
     slot: int
     state: RowState
-    generator: torch.Generator | None
-    prompt_hist: torch.Tensor
     length: int
     """Real tokens in the cache (virtual + prompt + fed generated tokens)."""
     pending: int = -1
     """The last chosen token, fed at the next step."""
     prompt: torch.Tensor | None = None
     """The soft prompt's virtual tokens (prefilled before the prompt), if any."""
+    place: int = -1
+    """Static slab mode: the row's slot in the slab."""
 
     def event(self, delta: str, token: int | None) -> StreamEvent:
         if self.state.error is not None:
@@ -118,9 +126,13 @@ class OpenBatch:
             joiners are prefilled on their own and the live rows skip that step. Padding costs compute per
             position, a separate forward costs a fixed overhead: on CPU with tiny models the separate prefill
             wins beyond a few dozen positions (measured with ``benchmarks/server_load.py``).
+        slab: decode on this static slab (:mod:`slab_rows`: rows hold slots, joiners are prefilled on their
+            own while the live rows decode, nothing is copied on join or leave, the step can be a CUDA graph);
+            ``None``: on transformers' growing cache as described above (``fuse_budget`` applies only here).
     """
 
-    def __init__(self, engine: Engine, max_rows: int = 64, max_wait_steps: int = 3, fuse_budget: int = 32) -> None:
+    def __init__(self, engine: Engine, max_rows: int = 64, max_wait_steps: int = 3, fuse_budget: int = 32,
+                 slab: SlabRows | None = None) -> None:
         if max_rows < 1:
             raise UnsupportedError(f"max_rows must be >= 1 (got {max_rows})", "pass a positive max_rows")
         self.engine = engine
@@ -139,6 +151,13 @@ class OpenBatch:
         self._ledger = engine.pool.rows
         self._id = self._ledger.new_batch()
         self._cache_kw = cache_keyword(self.runner.model)
+        if slab is not None and not slab.claim(self):
+            raise UnsupportedError("this static slab is in use by another open batch", "give each batch its own")
+        self.slab = slab
+        self._sampling: RowSampling | None = None
+        """The sampling state of ``rows``, in order (extended on join, selected on leave)."""
+        self._order = torch.zeros(0, dtype=torch.long)
+        """Slab mode: the slots of ``rows``, in order (rebuilt only when the membership changes)."""
 
     # ----------------------------------------------------------------- facts
     def __len__(self) -> int:
@@ -211,14 +230,11 @@ class OpenBatch:
                                        limit=min(request.sampling.max_new_tokens, engine.context_length - used)))
             held = [r.lora for r in (*self.rows, *self.waiting) if r.lora is not None]
             slots = pool.acquire(held + [ref for ref in refs if ref is not None and kinds[ref] == "lora"])
-            device = self.runner.model.get_input_embeddings().weight.device
             for k, ref in enumerate(refs):
                 lora = ref if ref is not None and kinds[ref] == "lora" else None
                 self._ledger.admit(self._id, keys[k], lora)
                 self.waiting.append(_Row(
                     key=keys[k], ref=ref, lora=lora, slot=0 if lora is None else slots[lora], state=states[k],
-                    generator=make_generator(states[k].params, device),
-                    prompt_hist=torch.tensor(ids[k], dtype=torch.long, device=device),
                     length=virtual[k] + len(ids[k]), prompt=prompts[k]))
 
     # ------------------------------------------------------------------ step
@@ -234,6 +250,8 @@ class OpenBatch:
                 new, self.waiting, self._waited = self.waiting, [], 0
             elif self.waiting:
                 self._waited += 1
+            if self.slab is not None:
+                return self._slab_step(new)
             finished = len(self.rows) - len(live)
             full = any(r.length >= self.engine.context_length for r in self.rows)
             if finished and (new or full or 2 * finished >= len(self.rows)):
@@ -302,23 +320,71 @@ class OpenBatch:
             index = (torch.arange(target)[None, :] + torch.tensor(shift)[:, None]).clamp(min=0)
             index[: len(live), -1] = width + columns - 1
             kv_rows.gather_columns(self.cache, index.to(device))
+        logits = out.logits[:, -1]
+        fresh = self._sampling_of(new, logits) if new else None
+        if live:  # one forward over every row: the batch's sampling state covers them all
+            assert self._sampling is not None
+            if fresh is not None:
+                self._sampling.extend(fresh)
+            events = self._choose(rows, logits, self._sampling)[0]
+        else:  # the joiners alone
+            assert fresh is not None
+            events = self._choose(rows, logits, fresh)[0]
+            if self._sampling is None or not self.rows:
+                self._sampling = fresh
+            else:
+                self._sampling.extend(fresh)
         self.rows = [*self.rows, *new]
         self._rebuild_mask()
-        return self._choose(rows, out.logits[:, -1])
+        return events
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[StreamEvent]:
-        """Pick each unfinished row's next token, advance its text, and return its event (if it has news)."""
-        device = logits.device
-        keep = [k for k, r in enumerate(rows) if not r.state.finished]
-        if len(keep) < len(rows):
-            logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
-            rows = [rows[k] for k in keep]
-        history = [torch.cat([r.prompt_hist, torch.tensor(r.state.generated, dtype=torch.long, device=device)])
-                   if r.state.params.repetition_penalty != 1.0 else r.prompt_hist for r in rows]
-        chosen, ok = next_tokens(logits, [r.state.params for r in rows], history, [r.generator for r in rows])
+    def _slab_step(self, new: list[_Row]) -> list[StreamEvent]:
+        """Slab mode: the live rows' decode step and the joiners' prefill (each its first token); rows that
+        finish leave at once (their slots are free for the next joiner)."""
+        assert self.slab is not None
+        live, parts = self.rows, []
+        if live:
+            parts.append(self.slab.decode(self._order))
+        if new:
+            embeddings = self.runner.model.get_input_embeddings()
+            places, logits = self.slab.join([Row(r.state.prompt_ids, r.prompt) for r in new], [r.length for r in new],
+                                            [r.length + r.state.limit for r in new], [r.slot for r in new],
+                                            embeddings, self.runner.pad_id)
+            for row, place in zip(new, places, strict=True):
+                row.place = place
+            parts.append(logits)
+            fresh = self._sampling_of(new, logits)
+            if self._sampling is None or not live:
+                self._sampling = fresh
+            else:
+                self._sampling.extend(fresh)
+            self.rows = [*live, *new]
+            self._order = torch.tensor([r.place for r in self.rows], dtype=torch.long, device=self.slab.device)
+        assert self._sampling is not None
+        events, chosen = self._choose(self.rows, parts[0] if len(parts) == 1 else torch.cat(parts), self._sampling)
+        self.slab.feed(self._order, chosen)
+        self.steps += 1
+        done = {r.key for r in self.rows if r.state.finished}
+        if done:
+            self._remove(done)
+        return events
+
+    @staticmethod
+    def _sampling_of(rows: list[_Row], logits: torch.Tensor) -> RowSampling:
+        return RowSampling([r.state.params for r in rows], [r.state.prompt_ids for r in rows], int(logits.shape[-1]),
+                           logits.device)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor,
+                sampling: RowSampling) -> tuple[list[StreamEvent], torch.Tensor]:
+        """Pick each row's next token (``sampling``: the rows' state, in order), advance each unfinished row's
+        text, and return its event (if it has news) and the chosen tokens (on the device, one per row; a
+        finished row's is ignored)."""
+        chosen, ok = sampling.choose(logits)
         events = []
         tokens, fine = torch.stack([chosen, ok.long()]).tolist()  # the one host sync per step
         for row, token, good in zip(rows, tokens, fine, strict=True):
+            if row.state.finished:  # awaiting reclaim (growing cache only)
+                continue
             if not good:  # this row alone ends; its cache row is reclaimed with the finished ones
                 row.state.fail(NON_FINITE)
                 row.pending = int(token)  # the placeholder: a valid id to feed until the row is reclaimed
@@ -330,7 +396,7 @@ class OpenBatch:
             new_token = int(token) if len(row.state.generated) > before else None
             if delta or new_token is not None or row.state.finished:
                 events.append(row.event(delta, new_token))
-        return events
+        return events, chosen
 
     # ----------------------------------------------------------------- leave
     def leave(self, key: int) -> bool:
@@ -349,6 +415,8 @@ class OpenBatch:
         """Drop every row (releases their adapters); the batch can be used again afterwards."""
         with self.engine.exclusive():
             self._remove({r.key for r in (*self.rows, *self.waiting)})
+            if self.slab is not None:
+                self.slab.release(self)
 
     def _remove(self, keys: set[int]) -> None:
         gone = [r for r in (*self.rows, *self.waiting) if r.key in keys]
@@ -357,6 +425,15 @@ class OpenBatch:
             self._ledger.release(self._id, row.key)
         keep = [k for k, r in enumerate(self.rows) if r.key not in keys]
         if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self._sampling = None
+        elif self._sampling is not None:
+            self._sampling.select(torch.tensor(keep, dtype=torch.long, device=self._sampling.device))
+        if self.slab is not None:  # slots go back on the free list: nothing is copied
+            self.slab.free([r.place for r in self.rows if r.key in keys])
+            self.rows = [self.rows[k] for k in keep]
+            self._order = torch.tensor([r.place for r in self.rows], dtype=torch.long, device=self.slab.device)
             return
         self.rows = [self.rows[k] for k in keep]
         self._version = -1

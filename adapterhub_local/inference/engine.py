@@ -39,7 +39,13 @@ from adapterhub_local.inference.model_state import EngineModel
 from adapterhub_local.inference.policy import AutoPolicy
 from adapterhub_local.inference.pool import AdapterPool
 from adapterhub_local.inference.sampling import check
-from adapterhub_local.inference.static_decode import CudaGraphs, StaticDecoder, resolve_decoder
+from adapterhub_local.inference.slab_rows import SlabRows
+from adapterhub_local.inference.static_decode import (
+    CudaGraphs,
+    StaticDecoder,
+    resolve_continuous,
+    resolve_decoder,
+)
 from adapterhub_local.inference.types import (
     AdapterInfo,
     ClassificationResult,
@@ -79,6 +85,9 @@ class Engine:
         decoder: how batches decode: ``dynamic`` (transformers' growing cache), ``static`` (a preallocated
             cache and fixed-shape step), ``graph`` (``static`` with the step captured as a CUDA graph) or
             ``auto`` (``graph`` on CUDA where the base allows, else ``dynamic``); see :mod:`static_decode`.
+            Open batches (continuous batching, the server's default path) follow :attr:`continuous_decoder`:
+            under ``auto`` a static slab wherever the base supports a static cache (``graph`` on CUDA,
+            ``static`` on CPUs; :mod:`slab_rows`), the growing cache only where it does not.
     """
 
     def __init__(self, registry: Registry, base: str, mode: Mode = "swap", pool_bytes: int = 256 << 20,
@@ -98,6 +107,11 @@ class Engine:
         self.merger = self.runner.merger  # one merger: DoRA installs read its clean weights
         self.decoder = resolve_decoder(decoder, self.device, self.runner.model) if self.runner.is_causal else "dynamic"
         self._static: StaticDecoder | None = None
+        self.continuous_decoder = (resolve_continuous(decoder, self.device, self.runner.model)
+                                   if self.runner.is_causal else "dynamic")
+        """How open batches (continuous batching) decode: ``static``/``graph`` on a slab
+        (:mod:`slab_rows`), or ``dynamic`` where the base cannot use a static cache."""
+        self._slab: SlabRows | None = None
         self.policy = policy or AutoPolicy()
         self.mode: Mode = mode
         self.switches = 0
@@ -358,7 +372,21 @@ class Engine:
     def open_batch(self, max_rows: int = 64, max_wait_steps: int = 3, fuse_budget: int = 32) -> OpenBatch:
         """A decode batch that rows join and leave between steps (continuous batching, swap mode); see
         :class:`adapterhub_local.inference.continuous.OpenBatch` for the options."""
-        return OpenBatch(self, max_rows, max_wait_steps, fuse_budget)
+        return OpenBatch(self, max_rows, max_wait_steps, fuse_budget, slab=self._free_slab())
+
+    def _free_slab(self) -> SlabRows | None:
+        """The engine's static slab for a new open batch (kept across batches, so a server's CUDA graph is
+        captured once), a fresh one while another batch holds it, or ``None`` in dynamic mode."""
+        if self.continuous_decoder == "dynamic":
+            return None
+        with self._lock:
+            if self._slab is None or self._slab.holder is not None:
+                graphs = CudaGraphs(self.device) if self.continuous_decoder == "graph" else None
+                slab = SlabRows(self.runner.model, self.runner.context, graphs, self.context_length)
+                if self._slab is None:
+                    self._slab = slab
+                return slab
+            return self._slab
 
     def generate(self, requests: list[Request]) -> list[GenerationResult]:
         """Generate for every request (one batch, or chunks/groups as the mode and pool require). Raises the

@@ -4,6 +4,12 @@ Rows end on EOS, on a stop string (the text is cut before it), at ``max_new_toke
 or with an error of their own (non-finite logits: see :mod:`sampling`); finished rows ride along until the
 whole batch is done (their tokens are ignored). Each step yields the rows' new text, holding back a tail
 that could still grow into a stop string, so a stream never shows text that the final answer drops.
+
+Text is detokenised incrementally, as vLLM and Hugging Face's ``TextStreamer`` do: each row keeps two
+offsets into its tokens, and a step decodes only the window since the last complete character (a few
+tokens), never the whole completion (which made a row's decoding O(n²)). A window whose text ends in an
+unfinished UTF-8 sequence (U+FFFD) waits for the next token; a row that ends there keeps the replacement
+character, as a full decode would. Stop strings are searched only where a new match can start.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterhub_local.inference.sampling import make_generator, next_tokens
+from adapterhub_local.inference.sampling import RowSampling
 from adapterhub_local.inference.soft_prompt import Batch
 from adapterhub_local.inference.types import FinishReason, SamplingParams
 
@@ -33,6 +39,10 @@ class RowState:
     text: str = ""
     emitted: int = 0
     """Characters of ``text`` already streamed."""
+    prefix_offset: int = 0
+    """Incremental detokenisation: ``generated[prefix_offset:read_offset]`` is the context window whose text
+    is already in ``text``; tokens from ``read_offset`` on are not (yet) part of it."""
+    read_offset: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None
     """Why this row failed alone (its logits went non-finite); the row is finished, without a result."""
@@ -68,24 +78,39 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
+def _window(tokenizer: Any, state: RowState, final: bool) -> str:
+    """The text the tokens since ``read_offset`` add (moving the offsets), or ``""`` while they end inside a
+    multi-byte character (unless ``final``: a row that ends there keeps what a full decode shows)."""
+    ids = state.generated
+    before = _decode(tokenizer, ids[state.prefix_offset:state.read_offset])
+    after = _decode(tokenizer, ids[state.prefix_offset:])
+    if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        state.prefix_offset, state.read_offset = state.read_offset, len(ids)
+        return after[len(before):]
+    return ""
+
+
 def advance(state: RowState, token: int, tokenizer: Any, eos: set[int]) -> str:
     """Add a token to a row; returns the new text that may be shown now."""
+    stops = state.params.stop
     if state.params.stop_at_eos and token in eos:
         state.finish_reason = "stop"
+        state.text += _window(tokenizer, state, final=True)
     else:
         state.generated.append(token)
-        text = _decode(tokenizer, state.generated)
-        cut = min((i for i in (text.find(s) for s in state.params.stop) if i >= 0), default=-1)
+        last = len(state.generated) >= state.limit
+        seen = len(state.text)
+        text = state.text + _window(tokenizer, state, final=last)
+        start = max(0, seen - max((len(s) for s in stops), default=1) + 1)  # a new match ends in the new text
+        cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             text, state.finish_reason = text[:cut], "stop"
-        elif len(state.generated) >= state.limit:
+        elif last:
             state.finish_reason = "length"
         state.text = text
     visible = len(state.text)
     if not state.finished:
-        visible -= _holdback(state.text, state.params.stop)
-        while visible > state.emitted and state.text[visible - 1] == "\ufffd":  # an unfinished UTF-8 sequence
-            visible -= 1
+        visible -= _holdback(state.text, stops)
     delta = state.text[state.emitted:visible] if visible > state.emitted else ""
     state.emitted = max(state.emitted, visible)
     return delta
@@ -112,8 +137,7 @@ class Sampler:
         self.tokenizer = tokenizer
         self.eos = eos
         self.device = device
-        self.generators = [make_generator(s.params, device) for s in states]
-        self.prompts = [torch.tensor(s.prompt_ids, dtype=torch.long, device=device) for s in states]
+        self.sampling: RowSampling | None = None  # built at the first step (the vocabulary is the logits')
 
     @property
     def done(self) -> bool:
@@ -124,9 +148,10 @@ class Sampler:
         row's is a harmless placeholder) and, for each live row, ``(row, new text, new token or None)``; a
         row that failed this step is reported once, finished, with its ``error`` set."""
         states = self.states
-        history = [torch.cat([self.prompts[i], torch.tensor(s.generated, dtype=torch.long, device=self.device)])
-                   if s.params.repetition_penalty != 1.0 else self.prompts[i] for i, s in enumerate(states)]
-        tokens, ok = next_tokens(logits, [s.params for s in states], history, self.generators)
+        if self.sampling is None:
+            self.sampling = RowSampling([s.params for s in states], [s.prompt_ids for s in states],
+                                        int(logits.shape[-1]), self.device)
+        tokens, ok = self.sampling.choose(logits)
         step: list[tuple[int, str, int | None]] = []
         chosen, fine = torch.stack([tokens, ok.long()]).tolist()  # the one host sync per step
         for i, (token, good) in enumerate(zip(chosen, fine, strict=True)):

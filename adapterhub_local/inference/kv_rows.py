@@ -102,3 +102,55 @@ def gather_columns(cache: Any, index: torch.Tensor) -> None:
             tensor = getattr(layer, name)
             expanded = index[:, None, :, None].expand(tensor.shape[0], tensor.shape[1], index.shape[1], tensor.shape[3])
             setattr(layer, name, tensor.gather(2, expanded))
+
+
+# ------------------------------------------------------------------ static slabs (:mod:`slab_rows`)
+def static_layers(cache: Any) -> list[Any]:
+    """The layers of a transformers ``StaticCache`` whose rows and write position :mod:`slab_rows` manages
+    (``keys``/``values`` ``[B, heads, L, head_dim]`` and a device counter ``cumulative_length``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not hasattr(layer, "cumulative_length") for layer in layers):
+        raise UnsupportedError(f"a {type(cache).__name__} has no per-layer write position to set",
+                               "upgrade transformers (5.x) or use decoder='dynamic'")
+    return list(layers)
+
+
+def set_write_position(cache: Any, column: int) -> None:
+    """Make the next step write column ``column`` of every row (the cache's own counter, on the device)."""
+    for layer in static_layers(cache):
+        layer.cumulative_length.fill_(column)
+
+
+def write_rows(cache: Any, source: Any, rows: torch.Tensor, columns: torch.Tensor, source_rows: torch.Tensor,
+               source_columns: torch.Tensor) -> None:
+    """``cache[rows[i], :, columns[i]] = source[source_rows[i], :, source_columns[i]]`` for every layer: a
+    joiner's prefill (``source``: a dynamic cache) written into its slab row, nothing else copied."""
+    for layer, other in zip(static_layers(cache), _layers(source), strict=True):
+        layer.keys[rows, :, columns] = other.keys[source_rows, :, source_columns].to(layer.keys.dtype)
+        layer.values[rows, :, columns] = other.values[source_rows, :, source_columns].to(layer.values.dtype)
+
+
+def save_columns(cache: Any, columns: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of ``columns`` of every row and layer (restored by :func:`restore_columns`)."""
+    return [(layer.keys[:, :, columns].clone(), layer.values[:, :, columns].clone()) for layer in static_layers(cache)]
+
+
+def restore_columns(cache: Any, columns: torch.Tensor, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for layer, (keys, values) in zip(static_layers(cache), saved, strict=True):
+        layer.keys[:, :, columns] = keys
+        layer.values[:, :, columns] = values
+
+
+def copy_into(cache: Any, larger: Any) -> None:
+    """Copy every row and column of ``cache`` into the leading rows and columns of ``larger`` (a slab grows)."""
+    for layer, big in zip(static_layers(cache), static_layers(larger), strict=True):
+        rows, columns = layer.keys.shape[0], layer.keys.shape[2]
+        big.keys[:rows, :, :columns] = layer.keys
+        big.values[:rows, :, :columns] = layer.values
+
+
+def layer_shapes(cache: Any) -> tuple[list[int], list[int], torch.dtype]:
+    """KV heads and head size per layer, and the dtype, of a dynamic cache (to allocate a slab like it)."""
+    layers = _layers(cache)
+    return ([int(layer.keys.shape[1]) for layer in layers], [int(layer.keys.shape[3]) for layer in layers],
+            layers[0].keys.dtype)

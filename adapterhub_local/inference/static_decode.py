@@ -27,6 +27,7 @@ Works for decoder bases whose attention takes a 4-D mask (``sdpa`` and ``eager``
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Generator
@@ -48,6 +49,22 @@ _MASKED_ATTENTION = ("sdpa", "eager")
 LENGTH_BUCKET = 64
 CAPTURE_AFTER_STEPS = 4
 """Batches decoding at most this many tokens run the static step eagerly: a capture costs more than it saves."""
+
+
+_IDENTS = itertools.count(1)
+
+
+def next_slab_ident() -> int:
+    """A fresh id for a slab's staged operands, unique across every decoder of the process."""
+    return next(_IDENTS)
+
+
+def attention_mask(allowed: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean key mask in the form the attention takes: boolean for sdpa, additive floats for eager."""
+    if not eager:
+        return allowed
+    blocked = torch.finfo(dtype).min
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, blocked)
 
 
 def bucket_rows(rows: int) -> int:
@@ -94,6 +111,19 @@ def resolve_decoder(decoder: str, device: torch.device, model: nn.Module) -> str
         raise UnsupportedError(f"CUDA graphs need a CUDA device, not {device.type}",
                                "use decoder='static' (same fixed-shape step, run eagerly) or 'dynamic'")
     return decoder
+
+
+def resolve_continuous(decoder: str, device: torch.device, model: nn.Module) -> str:
+    """How open batches (continuous batching) decode: ``auto`` takes the static slab
+    (:mod:`slab_rows`) wherever the base supports a static cache, as ``graph`` on CUDA and ``static`` on
+    CPUs, and falls back to ``dynamic`` only where it does not (sliding-window or non-full attention,
+    attention that takes no 4-D mask: :func:`static_support`). An explicit decoder is kept."""
+    resolved = resolve_decoder(decoder, device, model)
+    if decoder != "auto":
+        return resolved
+    if static_support(model) is not None:
+        return "dynamic"
+    return "graph" if device.type == "cuda" else "static"
 
 
 Step = Callable[[], torch.Tensor]
@@ -169,7 +199,6 @@ class StaticDecoder:
         self.eager_mask = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
         self._cache_kw = cache_keyword(model)
         self._slabs: OrderedDict[tuple[int, int], _Slab] = OrderedDict()
-        self._next_ident = 1
         self.captures = 0
         """Graphs captured so far (each costs one warm-up and one capture of the step)."""
 
@@ -191,18 +220,13 @@ class StaticDecoder:
                          tokens=torch.zeros((b, 1), dtype=torch.long, device=self.device),
                          positions=torch.zeros((b, 1), dtype=torch.long, device=self.device),
                          mask=torch.zeros((b, length), dtype=torch.bool, device=self.device),
-                         ident=self._next_ident)
-            self._next_ident += 1
+                         ident=next_slab_ident())
             self._slabs[key] = slab
         self._slabs.move_to_end(key)
         return slab
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """The mask in the form the attention takes: boolean for sdpa, additive floats for eager."""
-        if not self.eager_mask:
-            return allowed
-        blocked = torch.finfo(self.dtype).min
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, blocked)
+        return attention_mask(allowed, self.eager_mask, self.dtype)
 
     def _step(self, slab: _Slab) -> torch.Tensor:
         """One decode step on the slab's buffers: the function a CUDA graph captures."""

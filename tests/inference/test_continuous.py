@@ -1,4 +1,5 @@
-"""Continuous batching: rows joining and leaving an open decode batch get exactly the output they get alone."""
+"""Continuous batching: rows joining and leaving an open decode batch get exactly the output they get alone,
+on the static slab (the default) and on the growing cache."""
 
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ def requests(seed: int = 0) -> list[Request]:
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(zoo: Registry) -> Engine:
-    return Engine(zoo, "tiny", pool_bytes=64 << 20)
+@pytest.fixture(scope="module", params=["auto", "dynamic"])
+def engine(zoo: Registry, request: pytest.FixtureRequest) -> Engine:
+    """``auto``: open batches decode on a static slab (solo runs on the growing cache); ``dynamic``: both on
+    transformers' growing cache, rows edited by :mod:`kv_rows`."""
+    engine = Engine(zoo, "tiny", pool_bytes=64 << 20, decoder=request.param)
+    assert engine.continuous_decoder == ("static" if request.param == "auto" else "dynamic")
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +233,10 @@ def test_right_aligned_mask() -> None:
     assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]]
 
 
-def test_gpt2_rows_joining_and_leaving_equal_solo_runs(gpt2_registry: Registry) -> None:  # noqa: F811
+@pytest.mark.parametrize("decoder", ["auto", "dynamic"])
+def test_gpt2_rows_joining_and_leaving_equal_solo_runs(gpt2_registry: Registry, decoder: str) -> None:  # noqa: F811
     """Absolute position embeddings (GPT-2): positions must count each row's real tokens only."""
-    engine = Engine(gpt2_registry, "g")
+    engine = Engine(gpt2_registry, "g", decoder=decoder)
     reqs = [Request(prompt=p, adapter=a, sampling=SamplingParams(max_new_tokens=n, stop_at_eos=False))
             for p, a, n in [("gpt two", "attn", 9), ("a much longer prompt here", "mlp", 4), ("x", None, 12),
                             ("mid size", "attn", 6)]]
@@ -240,8 +246,10 @@ def test_gpt2_rows_joining_and_leaving_equal_solo_runs(gpt2_registry: Registry) 
         assert result.token_ids == alone[k].token_ids
 
 
-def test_a_row_ending_at_the_context_limit_leaves_before_overrunning_it(gpt2_registry: Registry) -> None:  # noqa: F811
-    engine = Engine(gpt2_registry, "g")  # 64 positions
+@pytest.mark.parametrize("decoder", ["auto", "dynamic"])
+def test_a_row_ending_at_the_context_limit_leaves_before_overrunning_it(gpt2_registry: Registry,  # noqa: F811
+                                                                       decoder: str) -> None:
+    engine = Engine(gpt2_registry, "g", decoder=decoder)  # 64 positions
     full = Request(prompt="y" * 55, sampling=SamplingParams(max_new_tokens=40, stop_at_eos=False))
     others = [Request(prompt=p, sampling=SamplingParams(max_new_tokens=30, stop_at_eos=False)) for p in "zwv"]
     alone = [engine.generate([r])[0] for r in (full, *others)]
