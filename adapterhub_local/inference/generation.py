@@ -174,15 +174,19 @@ def decode(model: nn.Module, batch: Batch, states: list[RowState], tokenizer: An
     """Run the batch to completion; each step yields ``(row, new text, new token or None)`` for live rows."""
     cache_kw = cache_keyword(model)
     sampler = Sampler(states, tokenizer, eos, batch.input_ids.device)
-    mask = batch.attention_mask
+    width = int(batch.attention_mask.shape[1])
+    # the mask for every step, allocated once: step t attends to the first width + t + 1 columns (a view)
+    mask = batch.attention_mask.new_ones((batch.rows, width + max(s.limit for s in states)))
+    mask[:, :width] = batch.attention_mask
+    position = batch.attention_mask.sum(-1, keepdim=True) - 1  # advanced in place: each row's real tokens
     inputs = {"input_ids": batch.input_ids} if batch.inputs_embeds is None else {"inputs_embeds": batch.inputs_embeds}
-    out = forward_cached(model, attention_mask=mask, position_ids=batch.position_ids, **inputs)
-    while True:
+    out = forward_cached(model, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **inputs)
+    for t in range(1, mask.shape[1] - width + 1):
         tokens, step = sampler.step(out.logits[:, -1])
         yield step
         if sampler.done:
             return
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        position = (mask.sum(-1, keepdim=True) - 1)
-        out = forward_cached(model, input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                             **{cache_kw: cache_of(out)})
+        position.add_(1)
+        out = forward_cached(model, input_ids=tokens[:, None], attention_mask=mask[:, :width + t],
+                             position_ids=position, **{cache_kw: cache_of(out)})
+    raise AssertionError("a row outlived its token limit")  # every row finishes by its limit
