@@ -121,8 +121,20 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_position(device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` for a multi-token forward: the last position as an index tensor. An int slices the
+    hidden states (``[B, 1, d]``, not contiguous), and torch's CPU matmul then broadcasts the LM head to
+    ``[B, d, V]`` and copies it (measured: 5.6 s of a 32-row SmolLM2-shaped prefill); an index gathers a
+    contiguous ``[B, 1, d]``, which folds into one matmul."""
+    return torch.tensor([-1], dtype=torch.long, device=device)
+
+
 def forward_cached(model: nn.Module, **kwargs: Any) -> Any:
-    return model(use_cache=True, logits_to_keep=1, **kwargs)
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    keep: int | torch.Tensor = 1
+    if ids is not None and ids.shape[1] > 1:
+        keep = last_position(ids.device)
+    return model(use_cache=True, logits_to_keep=keep, **kwargs)
 
 
 def cache_of(out: Any) -> Any:
