@@ -121,8 +121,20 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_position(device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` for a multi-token forward: the last position as an index tensor. An int slices the
+    hidden states (``[B, 1, d]``, not contiguous), and torch's CPU matmul then broadcasts the LM head to
+    ``[B, d, V]`` and copies it (measured: 5.6 s of a 32-row SmolLM2-shaped prefill); an index gathers a
+    contiguous ``[B, 1, d]``, which folds into one matmul."""
+    return torch.tensor([-1], dtype=torch.long, device=device)
+
+
 def forward_cached(model: nn.Module, **kwargs: Any) -> Any:
-    return model(use_cache=True, logits_to_keep=1, **kwargs)
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    keep: int | torch.Tensor = 1
+    if ids is not None and ids.shape[1] > 1:
+        keep = last_position(ids.device)
+    return model(use_cache=True, logits_to_keep=keep, **kwargs)
 
 
 def cache_of(out: Any) -> Any:
@@ -174,15 +186,19 @@ def decode(model: nn.Module, batch: Batch, states: list[RowState], tokenizer: An
     """Run the batch to completion; each step yields ``(row, new text, new token or None)`` for live rows."""
     cache_kw = cache_keyword(model)
     sampler = Sampler(states, tokenizer, eos, batch.input_ids.device)
-    mask = batch.attention_mask
+    width = int(batch.attention_mask.shape[1])
+    # the mask for every step, allocated once: step t attends to the first width + t + 1 columns (a view)
+    mask = batch.attention_mask.new_ones((batch.rows, width + max(s.limit for s in states)))
+    mask[:, :width] = batch.attention_mask
+    position = batch.attention_mask.sum(-1, keepdim=True) - 1  # advanced in place: each row's real tokens
     inputs = {"input_ids": batch.input_ids} if batch.inputs_embeds is None else {"inputs_embeds": batch.inputs_embeds}
-    out = forward_cached(model, attention_mask=mask, position_ids=batch.position_ids, **inputs)
-    while True:
+    out = forward_cached(model, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **inputs)
+    for t in range(1, mask.shape[1] - width + 1):
         tokens, step = sampler.step(out.logits[:, -1])
         yield step
         if sampler.done:
             return
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        position = (mask.sum(-1, keepdim=True) - 1)
-        out = forward_cached(model, input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                             **{cache_kw: cache_of(out)})
+        position.add_(1)
+        out = forward_cached(model, input_ids=tokens[:, None], attention_mask=mask[:, :width + t],
+                             position_ids=position, **{cache_kw: cache_of(out)})
+    raise AssertionError("a row outlived its token limit")  # every row finishes by its limit

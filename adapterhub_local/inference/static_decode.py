@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from adapterhub_local.errors import UnsupportedError
-from adapterhub_local.inference.generation import RowState, Sampler, cache_keyword
+from adapterhub_local.inference.generation import RowState, Sampler, cache_keyword, last_position
 from adapterhub_local.inference.multi_lora import BatchContext, wrappers
 from adapterhub_local.inference.soft_prompt import Batch
 
@@ -315,7 +315,7 @@ class StaticDecoder:
             inputs["input_ids"] = torch.cat([ids, ids.new_zeros((b - rows, width))])
         slab.cache.reset()
         out = self.model(**inputs, attention_mask=self._additive(full), position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: slab.cache})
+                         logits_to_keep=last_position(self.device), **{self._cache_kw: slab.cache})
         if not slab.checked:  # once per slab (one host sync): the cache must keep its own write position
             if int(slab.cache.get_seq_length()) != width:
                 raise UnsupportedError("this transformers' StaticCache does not advance its own write position, "
