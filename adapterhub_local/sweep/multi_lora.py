@@ -118,6 +118,7 @@ class Segments:
         self.solo: int | None = None
         self._ranges: list[tuple[int, int]] = []
         self._plan: list[GroupRows | None] = []
+        self._tiles: list[tuple[int, int, int]] | None = None
         self._plan_device: dict[torch.device, list[GroupRows | None]] = {}
 
     @contextmanager
@@ -147,6 +148,38 @@ class Segments:
     def _set_plan(self, ranges: list[tuple[int, int]], total: int) -> None:
         self._plan = [self._group_rows(group, ranges, total) for group in self.groups] if ranges else []
         self._plan_device = {}
+        self._tiles = self._tiling(ranges, total) if ranges else None
+
+    def _tiling(self, ranges: list[tuple[int, int]], total: int) -> list[tuple[int, int, int]] | None:
+        """``(group, start, end)`` in batch order when every group's rows are one unpadded run and the runs
+        tile the batch (adapters concatenated group by group, equal batch sizes within a group — the sweep's
+        usual layout): then each group reads a view of ``x`` and the output is one ``cat``, no gather/scatter."""
+        tiles = []
+        for g, rows in enumerate(self._plan):
+            if rows is None:
+                continue
+            if rows.keep is not None:
+                return None
+            members = [self.groups[g][m] for m in rows.members.tolist()]
+            start, end = ranges[members[0]][0], ranges[members[-1]][1]
+            if end - start != rows.count * rows.width or any(
+                    ranges[i][0] != start + k * rows.width for k, i in enumerate(members)):
+                return None
+            tiles.append((g, start, end))
+        tiles.sort(key=lambda t: t[1])
+        position = 0
+        for _, start, end in tiles:
+            if start != position:
+                return None
+            position = end
+        return tiles if position == total else None
+
+    def tiles(self, rows: int) -> list[tuple[int, int, int]] | None:
+        """The batch's tiling by rank group (see :meth:`_tiling`), or ``None`` where it has none."""
+        if self.solo is not None:
+            return None
+        self._check(rows)
+        return self._tiles
 
     @staticmethod
     def _group_rows(group: list[int], ranges: list[tuple[int, int]], total: int) -> GroupRows | None:
@@ -246,26 +279,35 @@ class MultiLoraLinear(nn.Module):
         """Adapter indices stacked, in order, in group ``group``'s parameters."""
         return list(self.segments.groups[group])
 
+    def _update(self, g: int, rows: GroupRows, x: torch.Tensor) -> torch.Tensor:
+        """Group ``g``'s LoRA update of its rows ``x`` (already gathered: ``[count · width, …, d_in]``)."""
+        a, b, scales = self.lora_A[g], self.lora_B[g], getattr(self, f"scales_{g}")
+        if rows.count != a.shape[0]:  # some of the group's adapters have no rows in this batch
+            a, b, scales = (t.index_select(0, rows.members) for t in (a, b, scales))
+        # PEFT: result + lora_B(lora_A(dropout(x))) * scaling, input cast to the LoRA weight's dtype — except
+        # under autocast, where bmm casts it back to the compute dtype anyway (the round trip is exact).
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        picked = x.reshape(rows.count, -1, x.shape[-1])
+        if self.dropout > 0:
+            picked = F.dropout(picked, p=self.dropout, training=self.training)
+        update = torch.bmm(torch.bmm(picked, a.transpose(1, 2)), b.transpose(1, 2)) * scales.view(-1, 1, 1)
+        return update.reshape(*x.shape[:-1], update.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        plan = self.segments.plan(x.shape[0], x.device)
+        tiles = self.segments.tiles(x.shape[0])
+        if tiles is not None:  # each group a view of x, one cat (rank groups, not adapters)
+            pieces = [result[s:e] + self._update(g, plan[g], x[s:e]).to(result.dtype)  # type: ignore[arg-type]
+                      for g, s, e in tiles]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         out = result
-        lead = x.shape[1:-1]
-        for g, rows in enumerate(self.segments.plan(x.shape[0], x.device)):  # rank groups, not adapters
+        for g, rows in enumerate(plan):  # rank groups, not adapters
             if rows is None:
                 continue
-            a, b, scales = self.lora_A[g], self.lora_B[g], getattr(self, f"scales_{g}")
-            if rows.count != a.shape[0]:  # some of the group's adapters have no rows in this batch
-                a, b, scales = (t.index_select(0, rows.members) for t in (a, b, scales))
             picked = x if rows.whole else x.index_select(0, rows.rows)
-            # PEFT: result + lora_B(lora_A(dropout(x))) * scaling, input cast to the LoRA weight's dtype — except
-            # under autocast, where bmm casts it back to the compute dtype anyway (the round trip is exact).
-            if not torch.is_autocast_enabled(x.device.type):
-                picked = picked.to(a.dtype)
-            picked = picked.reshape(rows.count, -1, x.shape[-1])
-            if self.dropout > 0:
-                picked = F.dropout(picked, p=self.dropout, training=self.training)
-            update = torch.bmm(torch.bmm(picked, a.transpose(1, 2)), b.transpose(1, 2)) * scales.view(-1, 1, 1)
-            update = update.reshape(rows.count * rows.width, *lead, update.shape[-1]).to(result.dtype)
+            update = self._update(g, rows, picked).to(result.dtype)
             if rows.whole:
                 out = out + update
             else:

@@ -54,6 +54,8 @@ def _joint(base_dir: Path, kind: str, ranks: list[int]) -> tuple[object, list[to
     ("classifier", [1, 4, 64], [2, 3, 1]),
     ("causal", [4, 4, 4], [2, 2, 2]),  # one group covering the batch in order: no gathering
     ("causal", [2, 2, 8], [2, 0, 2]),  # an adapter without rows (stopped early) inside a group
+    ("causal", [1, 4, 64], [2, 2, 2]),  # groups tile the batch: views of x and one cat
+    ("causal", [64, 1, 4], [2, 2, 2]),  # a group's adapters apart in the batch: gather and scatter
 ])
 def test_each_segment_matches_its_adapter_alone_forward_and_backward(
     kind: str, ranks: list[int], sizes: list[int], tiny_llama_dir: Path, tiny_bert_dir: Path
@@ -193,3 +195,15 @@ def test_bf16_base_under_autocast_matches_peft_alone(tiny_llama_dir: Path) -> No
         with runtime.autocast("bf16", "cpu"):
             alone = single(input_ids=ids[2 * i : 2 * i + 2]).logits
         assert torch.allclose(ours[2 * i : 2 * i + 2].float(), alone.float(), atol=2e-2), i
+
+
+def test_groups_that_tile_the_batch_are_read_as_views(tiny_llama_dir: Path) -> None:
+    joint, _ = _joint(tiny_llama_dir, "causal", [1, 4, 64])  # groups {1, 4} and {64}
+    segments = joint.segments  # type: ignore[attr-defined]
+    with segments.use([2, 2, 2]):
+        assert segments.tiles(6) == [(0, 0, 4), (1, 4, 6)]
+    with segments.use([2, 3, 1]):  # unequal sizes inside a group: padded, so gathered
+        assert segments.tiles(6) is None
+    joint, _ = _joint(tiny_llama_dir, "causal", [1, 64, 4])  # group {1, 4} split by the rank-64 adapter
+    with joint.segments.use([2, 2, 2]):  # type: ignore[attr-defined]
+        assert joint.segments.tiles(6) is None  # type: ignore[attr-defined]
