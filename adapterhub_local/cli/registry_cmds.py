@@ -247,7 +247,13 @@ def pull(
     name: str = typer.Option(..., "--name", help="Adapter name to register under."),
     base: str = typer.Option(..., "--base", help="Registered base."),
     revision: str | None = typer.Option(None, help="Repo revision."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the parity check against PEFT."),
 ) -> None:
-    """Download an adapter repo and register it."""
-    card = remote.pull(get_registry(create=True), repo_id, name, base, revision)
+    """Download an adapter repo, register it, and check that the engine serves it as PEFT runs it."""
+    registry = get_registry(create=True)
+    card = remote.pull(registry, repo_id, name, base, revision)
     console.print(f"pulled {repo_id} as {card.ref}")
+    if not no_check and card.kind in CHECKABLE_KINDS:
+        from adapterhub_local.check.parity import run_check
+
+        report_check(run_check(registry, card.ref))

@@ -144,3 +144,11 @@ def test_a_classifier_imported_without_labels_is_checked_with_its_heads_outputs(
     registry.register_adapter("nolabels", source, "tiny", CardInfo(task_type="sequence_classification"))
     record = run_check(registry, "nolabels", prompts=1)
     assert record.passed and "label_agreement" in record.paths
+
+
+@pytest.mark.parametrize("ref", ["lora", "dora"])
+def test_bf16_checks_pass_within_the_bf16_tolerance(world: tuple[Registry, Path], ref: str) -> None:
+    registry, _ = world
+    record = run_check(registry, ref, dtype=torch.bfloat16, prompts=2, max_new_tokens=2, record=False)
+    assert record.passed and record.dtype == "bfloat16"
+    assert record.tolerance > tolerance(torch.float32, 1.0)
