@@ -85,7 +85,7 @@ def _s3_filesystem() -> Any:
     client: dict[str, Any] = {}
     if os.environ.get("AWS_ENDPOINT_URL"):
         client["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, client_kwargs=client)
+    return s3fs.S3FileSystem(use_listings_cache=False, client_kwargs=client)
 
 
 def default_cache(url: str) -> Path:
