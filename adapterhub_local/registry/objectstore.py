@@ -112,9 +112,14 @@ class ObjectStoreRegistry(Registry):
                 raise NotFoundError(f"registry {self.url} does not exist",
                                     "check --registry (a registry is created by `adapterhub base add`)")
             if not present:
-                with contextlib.suppress(FileExistsError):
+                try:
                     self.fs.pipe_file(self._key(MARKER), json.dumps({"format": "adapterhub", "schema": 1}).encode(),
                                       mode="create")
+                except FileExistsError:
+                    pass  # another client created it first
+                except FileNotFoundError:
+                    raise NotFoundError(f"bucket of {self.url} does not exist",
+                                        "create the bucket first (the registry lives under its prefix)") from None
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.remote_problems: dict[tuple[str, int], str] = {}
         """Versions in the store that could not be installed (damaged, malformed), with the reason."""
@@ -174,6 +179,21 @@ class ObjectStoreRegistry(Registry):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         return path
+
+    def _cache_blob(self, source: Path, digest: str) -> None:
+        """Copy a local file whose sha256 is ``digest`` into the blob cache (checked; skipped if present)."""
+        path = self.blobs / digest
+        if path.is_file():
+            return
+        tmp = self.blobs / f".{digest}.{os.getpid()}.{id(self)}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            if atomic.sha256_file(tmp) == digest:
+                tmp.chmod(0o444)
+                os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
     def _read_manifest(self, *parts: str) -> dict[str, Any]:
         with self._remote("read from"):
@@ -308,6 +328,8 @@ class ObjectStoreRegistry(Registry):
     def publish(self, staged: Path, card: AdapterCard) -> AdapterCard:
         """Upload, commit remotely, then install the version in the cache under the number it got."""
         self.upload_objects(staged, card.files)
+        for fname, digest in card.files.items():  # seed the blob cache: the sync below need not download them
+            self._cache_blob(staged / fname, digest)
         self.commit_manifest(card)
         with contextlib.suppress(FileNotFoundError):
             (staged / CARD_FILE).unlink()

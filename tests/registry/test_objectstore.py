@@ -185,6 +185,8 @@ def test_cli_on_an_s3_registry(s3_env: dict[str, str], tiny_llama_dir: Path, lor
         return code, out, err
 
     assert run("list")[0] != 0  # a reading command never creates a registry
+    code, _, err = run("-R", "s3://no-such-bucket-here/x", "base", "add", "tiny", str(tiny_llama_dir))
+    assert code != 0 and "create the bucket first" in err
     assert run("base", "add", "tiny", str(tiny_llama_dir))[0] == 0
     assert run("import", str(lora_dir), "--name", "qa", "--base", "tiny")[0] == 0
     code, out, _ = run("list", "--json")
