@@ -217,3 +217,27 @@ def test_tags_move_for_every_client_and_deletes_are_refused_on_s3(backend: tuple
     if isinstance(registry, ObjectStoreRegistry):
         with pytest.raises(UnsupportedError, match="object-store"):
             registry.delete("qa@1")
+
+
+def test_concurrent_taggers_never_lose_an_update(shared: str, lora_dir: Path, tmp_path: Path) -> None:
+    import threading
+
+    ObjectStoreRegistry(shared, cache=tmp_path / "w").register_adapter("qa", lora_dir, "tiny")
+    clients = [ObjectStoreRegistry(shared, cache=tmp_path / f"t{i}", create=False) for i in range(2)]
+    errors: list[BaseException] = []
+
+    def tag_all(client: ObjectStoreRegistry, who: str) -> None:
+        try:
+            for i in range(6):
+                client.tag("qa@1", f"{who}{i}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=tag_all, args=(c, w)) for c, w in zip(clients, "ab", strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    seq, tags = clients[0].remote_tags("qa")
+    assert sorted(tags) == sorted(f"{w}{i}" for w in "ab" for i in range(6)) and seq == 12
