@@ -8,6 +8,7 @@ Layout under the prefix::
     objects/<sha256>                 every file's bytes, content-addressed (written once, never changed)
     bases/<name>.json                a base's manifest: its base.json record and {file: sha256}
     adapters/<name>/<N>.json         a version's card (card.json, which lists {file: sha256})
+    adapters/<name>/<N>.deleted      a deletion marker (the number stays used)
     tags/<name>/<seq>.json           the name's tag map, one object per change
 
 **Publish** uploads the version's files to ``objects/`` (invisible: nothing refers to them yet), then
@@ -32,7 +33,9 @@ and loading re-checks the hashes as the local registry always does. The remote l
 
 Tags live in ``tags/<name>/<seq>.json``: each change publishes the whole new map under the next sequence
 number with the same conditional create, so concurrent taggers never lose an update (the loser re-reads
-and re-applies). Deleting a version or a base is not offered on an object store yet (refused with the fix).
+and re-applies). Deleting a version creates ``adapters/<name>/<N>.deleted`` (the manifest stays, so the
+number is never reused); every client drops the version from its cache on its next sync. Removing a base,
+and collecting the store's unreferenced objects, are not offered on an object store yet (refused with the fix).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _s3_filesystem() -> Any:
     client: dict[str, Any] = {}
     if os.environ.get("AWS_ENDPOINT_URL"):
         client["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, client_kwargs=client)
+    return s3fs.S3FileSystem(use_listings_cache=False, client_kwargs=client)
 
 
 def default_cache(url: str) -> Path:
@@ -112,9 +115,14 @@ class ObjectStoreRegistry(Registry):
                 raise NotFoundError(f"registry {self.url} does not exist",
                                     "check --registry (a registry is created by `adapterhub base add`)")
             if not present:
-                with contextlib.suppress(FileExistsError):
+                try:
                     self.fs.pipe_file(self._key(MARKER), json.dumps({"format": "adapterhub", "schema": 1}).encode(),
                                       mode="create")
+                except FileExistsError:
+                    pass  # another client created it first
+                except FileNotFoundError:
+                    raise NotFoundError(f"bucket of {self.url} does not exist",
+                                        "create the bucket first (the registry lives under its prefix)") from None
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.remote_problems: dict[tuple[str, int], str] = {}
         """Versions in the store that could not be installed (damaged, malformed), with the reason."""
@@ -175,6 +183,21 @@ class ObjectStoreRegistry(Registry):
                 tmp.unlink()
         return path
 
+    def _cache_blob(self, source: Path, digest: str) -> None:
+        """Copy a local file whose sha256 is ``digest`` into the blob cache (checked; skipped if present)."""
+        path = self.blobs / digest
+        if path.is_file():
+            return
+        tmp = self.blobs / f".{digest}.{os.getpid()}.{id(self)}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            if atomic.sha256_file(tmp) == digest:
+                tmp.chmod(0o444)
+                os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
     def _read_manifest(self, *parts: str) -> dict[str, Any]:
         with self._remote("read from"):
             data = self.fs.cat_file(self._key(*parts))
@@ -189,12 +212,20 @@ class ObjectStoreRegistry(Registry):
         return parsed
 
     # ---------------------------------------------------------------- sync
-    def remote_versions(self, name: str) -> list[int]:
-        """Published version numbers of ``name`` in the store (its manifests), ascending."""
+    def _numbers(self, name: str) -> tuple[list[int], set[int]]:
+        """Every version number of ``name`` ever committed (its manifests), and those deleted since."""
         validate_name(name, "adapter name")
         with self._remote("list"):
             entries = self._listing("adapters", name)
-        return sorted(int(e[:-5]) for e in entries if e.endswith(".json") and is_version_text(e[:-5]))
+        numbers = {stem: int(stem) for e in entries if is_version_text(stem := e.rpartition(".")[0])}
+        committed = sorted(numbers[e[:-5]] for e in entries if e.endswith(".json") and e[:-5] in numbers)
+        deleted = {numbers[e[:-8]] for e in entries if e.endswith(".deleted") and e[:-8] in numbers}
+        return committed, deleted
+
+    def remote_versions(self, name: str) -> list[int]:
+        """Live version numbers of ``name`` in the store (manifests without a deletion marker), ascending."""
+        committed, deleted = self._numbers(name)
+        return [v for v in committed if v not in deleted]
 
     def sync(self) -> int:
         """Install every base and version of the store that the cache lacks; returns versions installed."""
@@ -213,8 +244,12 @@ class ObjectStoreRegistry(Registry):
             except InvalidNameError:
                 continue
             have = set(self.versions_on_disk(name))
-            for version in self.remote_versions(name):
-                if version in have:
+            committed, deleted = self._numbers(name)
+            for version in sorted(have & deleted):  # deleted by another client: gone here too
+                with contextlib.suppress(NotFoundError):
+                    super().delete(f"{name}@{version}")
+            for version in committed:
+                if version in have or version in deleted:
                     continue
                 try:
                     installed += self._install_version(name, version)
@@ -294,7 +329,7 @@ class ObjectStoreRegistry(Registry):
         """Claim the next free number of ``card.name`` with a conditional create of its manifest (the
         commit point). The card's files must already be uploaded."""
         for _ in range(COMMIT_ATTEMPTS):
-            card.version = max([0, *self.remote_versions(card.name)]) + 1
+            card.version = max([0, *self._numbers(card.name)[0]]) + 1  # deleted numbers stay used
             try:
                 with self._remote("publish to"):
                     self.fs.pipe_file(self._key("adapters", card.name, f"{card.version}.json"),
@@ -308,6 +343,8 @@ class ObjectStoreRegistry(Registry):
     def publish(self, staged: Path, card: AdapterCard) -> AdapterCard:
         """Upload, commit remotely, then install the version in the cache under the number it got."""
         self.upload_objects(staged, card.files)
+        for fname, digest in card.files.items():  # seed the blob cache: the sync below need not download them
+            self._cache_blob(staged / fname, digest)
         self.commit_manifest(card)
         with contextlib.suppress(FileNotFoundError):
             (staged / CARD_FILE).unlink()
@@ -414,7 +451,20 @@ class ObjectStoreRegistry(Registry):
                                 "publish a new version instead, or use a local --registry")
 
     def delete(self, ref: str) -> str:
-        raise self._unsupported("deleting a version")
+        """Mark a version deleted in the store (``adapters/<name>/<N>.deleted``, created once), then remove it
+        from the cache. Its manifest stays, so its number is never reused; its objects stay for ``gc`` of
+        the store (not offered yet)."""
+        self.sync()
+        name, version = self.locate(ref)
+        try:
+            with self._remote("delete in"):
+                self.fs.pipe_file(self._key("adapters", name, f"{version}.deleted"), b"", mode="create")
+        except FileExistsError:
+            pass  # deleted by another client meanwhile: the same outcome
+        with contextlib.suppress(NotFoundError):
+            super().delete(f"{name}@{version}")
+        self.remote_problems.pop((name, version), None)
+        return f"{name}@{version}"
 
     def remove_base(self, name: str) -> None:
         raise self._unsupported("removing a base")

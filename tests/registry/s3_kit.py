@@ -55,5 +55,5 @@ def filesystem(endpoint: str) -> Any:
     import s3fs
 
     os.environ.update(CREDENTIALS)
-    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True,
+    return s3fs.S3FileSystem(use_listings_cache=False,
                              client_kwargs={"endpoint_url": endpoint})

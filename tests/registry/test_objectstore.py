@@ -185,6 +185,8 @@ def test_cli_on_an_s3_registry(s3_env: dict[str, str], tiny_llama_dir: Path, lor
         return code, out, err
 
     assert run("list")[0] != 0  # a reading command never creates a registry
+    code, _, err = run("-R", "s3://no-such-bucket-here/x", "base", "add", "tiny", str(tiny_llama_dir))
+    assert code != 0 and "create the bucket first" in err
     assert run("base", "add", "tiny", str(tiny_llama_dir))[0] == 0
     assert run("import", str(lora_dir), "--name", "qa", "--base", "tiny")[0] == 0
     code, out, _ = run("list", "--json")
@@ -194,12 +196,12 @@ def test_cli_on_an_s3_registry(s3_env: dict[str, str], tiny_llama_dir: Path, lor
     assert run("tag", "qa@1", "prod")[0] == 0
     code, out, _ = run("show", "qa:prod", "--json")
     assert code == 0 and json.loads(out)["version"] == 1
-    code, _, err = run("delete", "qa@1", "--yes")
+    assert run("delete", "qa@1", "--yes")[0] == 0
+    code, _, err = run("base", "remove", "tiny")
     assert code != 0 and "not supported on an object-store registry" in err
 
 
-def test_tags_move_for_every_client_and_deletes_are_refused_on_s3(backend: tuple[Registry, Opener],
-                                                                  lora_dir: Path) -> None:
+def test_tags_move_for_every_client(backend: tuple[Registry, Opener], lora_dir: Path) -> None:
     registry, reopen = backend
     registry.register_adapter("qa", lora_dir, "tiny", CardInfo(task="one"))
     registry.register_adapter("qa", lora_dir, "tiny", CardInfo(task="two"))
@@ -212,6 +214,44 @@ def test_tags_move_for_every_client_and_deletes_are_refused_on_s3(backend: tuple
     assert reopen("cache-c").tags("qa") == [("qa", "prod", 2)]
     registry.list_adapters()  # a client's listing syncs (a server's reload does this)
     assert registry.resolve("qa:prod").version == 2
+
+
+def test_a_delete_is_seen_by_every_client_and_its_number_never_reused(backend: tuple[Registry, Opener],
+                                                                     lora_dir: Path) -> None:
+    registry, reopen = backend
+    for task in ("one", "two"):
+        registry.register_adapter("qa", lora_dir, "tiny", CardInfo(task=task))
+    other = reopen("cache-b")
+    assert other.delete("qa@2") == "qa@2"
+    assert [r.ref for r in registry.list_adapters()] == ["qa@1"]  # the first client's listing syncs the delete
+    assert [r.ref for r in reopen("cache-c").list_adapters()] == ["qa@1"]
+    assert registry.register_adapter("qa", lora_dir, "tiny", CardInfo(task="three")).version == 3
+    other.list_adapters()  # a sync point (open, list, a server's reload)
+    assert other.resolve("qa").task == "three"
     if isinstance(registry, ObjectStoreRegistry):
         with pytest.raises(UnsupportedError, match="object-store"):
-            registry.delete("qa@1")
+            registry.remove_base("tiny")
+
+
+def test_concurrent_taggers_never_lose_an_update(shared: str, lora_dir: Path, tmp_path: Path) -> None:
+    import threading
+
+    ObjectStoreRegistry(shared, cache=tmp_path / "w").register_adapter("qa", lora_dir, "tiny")
+    clients = [ObjectStoreRegistry(shared, cache=tmp_path / f"t{i}", create=False) for i in range(2)]
+    errors: list[BaseException] = []
+
+    def tag_all(client: ObjectStoreRegistry, who: str) -> None:
+        try:
+            for i in range(6):
+                client.tag("qa@1", f"{who}{i}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=tag_all, args=(c, w)) for c, w in zip(clients, "ab", strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    seq, tags = clients[0].remote_tags("qa")
+    assert sorted(tags) == sorted(f"{w}{i}" for w in "ab" for i in range(6)) and seq == 12

@@ -83,12 +83,11 @@ def test_servers_see_each_others_versions_after_reload_and_serve_nothing_stale(o
             assert text(server, "qa@1") == old  # an immutable reference keeps its bytes
 
 
-def test_a_version_deleted_by_another_process_is_not_served_after_reload(tmp_path: Path) -> None:
-    Registry(tmp_path / "reg").add_base("tiny", str(make_chat_base(tmp_path / "base")))
-    writer = Registry.open(tmp_path / "reg")
+def test_a_version_deleted_by_another_process_is_not_served_after_reload(opener: Opener, tmp_path: Path) -> None:
+    writer = opener("cache-writer")
     publish(writer, tmp_path, seed=1)
     publish(writer, tmp_path, seed=2)
-    with TestClient(make_app(Registry.open(tmp_path / "reg"))) as server:
+    with TestClient(make_app(opener("cache-a"))) as server:
         assert complete(server, "qa@1").status_code == 200  # resolved and pooled
         writer.delete("qa@1")
         server.post("/admin/registry/reload", headers=ADMIN).raise_for_status()
