@@ -212,9 +212,33 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def non_default_fields(self) -> dict[str, Any]:
+        """The recipe as a nested dict of only the values that differ from a fresh ``Recipe()``: an identity that
+        stays the same when a later version adds a field with a default (a sweep keeps resuming across upgrades)."""
+        return recipe_values_off_default(self.to_dict())
+
     @property
     def task_name(self) -> str:
         return self.task.name or self.name
+
+
+def recipe_values_off_default(values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict (``Recipe.to_dict()``, possibly stored by an older version) reduced to the values that differ
+    from today's defaults: two versions of the same recipe compare equal however many fields were added since."""
+    return _differences(values, Recipe().to_dict())
+
+
+def _differences(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _differences(value, default)
+            if nested:
+                out[key] = nested
+        elif key not in defaults or value != default:
+            out[key] = value
+    return out
 
 
 # ------------------------------------------------------------------ parsing

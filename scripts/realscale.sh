@@ -27,7 +27,9 @@ export ADAPTERHUB_HOME="${ADAPTERHUB_HOME:-$PWD/registry}"
 adapterhub base show minilm >/dev/null 2>&1 || adapterhub base add minilm asset:minilm
 adapterhub base show smollm2 >/dev/null 2>&1 || adapterhub base add smollm2 asset:smollm2
 
-sentiment=(recipes/sweep-sentiment-minilm-lora.yaml --seeds 0,1,2 --data-fractions 0.1,0.3,1.0 --mode sequential)
+# The sentiment study started before sweep names ignored new recipe fields at their defaults: its name is pinned.
+sentiment=(recipes/sweep-sentiment-minilm-lora.yaml --seeds 0,1,2 --data-fractions 0.1,0.3,1.0 --mode sequential
+           --sweep-id sweep-sentiment-minilm-sweep-74f299fb)
 e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode sequential --truncate-from 64
      --num-beams 3 --set train.epochs=1)
 

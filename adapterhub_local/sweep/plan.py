@@ -204,8 +204,9 @@ def point_alpha(recipe: Recipe, rank: int, policy: str) -> tuple[float, bool]:
 
 def default_sweep_id(recipe: Recipe, config: SweepConfig) -> str:
     """``sweep-<recipe name>-<hash of recipe, ranks, alpha policy, seeds>``: the same command names the same sweep
-    (so a re-run resumes it; mode, tolerance and ``--truncate-from`` may differ between runs)."""
-    identity: dict[str, Any] = {"recipe": recipe.to_dict(), "ranks": sorted(config.ranks),
+    (so a re-run resumes it; mode, tolerance and ``--truncate-from`` may differ between runs). The recipe counts
+    by its non-default values only, so a new version's new fields (at their defaults) keep the name."""
+    identity: dict[str, Any] = {"recipe": recipe.non_default_fields(), "ranks": sorted(config.ranks),
                                 "alpha_policy": config.alpha_policy, "seeds": config.seeds}
     if config.data_fractions != [1.0]:
         identity["data_fractions"] = sorted(config.data_fractions)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterhub_local.config import recipe_values_off_default
 from adapterhub_local.errors import ConfigError, NotFoundError
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
@@ -76,10 +77,12 @@ def _identity(plan: dict[str, Any]) -> Any:
     # What may change between attempts: the mode (a concurrent sweep may be finished sequentially), the knee
     # tolerance, a truncated curve added to a finished sweep, the advisor run before the full sweep, and beam
     # evaluation added later. Fields added since a sweep was started take their defaults, so it still resumes.
-    free = ("mode", "tolerance", "truncate_from", "knee_metric", "advise", "num_beams", "e2e_metrics")
+    # The name given with --sweep-id is how the directory was found, not part of the plan.
+    free = ("mode", "tolerance", "truncate_from", "knee_metric", "advise", "num_beams", "e2e_metrics", "sweep_id")
     config = {"data_fractions": [1.0], **{k: v for k, v in plan.get("config", {}).items() if k not in free}}
     points = [{"fraction": 1.0, "train_examples": None, **p} for p in plan.get("points", [])]
-    return [plan.get("recipe"), config, points]
+    recipe = plan.get("recipe")
+    return [recipe_values_off_default(recipe) if isinstance(recipe, dict) else recipe, config, points]
 
 
 def adopt_registered(registry: Registry, point: SweepPoint, sweep_id: str) -> AdapterCard | None:

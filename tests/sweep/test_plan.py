@@ -67,6 +67,25 @@ def test_sweep_id_is_stable_and_depends_on_the_plan() -> None:
     assert a != plan_sweep(_recipe(), SweepConfig(ranks=[1, 4]), DIMS).sweep_id
 
 
+def test_sweep_id_survives_a_new_recipe_field_at_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade that adds a recipe field (at its default) must not rename, and so restart, a running sweep."""
+    from adapterhub_local.config import Recipe
+
+    before = plan_sweep(_recipe(), SweepConfig(ranks=[1, 2]), DIMS).sweep_id
+    plain = Recipe.to_dict
+
+    def with_new_field(self: Recipe) -> dict[str, object]:
+        values = plain(self)
+        values["method"]["new_knob"] = "off"
+        return values
+
+    monkeypatch.setattr(Recipe, "to_dict", with_new_field)
+    assert plan_sweep(_recipe(), SweepConfig(ranks=[1, 2]), DIMS).sweep_id == before
+    changed = _recipe()
+    changed.method.dropout = 0.3
+    assert plan_sweep(changed, SweepConfig(ranks=[1, 2]), DIMS).sweep_id != before
+
+
 def test_target_dims_read_linear_and_conv1d_shapes() -> None:
     shapes = {"model.layers.0.self_attn.v_proj.weight": (192, 576),
               "model.layers.0.self_attn.q_proj.weight": (576, 576), "h.0.attn.c_attn.weight": (64, 192)}
