@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from adapterhub_local import assets, runtime
-from adapterhub_local.config import Recipe
+from adapterhub_local.config import Recipe, recipe_values_off_default
 from adapterhub_local.errors import ConfigError, NotFoundError
 from adapterhub_local.models import load_base_model, load_tokenizer
 from adapterhub_local.pooling import resolve_pooling, with_pooling
@@ -121,14 +121,24 @@ def find_resumable(recipe: Recipe) -> Path:
 
 
 def _same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    saved = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
-    current = recipe.to_dict()
-    differ = sorted(f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
-                    for key, value in values.items() if saved.get(section, {}).get(key) != value)
-    differ += sorted(k for k, v in current.items() if not isinstance(v, dict) and saved.get(k) != v)
+    """Refuse to resume a run under another recipe; fields added since it started (at their defaults) agree."""
+    saved = _dotted(recipe_values_off_default(yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))))
+    current = _dotted(recipe.non_default_fields())
+    differ = [f"{k} ({saved.get(k)!r} then, {current.get(k)!r} now)" for k in sorted(saved.keys() | current.keys())
+              if saved.get(k) != current.get(k)]
     if differ:
         raise ConfigError([f"the recipe differs from the interrupted run's in {', '.join(differ)}"],
                           f"resume with the recipe saved in {run_dir / RECIPE_FILE}", what="resume")
+
+
+def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _peak_memory_mb() -> tuple[float, str]:
