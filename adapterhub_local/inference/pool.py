@@ -124,6 +124,11 @@ class AdapterPool:
     def _compose(self, composition: Composition) -> PreparedAdapter:
         """A composition's operands, built once from its parents (loaded through this pool's own tiers)."""
         parents = [self.get(card.ref) for card in composition.parents]
+        for parent in parents:
+            if parent.is_dora:
+                raise UnsupportedError(f"{parent.ref} in {composition.key!r} uses DoRA: its magnitude rescales the "
+                                       "whole weight, so a DoRA delta does not add up with others",
+                                       "serve the DoRA adapter on its own, or compose plain LoRA adapters")
         if len({p.fan_in_fan_out for p in parents}) > 1:
             raise UnsupportedError(f"{composition.key}: the parents store their weights transposed differently",
                                    "compose adapters saved with the same fan_in_fan_out")

@@ -115,6 +115,16 @@ def test_bad_compositions_are_refused(engine: Engine, composed_registry: Registr
             engine.logits([Request(prompt=PROMPT, adapter=text)])
 
 
+def test_a_dora_parent_is_refused(engine: Engine, composed_registry: Registry, tmp_path: Path) -> None:
+    from tests.inference.test_dora import dora_dir
+
+    dora_dir(composed_registry.base("tiny").path, tmp_path / "td", rank=2, targets=["q_proj"], seed=8)
+    composed_registry.register_adapter("td", tmp_path / "td", "tiny")
+    with pytest.raises(UnsupportedError, match=r"td@1 in 'ta@1\*0\.5\+td@1\*0\.5' uses DoRA"):
+        engine.logits([Request(prompt=PROMPT, adapter="ta*0.5+td*0.5")])
+    assert len(engine.logits([Request(prompt=PROMPT, adapter="td")])) == 1  # served on its own
+
+
 def test_a_composition_merges_and_unmerges_exactly(engine: Engine) -> None:
     swapped = _logits(engine, MIX)
     base = _logits(engine, None)
