@@ -18,6 +18,7 @@ from adapterhub_local.errors import AdapterHubError, FormatError, ShapeMismatchE
 from adapterhub_local.registry import Registry
 from adapterhub_local.registry.maintenance import verify
 from tests.conftest import make_tiny_llama
+from tests.registry import s3_kit
 from tests.registry.attack_kit import (
     DROP,
     PREFIX,
@@ -30,12 +31,22 @@ from tests.registry.attack_kit import (
 )
 
 
-@pytest.fixture(scope="module")
-def reg(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+@pytest.fixture(scope="module", params=["local", "s3"])
+def reg(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The admission gate on both back ends: a local directory and an S3-compatible object store."""
     root = tmp_path_factory.mktemp("admission")
-    registry = Registry(root / "registry")
-    registry.add_base("tiny", str(make_tiny_llama(root / "tiny")))
-    return registry
+    with pytest.MonkeyPatch.context() as env:
+        if request.param == "local":
+            registry = Registry(root / "registry")
+        else:
+            from adapterhub_local.registry.objectstore import ObjectStoreRegistry
+
+            endpoint = request.getfixturevalue("endpoint")
+            for key, value in s3_kit.environment(endpoint).items():
+                env.setenv(key, value)
+            registry = ObjectStoreRegistry(f"s3://{s3_kit.new_bucket(endpoint)}/registry", cache=root / "cache")
+        registry.add_base("tiny", str(make_tiny_llama(root / "tiny")))
+        yield registry
 
 
 @pytest.fixture

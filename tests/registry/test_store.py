@@ -24,6 +24,16 @@ from adapterhub_local.registry import CardInfo, Registry
 from adapterhub_local.registry.maintenance import collect_garbage, export, rebuild_index, verify
 from tests.conftest import make_tiny_llama
 from tests.peft_factory import save_lora, save_prompt
+from tests.registry.conftest import s3_registry
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
+    """The contract below holds on both back ends: a local directory and an S3-compatible object store."""
+    if request.param == "local":
+        return Registry(tmp_path / "registry")
+    return s3_registry(request, tmp_path)
+
 
 TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5], [2, 7, 1, 8, 28, 1]])
 

@@ -1,0 +1,34 @@
+"""Registry test fixtures: a real S3-compatible server (moto's, see ``s3_kit``) shared by a test module, and the
+environment that points s3fs at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapterhub_local.registry import Registry
+from tests.registry import s3_kit
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    with s3_kit.s3_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    env = {**s3_kit.environment(endpoint), "ADAPTERHUB_CACHE": str(tmp_path / "cache")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def s3_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
+    """A new, empty registry on the module's S3 server (its own bucket), with its local cache under tmp_path."""
+    from adapterhub_local.registry.objectstore import ObjectStoreRegistry
+
+    endpoint_url = request.getfixturevalue("s3_env")["AWS_ENDPOINT_URL"]
+    return ObjectStoreRegistry(f"s3://{s3_kit.new_bucket(endpoint_url)}/team/registry", cache=tmp_path / "cache-a")
