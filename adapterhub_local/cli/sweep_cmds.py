@@ -112,6 +112,26 @@ def sweep_cmd(
     console.print(f"report: {summary['directory']}")
 
 
+@app.command("sweep-report")
+def sweep_report_cmd(
+    directory: Path = typer.Argument(..., help="The sweep's directory, runs/<sweep-id>."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write it (default: <directory>/interim)."),
+    tolerance: float | None = typer.Option(None, help="Knee margin (default: the sweep's own)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """The report of a sweep as it stands — while it runs or after an interruption: the finished points only,
+    from its state file, without training or loading anything."""
+    from adapterhub_local.sweep.interim import write_interim_report
+
+    summary = write_interim_report(directory, out, tolerance)
+    if as_json:
+        print_json(summary)
+        return
+    console.print(Path(summary["directory"], "results.md").read_text(encoding="utf-8"), markup=False,
+                  highlight=False)
+    console.print(f"report: {summary['directory']}")
+
+
 def _seeds(text: str | None) -> list[int] | None:
     from adapterhub_local.errors import ConfigError
 

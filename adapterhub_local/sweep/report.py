@@ -114,7 +114,7 @@ def _spread_cell(verdict: SeriesVerdict, rank: int) -> list[str]:
 
 def _facts_line(summary: dict[str, Any]) -> list[str]:
     lines = []
-    for key in ("recipe", "mode", "alpha_policy", "seeds", "steps", "num_beams", "command"):
+    for key in ("recipe", "progress", "mode", "alpha_policy", "seeds", "steps", "num_beams", "command"):
         if summary.get(key) is not None:
             lines.append(f"- {key}: `{summary[key]}`")
     return lines
