@@ -44,12 +44,13 @@ prepare_openmp_env()
 import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_grouped")
+SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_grouped", "ours_bf16_compiled")
 LABELS = {"trainer_fp32": "HF Trainer + PEFT, fp32", "trainer_bf16": "HF Trainer + PEFT, bf16 autocast",
           "ours_fp32": "adapterhub loop, fp32", "ours_bf16": "adapterhub loop, bf16 base + fp32 LoRA",
-          "ours_bf16_grouped": "adapterhub loop, bf16, group_by_length"}
+          "ours_bf16_grouped": "adapterhub loop, bf16, group_by_length",
+          "ours_bf16_compiled": "adapterhub loop, bf16, decoder layers under torch.compile"}
 COMPUTE_DTYPE = {"trainer_fp32": "fp32", "ours_fp32": "fp32", "trainer_bf16": "bf16", "ours_bf16": "bf16",
-                 "ours_bf16_grouped": "bf16"}
+                 "ours_bf16_grouped": "bf16", "ours_bf16_compiled": "bf16"}
 LORA_R = 8
 LORA_TARGETS = ["q_proj", "v_proj"]
 
@@ -195,7 +196,8 @@ def run_trainer(args: argparse.Namespace, data: list[list[int]], bf16: bool) -> 
     return meter.result()
 
 
-def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, grouped: bool) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, grouped: bool,
+             compiled: bool = False) -> dict[str, Any]:
     from adapterhub_local import runtime
     from adapterhub_local.config import TrainConfig
     from adapterhub_local.train.loop import train_loop
@@ -204,6 +206,11 @@ def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, gr
     # As the runner loads a frozen base: in the precision's dtype (bf16 here), LoRA and optimizer fp32.
     model = lora(make_model(args.model, runtime.base_dtype(precision)))
     meter = TokenMeter(model, args.warmup)
+    if compiled:
+        # Each decoder layer compiled in place (the LoRA wrappers inside it included), dynamic in the sequence
+        # length; the warm-up steps absorb the compilation. The meter's hook on the decoder stays eager.
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=True)
     examples = [Example(ids, list(ids)) for ids in data]
     cfg = TrainConfig(lr=2e-4, batch_size=args.batch_size, max_steps=args.steps + args.warmup, warmup_ratio=0.0,
                       eval_every=10**9, log_every=10**9, group_by_length=grouped, max_grad_norm=1.0,
@@ -225,7 +232,8 @@ def side(args: argparse.Namespace) -> None:
     if args.side.startswith("trainer"):
         out = run_trainer(args, data, bf16=args.side == "trainer_bf16")
     else:
-        out = run_ours(args, data, COMPUTE_DTYPE[args.side], grouped=args.side.endswith("grouped"))
+        out = run_ours(args, data, COMPUTE_DTYPE[args.side], grouped=args.side.endswith("grouped"),
+                       compiled=args.side.endswith("compiled"))
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
     out["threads"] = torch.get_num_threads()
     if torch.cuda.is_available():
@@ -262,6 +270,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ADAPTERHUB_THREADS") or 2),
                         help="torch threads of every side (pinned; default $ADAPTERHUB_THREADS or 2).")
     parser.add_argument("--sides", default=",".join(SIDES), help="Comma-separated subset of " + ", ".join(SIDES))
+    parser.add_argument("--name", default="train_throughput",
+                        help="Results file stem under benchmarks/results (default: train_throughput).")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -310,7 +320,7 @@ def main() -> None:
             "load_average_after_each_side": load,
             "command": " ".join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     ref_names = [r for r in ("trainer_fp32", "trainer_bf16") if r in results]
     head = "| loop | tokens/s best | median | % of bound | " + " | ".join(f"× {r} (best / median)" for r in ref_names)
     rows = [head + " | peak memory (MB) | × trainer_fp32 memory |",
@@ -329,7 +339,7 @@ def main() -> None:
             f"(fp32 {bound_flops['fp32'] / 1e9:.0f}, bf16 {bound_flops['bf16'] / 1e9:.0f} GFLOP/s) / "
             f"{per_token / 1e6:.0f} MFLOP per trained token. Load average during the run: "
             f"{min(load):.1f}–{max(load):.1f} (other jobs share the machine).\n\n" + "\n".join(rows) + "\n")
-    (RESULTS / "train_throughput.md").write_text(text)
+    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
 
 
