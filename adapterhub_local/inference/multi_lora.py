@@ -18,8 +18,16 @@ rearranged so a plain-LoRA row (``g = 0``) gets exactly ``base(x) + Δ``, the sa
 
 Two batched operations, in the spirit of Punica's BGMV/SGMV and S-LoRA, both plain torch (CPU and GPU):
 
-- ``gather`` (BGMV): gather each row's ``A`` and ``B`` by index and run two batched matmuls (shrink
-  ``x·Aᵀ`` to rank, expand by ``Bᵀ``). Reads each adapter once per row that uses it.
+- ``gather`` (BGMV/SGMV): each row's ``A`` and ``B``, gathered by index, and two batched matmuls (shrink
+  ``x·Aᵀ`` to rank, expand by ``Bᵀ``). Reads each adapter once per row that uses it. The rows are split into
+  *rank groups* (by each row's adapter rank on the module, rounded up to a power of two), each computed at
+  its own largest rank, so one composed rank-32 row does not make every rank-16 row pay rank 32, and rows
+  with no adapter on the module are not computed at all. The groups' gathered operands are built **once per
+  batch membership** (not per step: membership changes only on join/leave) and kept by the
+  :class:`BatchContext` until the batch changes, so a decode step is two ``bmm`` per group with no
+  ``index_select`` of the stacks — the per-step gather was a third of the LoRA cost on a SmolLM2-shape CPU
+  decode. The kept operands are bounded (:attr:`BatchContext.gather_budget`); past it a module gathers
+  from its stacks each step as before.
 - ``dense``: once per batch, concatenate the batch's adapters into ``[P·R, d_in]`` / ``[P·R, d_out]``;
   per step, one matmul to all ``P·R`` rank channels, a per-row mask keeping the row's own adapter, one
   matmul back. Reads each adapter of the batch once per step (the bytes bound) at ``P×`` the (tiny) LoRA
@@ -29,10 +37,11 @@ Neither loops over adapters in Python, has data-dependent shapes, or synchronise
 step (per-batch bookkeeping happens once, before the first step). For CUDA-graph capture
 (:mod:`static_decode`) the decoder *stages* each batch before its first step (:meth:`MultiLoraLinear.stage`):
 every module copies what the batch needs into persistent buffers owned by the decoder's slab — for ``dense``
-the batch's adapters at the batch's rank bucket plus the row-ownership mask, for ``gather`` the rows' local
-slots — and returns the buffers' shapes. A captured step reads only those buffers (and, for ``gather``, views
-of the stacks), so it stays valid while the shapes match and no stack was reallocated (each reallocation
-bumps :attr:`BatchContext.layout`); a batch of rank-16 adapters never pays for a resident rank-256 one.
+the batch's adapters at the batch's rank bucket plus the row-ownership mask, for ``gather`` each rank group's
+rows and gathered operands (or, past the budget, its rows' local slots) — and returns the buffers' shapes. A
+captured step reads only those buffers (and, past the budget, views of the stacks), so it stays valid while
+the shapes match and no stack was reallocated (each reallocation bumps :attr:`BatchContext.layout`); a batch
+of rank-16 adapters never pays for a resident rank-256 one.
 """
 
 from __future__ import annotations
@@ -44,12 +53,25 @@ from torch import nn
 
 from adapterhub_local.errors import ShapeMismatchError, UnsupportedError
 
+GATHER_BUDGET = 1 << 30
+"""Default bound on one batch's kept gathered operands (1 GiB: 32 distinct rank-16 adapters on q, k, v, o of a
+SmolLM2-135M shape take 118 MB)."""
+DYNAMIC = "dynamic"
+"""The reservation key of the dynamic (non-staged) batch."""
+
 
 class BatchContext:
     """Per-batch state shared by every :class:`MultiLoraLinear` of one model."""
 
-    def __init__(self, device: torch.device, max_rows: int = 256, strategy: str = "auto") -> None:
+    def __init__(self, device: torch.device, max_rows: int = 256, strategy: str = "auto",
+                 gather_budget: int = GATHER_BUDGET) -> None:
         self.device = device
+        self.gather_budget = gather_budget
+        """Bytes of gathered per-row operands one batch (or one static slab) may keep; modules past it gather
+        from their stacks each step instead."""
+        self._held: dict[object, dict[str, int]] = {}  # batch key -> module name -> bytes of kept operands
+        self.operands: dict[str, list[Group]] = {}
+        """The current (dynamic) batch's rank groups per module name; dropped when the batch changes."""
         self.strategy = resolve_strategy(strategy, device)
         """``gather`` (per-row BGMV) or ``dense`` (batch adapters concatenated, output masked per row)."""
         self._buffer = torch.zeros(max_rows, dtype=torch.long, device=device)
@@ -57,6 +79,8 @@ class BatchContext:
         """``[rows]`` global slot per row (0 = no LoRA) or ``None``: no LoRA in this batch, base only."""
         self.present: frozenset[int] = frozenset()
         """The distinct global slots of the batch (host side, set once per batch)."""
+        self.rows: list[int] = []
+        """Each row's global slot (host side)."""
         self.version = 0
         """Bumped per batch, so modules recompute their per-batch rank once (not per step)."""
         self.staged: int | None = None
@@ -65,9 +89,32 @@ class BatchContext:
         """Bumped whenever a stack is reallocated: a CUDA graph captured under an older layout reads freed
         memory and must be captured again."""
 
+    def reserve(self, key: object, module: str, nbytes: int) -> bool:
+        """Account ``nbytes`` of gathered operands for ``module`` under ``key`` (the dynamic batch, or a static
+        slab), replacing what it held there; ``False`` (nothing reserved) when the key would exceed the budget."""
+        held = self._held.setdefault(key, {})
+        held.pop(module, None)
+        if sum(held.values()) + nbytes > self.gather_budget:
+            return False
+        held[module] = nbytes
+        return True
+
+    def release(self, key: object, module: str | None = None) -> None:
+        """Forget ``module``'s reservation under ``key`` (every module's when ``module`` is ``None``)."""
+        if module is None:
+            self._held.pop(key, None)
+        else:
+            self._held.get(key, {}).pop(module, None)
+
+    def _new_batch(self) -> None:
+        self.version += 1
+        self.operands = {}
+        self.release(DYNAMIC)
+
     def set_rows(self, slots: list[int]) -> None:
         """Point the batch at these global slots (copied into a persistent device buffer)."""
-        self.version += 1
+        self._new_batch()
+        self.rows = list(slots)
         self.present = frozenset(slots) - {0}
         if not self.present:
             self.slots = None
@@ -80,8 +127,9 @@ class BatchContext:
 
     def clear(self) -> None:
         self.slots = None
+        self.rows = []
         self.present = frozenset()
-        self.version += 1
+        self._new_batch()
 
 
 STRATEGIES = ("auto", "gather", "dense")
@@ -100,13 +148,50 @@ def adapter_bucket(count: int) -> int:
 
 
 @dataclass
+class Group:
+    """The rows of a batch whose adapters on one module fall in one rank bucket, with their operands."""
+
+    rank: int
+    """The rank the group computes at (its largest adapter's; the bucket in static mode)."""
+    local: torch.Tensor
+    """``[n]`` each row's local slot."""
+    rows: torch.Tensor | None
+    """``[n]`` the rows' positions in the batch; ``None``: every row of the batch, in order."""
+    a: torch.Tensor | None = None
+    """``[n, rank, d_in]`` the rows' ``A``, gathered once per batch; ``None``: past the budget, gather per step."""
+    b: torch.Tensor | None = None
+    """``[n, rank, d_out]`` the rows' ``(scale·B)ᵀ``."""
+
+    @property
+    def shape(self) -> tuple[int, int, bool, bool]:
+        return (int(self.local.shape[0]), self.rank, self.rows is None, self.a is not None)
+
+
+def rank_groups(local: list[int], ranks: dict[int, int], cap: int, bucketed: bool) -> list[tuple[int, list[int]]]:
+    """Split batch rows by their adapter's rank bucket: ``[(rank, row positions)]``, smallest rank first. Rows
+    on local slot 0 (no adapter on the module) are in no group. ``rank`` is the bucket (``bucketed``, for
+    stable static shapes) or the group's largest rank, at most ``cap`` (the stacks' padded rank)."""
+    members: dict[int, list[int]] = {}
+    largest: dict[int, int] = {}
+    for row, slot in enumerate(local):
+        if slot == 0:
+            continue
+        bucket = rank_bucket(ranks[slot])
+        members.setdefault(bucket, []).append(row)
+        largest[bucket] = max(largest.get(bucket, 0), ranks[slot])
+    return [(min(bucket if bucketed else largest[bucket], cap), members[bucket]) for bucket in sorted(members)]
+
+
+@dataclass
 class Staged:
     """One module's operands for one slab's batches (persistent: a captured step reads their addresses)."""
 
     rank: int
     """The rank the step computes at (the batch's largest on this module, bucketed, at most the stack's)."""
     rows_local: torch.Tensor
-    """``[B]`` each row's local slot (the ``gather`` operand)."""
+    """``[B]`` each row's local slot (the DoRA factor's index)."""
+    groups: list[Group] | None = None
+    """``gather``: the batch's rank groups (persistent buffers)."""
     a: torch.Tensor | None = None
     """``dense``: ``[P·rank, d_in]``, the batch's adapters (zero-padded to ``P`` places)."""
     b: torch.Tensor | None = None
@@ -115,9 +200,10 @@ class Staged:
     """``dense``: ``[B, P]``, 1 where a row uses a place's adapter."""
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def shape(self) -> tuple[object, ...]:
         places = 0 if self.owner is None else int(self.owner.shape[1])
-        return (int(self.rows_local.shape[0]), places, self.rank)
+        groups = tuple(g.shape for g in self.groups or ())
+        return (int(self.rows_local.shape[0]), places, self.rank, groups)
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> str:
@@ -141,6 +227,25 @@ def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
     b = b_stack.index_select(0, rows)  # [B, R, d_out]
     shrunk = torch.bmm(x, a.transpose(1, 2))  # [B, T, R]
     return torch.bmm(shrunk, b)  # [B, T, d_out]
+
+
+def grouped_lora(x: torch.Tensor, groups: list[Group], a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
+    """``y[i] = x[i] · A[i]ᵀ · B[i]ᵀ`` per row, one pair of batched matmuls per rank group (rows in no group get
+    exact zeros). ``x``: ``[B, T, d_in]``; stacks as for :func:`gathered_lora` (read only by groups gathered per
+    step). Returns ``[B, T, d_out]``."""
+    if len(groups) == 1 and groups[0].rows is None:
+        return _group_lora(x, groups[0], a_stack, b_stack)
+    out = x.new_zeros(x.shape[0], x.shape[1], b_stack.shape[-1])
+    for group in groups:  # one per rank bucket present (a handful), never per adapter
+        assert group.rows is not None
+        out.index_copy_(0, group.rows, _group_lora(x.index_select(0, group.rows), group, a_stack, b_stack))
+    return out
+
+
+def _group_lora(x: torch.Tensor, group: Group, a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
+    if group.a is None or group.b is None:
+        return gathered_lora(x, a_stack[:, :group.rank], b_stack[:, :group.rank], group.local)
+    return torch.bmm(torch.bmm(x, group.a.transpose(1, 2)), group.b)
 
 
 def dense_lora(x: torch.Tensor, a_flat: torch.Tensor, b_flat: torch.Tensor, owner: torch.Tensor,
@@ -239,8 +344,7 @@ class MultiLoraLinear(nn.Module):
             a_cat, b_cat, owner = self._dense
             delta = dense_lora(x3, a_cat, b_cat, owner, self._batch_rank)
         else:
-            rank = self._batch_rank
-            delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], self._rows_local)
+            delta = grouped_lora(x3, self._context.operands[self.name], self.a_stack, self.b_stack)
         if self._batch_dora:
             y3 = y.reshape(delta.shape)
             return self._dora_scaled(y3, delta.to(y.dtype), self._rows_local).reshape(y.shape)
@@ -255,8 +359,8 @@ class MultiLoraLinear(nn.Module):
         if staged.a is not None and staged.b is not None and staged.owner is not None:
             delta = dense_lora(x3, staged.a, staged.b, staged.owner, staged.rank)
         else:
-            rank = staged.rank
-            delta = gathered_lora(x3, self.a_stack[:, :rank], self.b_stack[:, :rank], staged.rows_local)
+            assert staged.groups is not None
+            delta = grouped_lora(x3, staged.groups, self.a_stack, self.b_stack)
         if self.g_stack is not None:  # a DoRA adapter is resident (allocating the stack bumps the layout)
             y3 = y.reshape(delta.shape)
             return self._dora_scaled(y3, delta.to(y.dtype), staged.rows_local).reshape(y.shape)
@@ -269,28 +373,35 @@ class MultiLoraLinear(nn.Module):
         return self.slot_map.index_select(0, torch.where(known, rows, torch.zeros_like(rows)))
 
     # ----------------------------------------------------------- staging
-    def stage(self, slab: int, slots: list[int]) -> tuple[int, ...]:
+    def stage(self, slab: int, slots: list[int]) -> tuple[object, ...]:
         """Before a slab's batch runs statically: copy what its rows need into the slab's persistent buffers
         (reallocated only when their shape changes) and return that shape; ``()`` when no row of the batch has
         an adapter here (the step skips the module). Host bookkeeping and device copies, no host sync."""
         local = [self._local.get(g, 0) for g in slots]
         present = sorted(set(local) - {0})
         if not present:
-            self._staged.pop(slab, None)
+            self.unstage(slab)
             return ()
         rank = min(rank_bucket(max(self._ranks[s] for s in present)), self.rank)
         dense = self._context.strategy == "dense"
         places = adapter_bucket(len(present)) if dense else 0
+        plan = [] if dense else rank_groups(local, self._ranks, self.rank, bucketed=True)
+        kept = not dense and self._context.reserve(slab, self.name, self._group_bytes(plan))
+        groups = tuple((len(rows), r, len(rows) == len(slots), kept) for r, rows in plan)
         staged = self._staged.get(slab)
-        if staged is None or staged.shape != (len(slots), places, rank):
+        if staged is None or staged.shape != (len(slots), places, rank, groups):
             staged = Staged(rank, torch.zeros(len(slots), dtype=torch.long, device=self._device))
             if dense:
                 staged.a = torch.zeros(places * rank, self.d_in, dtype=self._dtype, device=self._device)
                 staged.b = torch.zeros(places * rank, self.d_out, dtype=self._dtype, device=self._device)
                 staged.owner = torch.zeros(len(slots), places, dtype=self._dtype, device=self._device)
+            else:
+                staged.groups = [self._empty_group(len(rows), r, len(rows) == len(slots), kept) for r, rows in plan]
             self._staged[slab] = staged
         rows_local = torch.tensor(local, dtype=torch.long)
         staged.rows_local.copy_(rows_local)
+        for group, (_, rows) in zip(staged.groups or [], plan, strict=True):
+            self._fill_group(group, rows, [local[i] for i in rows])
         if staged.a is not None and staged.b is not None and staged.owner is not None:
             index = torch.tensor(present + [0] * (places - len(present)), dtype=torch.long)  # slot 0: zeros
             on_device = index.to(self._device)
@@ -302,6 +413,30 @@ class MultiLoraLinear(nn.Module):
     def unstage(self, slab: int) -> None:
         """Free a slab's buffers (the slab is gone)."""
         self._staged.pop(slab, None)
+        self._context.release(slab, self.name)
+
+    def _group_bytes(self, plan: list[tuple[int, list[int]]]) -> int:
+        element = torch.empty((), dtype=self._dtype).element_size()
+        return sum(len(rows) * rank * (self.d_in + self.d_out) for rank, rows in plan) * element
+
+    def _empty_group(self, count: int, rank: int, every_row: bool, kept: bool) -> Group:
+        """A group's persistent buffers (its operands are filled by :meth:`_fill_group`)."""
+        device = self._device
+        group = Group(rank, torch.zeros(count, dtype=torch.long, device=device),
+                      None if every_row else torch.zeros(count, dtype=torch.long, device=device))
+        if kept:
+            group.a = torch.empty(count, rank, self.d_in, dtype=self._dtype, device=device)
+            group.b = torch.empty(count, rank, self.d_out, dtype=self._dtype, device=device)
+        return group
+
+    def _fill_group(self, group: Group, rows: list[int], local: list[int]) -> None:
+        """Copy the rows' positions, local slots and (when kept) gathered operands into the group's buffers."""
+        group.local.copy_(torch.tensor(local, dtype=torch.long))
+        if group.rows is not None:
+            group.rows.copy_(torch.tensor(rows, dtype=torch.long))
+        if group.a is not None and group.b is not None:
+            torch.index_select(self.a_stack[:, :group.rank], 0, group.local, out=group.a)
+            torch.index_select(self.b_stack[:, :group.rank], 0, group.local, out=group.b)
 
     def _prepare_batch(self, rows: torch.Tensor) -> None:
         """Once per batch (host-side bookkeeping plus a few device ops, no host sync): the largest rank this
@@ -315,6 +450,14 @@ class MultiLoraLinear(nn.Module):
             return
         local = self._local_slots(rows)  # [B]
         self._rows_local = local
+        if self._context.strategy == "gather":
+            slots = [self._local.get(g, 0) for g in self._context.rows]
+            plan = rank_groups(slots, self._ranks, self.rank, bucketed=False)
+            kept = self._context.reserve(DYNAMIC, self.name, self._group_bytes(plan))
+            groups = [self._empty_group(len(part), r, len(part) == len(slots), kept) for r, part in plan]
+            for group, (_, part) in zip(groups, plan, strict=True):
+                self._fill_group(group, part, [slots[i] for i in part])
+            self._context.operands[self.name] = groups
         if self._context.strategy == "dense":
             index = torch.tensor(present, dtype=torch.long, device=self._device)
             a_cat = self.a_stack.index_select(0, index)[:, :rank].reshape(-1, self.d_in)  # [P·R, d_in]

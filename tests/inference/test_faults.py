@@ -144,16 +144,19 @@ def test_the_sampler_never_raises_inside_the_validated_ranges() -> None:
                 assert int(tokens[i]) == int(logits[i].argmax()), (params, scales[i])
 
 
-def test_non_finite_rows_are_flagged_and_the_others_untouched() -> None:
+@pytest.mark.parametrize("sampled", [True, False])
+def test_non_finite_rows_are_flagged_and_the_others_untouched(sampled: bool) -> None:
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
     logits[1, 5] = float("nan")
     logits[3, 0] = float("inf")
     logits[4] = float("-inf")
     logits[5, :30] = float("-inf")  # masked tokens: still a valid row
-    params = [SamplingParams(temperature=0.9 if i % 2 else 0.0, seed=i) for i in range(6)]
+    logits[0, 7] = logits[0, 21] = logits[0].max() + 1  # a tie: greedy takes the first maximum
+    params = [SamplingParams(temperature=0.9 if i % 2 and sampled else 0.0, seed=i) for i in range(6)]
 
     tokens, ok = next_tokens(logits, params, [[0, 1, 2]] * 6)
     assert ok.tolist() == [True, False, True, False, False, True]
+    assert int(tokens[0]) == 7 and int(tokens[2]) == int(logits[2].argmax())
     for i in (0, 2, 5):  # each healthy row: what it gets alone
         alone, _ = next_tokens(logits[i:i + 1], params[i:i + 1], [[0, 1, 2]])
         assert int(tokens[i]) == int(alone[0])

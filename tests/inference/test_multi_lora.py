@@ -91,28 +91,81 @@ def test_base_rows_leave_the_base_model_untouched(zoo: Registry, engine: Engine)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(rows=st.lists(st.sampled_from([0, 1, 2, 3, 4, 40]), min_size=1, max_size=6), tokens=st.integers(1, 3),
-       ranks=st.lists(st.integers(1, 9), min_size=3, max_size=3), strategy=st.sampled_from(["gather", "dense"]))
-def test_multi_lora_op_equals_per_row_loop(rows: list[int], tokens: int, ranks: list[int], strategy: str) -> None:
+       ranks=st.lists(st.integers(1, 20), min_size=3, max_size=3), strategy=st.sampled_from(["gather", "dense"]),
+       budget=st.sampled_from([0, 1 << 20]))
+def test_multi_lora_op_equals_per_row_loop(rows: list[int], tokens: int, ranks: list[int], strategy: str,
+                                           budget: int) -> None:
+    """Every row gets its own adapter's delta, whatever the rank groups, and whether the gathered operands are
+    kept for the batch (budget) or gathered per step (budget 0), over several steps of one batch."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5)
-    context = BatchContext(torch.device("cpu"), strategy=strategy)  # slots 4, 40: adapters not on this module
+    # slots 4, 40: adapters not on this module
+    context = BatchContext(torch.device("cpu"), strategy=strategy, gather_budget=budget)
     layer = MultiLoraLinear(base, context, "layer")
     pairs = {}
     for slot, rank in enumerate(ranks, start=1):
         a, b = torch.randn(rank, 6), torch.randn(5, rank)
         layer.install(slot, a, b)
         pairs[slot] = (a, b)
-    x = torch.randn(len(rows), tokens, 6)
     context.set_rows(rows)
-    got = layer(x)
-    for i, slot in enumerate(rows):
-        expected = base(x[i])
-        if slot in pairs:
-            a, b = pairs[slot]
-            expected = expected + x[i] @ a.T @ b.T
-        torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
+    for _ in range(2):  # steps of one batch: the second reuses the first's operands
+        x = torch.randn(len(rows), tokens, 6)
+        got = layer(x)
+        for i, slot in enumerate(rows):
+            expected = base(x[i])
+            if slot in pairs:
+                a, b = pairs[slot]
+                expected = expected + x[i] @ a.T @ b.T
+            torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def gather_layer(budget: int = 1 << 20) -> tuple[MultiLoraLinear, BatchContext]:
+    """A gather-strategy layer with a rank-16 adapter (slot 1), a rank-12 one (slot 2) and a rank-32 one (3)."""
+    torch.manual_seed(0)
+    context = BatchContext(torch.device("cpu"), strategy="gather", gather_budget=budget)
+    layer = MultiLoraLinear(torch.nn.Linear(8, 6), context, "layer")
+    for slot, rank in ((1, 16), (2, 12), (3, 32)):
+        layer.install(slot, torch.randn(rank, 8), torch.randn(6, rank))
+    return layer, context
+
+
+def test_rows_compute_at_their_own_rank_bucket_not_the_batch_max() -> None:
+    """A composed (rank-32) row does not make the rank-16 rows compute at rank 32; a row with no adapter on
+    the module is not computed; rows of one bucket share one group at its largest rank."""
+    layer, context = gather_layer()
+    context.set_rows([1, 3, 0, 2, 1])
+    layer(torch.randn(5, 1, 8))
+    groups = context.operands["layer"]
+    assert [(g.rank, g.rows.tolist() if g.rows is not None else None) for g in groups] == [(16, [0, 3, 4]),
+                                                                                           (32, [1])]
+    assert [tuple(g.a.shape) for g in groups if g.a is not None] == [(3, 16, 8), (1, 32, 8)]
+    context.set_rows([1, 2])  # one group of every row: no index ops per step
+    layer(torch.randn(2, 1, 8))
+    assert [(g.rank, g.rows) for g in context.operands["layer"]] == [(16, None)]
+
+
+def test_gathered_operands_are_built_once_per_batch_and_bounded() -> None:
+    layer, context = gather_layer()
+    context.set_rows([1, 3])
+    layer(torch.randn(2, 4, 8))  # prefill
+    first = [g.a for g in context.operands["layer"]]
+    layer(torch.randn(2, 1, 8))  # a decode step: the same operands, not gathered again
+    assert all(a is b for a, b in zip(first, [g.a for g in context.operands["layer"]], strict=True))
+    context.set_rows([1, 3])  # a new batch: built again, the old ones dropped
+    layer(torch.randn(2, 1, 8))
+    assert all(a is not b for a, b in zip(first, [g.a for g in context.operands["layer"]], strict=True))
+    context.clear()
+    assert context.operands == {}, "a finished batch keeps no operands"
+    small, context = gather_layer(budget=(16 + 32) * (8 + 6) * 4 - 1)  # one byte short of both rows' operands
+    context.set_rows([1, 3])
+    x = torch.randn(2, 1, 8)
+    got = small(x)
+    assert all(g.a is None for g in context.operands["layer"]), "past the budget: gathered per step"
+    full, context = gather_layer()
+    context.set_rows([1, 3])
+    torch.testing.assert_close(got, full(x), atol=0, rtol=0)
 
 
 def test_padded_rank_shrinks_when_large_adapters_leave() -> None:

@@ -203,8 +203,10 @@ def test_staging_uses_the_batch_rank_not_the_largest_resident(zoo: Registry, str
     slot = engine.pool.acquire([engine.pool.resolve("r8-attn")])[engine.pool.resolve("r8-attn")]
     k_proj = engine.runner.model.get_submodule("model.layers.0.self_attn.k_proj")
     assert k_proj.rank == 64
-    rows, places, rank = k_proj.stage(99, [slot, 0, slot])
+    rows, places, rank, groups = k_proj.stage(99, [slot, 0, slot])
     assert (rows, rank) == (3, 8) and places == (1 if strategy == "dense" else 0)
+    # gather: one rank-8 group of the two adapted rows (the base row is not computed), operands kept
+    assert groups == (() if strategy == "dense" else ((2, 8, False, True),))
     assert k_proj.stage(99, [0, 0]) == (), "no LoRA row on the module: the step skips it"
     k_proj.unstage(99)
     batch = [Request(prompt="low rank", adapter="r8-attn", sampling=SamplingParams(max_new_tokens=6)),
