@@ -420,7 +420,7 @@ class Engine:
         slots, adapters = self._adapters_for(sub_refs, merged)
         ids = [self.runner.encode(requests[i]) for i in rows]
         prompts = [None if merged is not None or a is None else a.prompt for a in adapters]
-        batch = self.runner.batch(ids, prompts)
+        batch = self.runner.batch(ids, prompts, slots)
         states = []
         for k, i in enumerate(rows):
             used = batch.virtual[k] + len(ids[k])
