@@ -15,6 +15,7 @@ its content hash (the parents' content hashes and weights), so a changed parent 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
@@ -28,6 +29,7 @@ from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter, prepare, refuse_non_finite
 from adapterhub_local.inference.rows import RowLedger
 from adapterhub_local.inference.types import PoolStats
+from adapterhub_local.inference.usage import UsageLedger
 from adapterhub_local.registry.store import Registry
 
 log = logging.getLogger("adapterhub_local.inference")
@@ -69,6 +71,8 @@ class AdapterPool:
         self._fresh: set[str] = set()  # loaded from disk and not installed since (not a host hit)
         self.loader: Callable[[str], PreparedAdapter] = self._load_from_registry
         self._compositions: OrderedDict[str, Composition] = OrderedDict()  # canonical spelling -> resolved parts
+        self.usage = UsageLedger()
+        """Per-adapter load latency here; the engine adds merges, the server rows and tokens."""
 
     @property
     def busy(self) -> dict[str, int]:
@@ -139,7 +143,9 @@ class AdapterPool:
         if ref in self.host:
             self.host.move_to_end(ref)
             return self.host[ref]
+        start = time.perf_counter()
         adapter = self.loader(ref)
+        self.usage.loaded(ref, time.perf_counter() - start)
         self._content[ref] = adapter.card.content_hash
         self.stats.misses += 1
         self._fresh.add(ref)
