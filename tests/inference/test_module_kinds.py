@@ -150,3 +150,13 @@ def test_export_is_the_peft_directory_unchanged(zoo: Registry, ref: str, tmp_pat
     reloaded = get_peft_model_state_dict(model)
     assert set(reloaded) == set(saved)
     assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("ref", list(KINDS))
+def test_parity_check_passes_on_the_paths_that_serve_each_kind(zoo: Registry, ref: str) -> None:
+    from adapterhub_local.check.parity import run_check
+
+    result = run_check(zoo, ref, prompts=2, max_new_tokens=3, record=False)
+    assert result.passed and result.max_logit_diff <= 1e-5
+    assert ("swap" in result.paths) == (ref != "head") and "merge" in result.paths
+    assert result.paths["static_agreement"] == result.paths["dynamic_agreement"] == 1.0
