@@ -160,3 +160,20 @@ def test_parity_check_passes_on_the_paths_that_serve_each_kind(zoo: Registry, re
     assert result.passed and result.max_logit_diff <= 1e-5
     assert ("swap" in result.paths) == (ref != "head") and "merge" in result.paths
     assert result.paths["static_agreement"] == result.paths["dynamic_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
+def test_open_batch_rows_joining_late_equal_solo(zoo: Registry, decoder: str) -> None:
+    """Continuous batching (the server's path): rows of every servable kind join a running batch at different
+    steps (the growing cache or the static slab) and each gets its solo tokens."""
+    from tests.inference.test_continuous import drive
+
+    engine = Engine(zoo, "tiny", decoder=decoder)
+    refs = ["lora", "emb", "soft", "tokens", None, "emb"]
+    reqs = [Request(prompt=f"{TEXT} {k}", adapter=r, sampling=SamplingParams(max_new_tokens=5 + k))
+            for k, r in enumerate(refs)]
+    batch = engine.open_batch(max_wait_steps=0)
+    results, _ = drive(batch, {0: [0, 1], 2: [2, 3], 4: [4, 5]}, reqs)
+    for k, request in enumerate(reqs):
+        assert results[k].token_ids == Engine(zoo, "tiny", decoder=decoder).generate([request])[0].token_ids, k
+    batch.close()
