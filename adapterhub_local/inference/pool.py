@@ -128,6 +128,11 @@ class AdapterPool:
     def _compose(self, composition: Composition) -> PreparedAdapter:
         """A composition's operands, built once from its parents (loaded through this pool's own tiers)."""
         parents = [self.get(card.ref) for card in composition.parents]
+        for parent in parents:
+            if not parent.extras.empty:
+                raise UnsupportedError(f"{parent.ref} in {composition.key} has an embedding LoRA, trainable tokens or "
+                                       "a module copy; composition adds LoRA pairs only",
+                                       "compose adapters whose LoRA is on linear layers only")
         if len({p.fan_in_fan_out for p in parents}) > 1:
             raise UnsupportedError(f"{composition.key}: the parents store their weights transposed differently",
                                    "compose adapters saved with the same fan_in_fan_out")
@@ -179,10 +184,11 @@ class AdapterPool:
         other = 0
         for ref in refs:
             adapter = self.get(ref)
-            for name, pair in adapter.pairs.items():
+            stacked = [*adapter.pairs.items(), *adapter.extras.embeddings.items()]  # rank-padded per module
+            for name, pair in stacked:
                 ranks.setdefault(name, []).append(pair.rank)
-                width[name] = int(pair.a.shape[1] + pair.b.shape[0])
-            other += adapter.nbytes - element * sum(p.a.numel() + p.b.numel() for p in adapter.pairs.values())
+                width[name] = int(pair.a.shape[1] + pair.b.shape[0])  # d_in + d_out; an embedding: V + d
+            other += adapter.nbytes - element * sum(p.a.numel() + p.b.numel() for _, p in stacked)
         return other + element * sum(len(r) * max(r) * width[name] for name, r in ranks.items())
 
     def fits_together(self, refs: set[str]) -> bool:

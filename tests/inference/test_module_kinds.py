@@ -177,3 +177,16 @@ def test_open_batch_rows_joining_late_equal_solo(zoo: Registry, decoder: str) ->
     for k, request in enumerate(reqs):
         assert results[k].token_ids == Engine(zoo, "tiny", decoder=decoder).generate([request])[0].token_ids, k
     batch.close()
+
+
+def test_the_pool_budgets_embedding_rank_padding_and_compositions_refuse_the_new_kinds(zoo: Registry) -> None:
+    engine = Engine(zoo, "tiny")
+    emb = engine.pool.resolve("emb")
+    adapter = engine.pool.get(emb)
+    pair = next(iter(adapter.extras.embeddings.values()))
+    assert engine.pool.footprint({emb}) == adapter.nbytes  # alone: no padding
+    engine.load("emb")
+    assert engine.stats().resident_bytes == adapter.nbytes
+    with pytest.raises(UnsupportedError, match="composition adds LoRA pairs only"):
+        engine.logits([Request(prompt=TEXT, adapter="emb*0.5+lora*0.5")])
+    assert pair.a.shape[1] == engine.runner.vocab_size
