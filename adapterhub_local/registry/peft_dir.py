@@ -31,6 +31,8 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 EMBED_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+OUTPUT_LAYERS = ("lm_head", "embed_out", "output", "score", "classifier")
+"""Module names of output layers (PEFT allows trainable tokens there too; the engine serves input rows only)."""
 _RESAVE = "re-save the adapter with PEFT's save_pretrained"
 
 
@@ -188,6 +190,11 @@ def _embedding_parts(embeds: dict[str, dict[str, tuple[int, ...]]], tokens: dict
         if path in embedding_modules:
             problems.append(Problem(f"{path!r} has both an embedding LoRA and trainable tokens", "unsupported",
                                     "train one of them on that embedding"))
+        if path.rpartition(".")[2] in OUTPUT_LAYERS:
+            problems.append(Problem(f"trainable tokens on the output layer {path!r} are not served (the engine adapts "
+                                    "input-embedding rows per request)", "unsupported",
+                                    "list trainable tokens on the input embedding only"))
+            continue
         ids = spec if isinstance(spec, list) else next(
             (v for k, v in (spec or {}).items() if path == k or path.endswith("." + k)), None)
         if not isinstance(ids, list):
