@@ -130,6 +130,13 @@ class MethodConfig:
     prompt_init_text: str | None = None
     k: int = 0
     """``freeze_first_k``: number of bottom transformer layers (plus embeddings) kept frozen."""
+    modules_to_save: list[str] | None = None
+    """``lora``: extra modules trained as full copies (PEFT ``modules_to_save``, e.g. ``lm_head``); the engine serves
+    such a copy in merge mode only (a per-row LM head is ``vocab × hidden`` per adapter)."""
+    trainable_tokens: list[int] | None = None
+    """``lora``: token ids whose input-embedding rows are trained (PEFT ``trainable_token_indices``); served per row
+    in swap mode and merged in merge mode. An embedding LoRA is asked for by naming the embedding in
+    ``target_modules`` (e.g. ``embed_tokens``)."""
 
 
 @dataclass
@@ -404,6 +411,30 @@ def qlora_problem() -> str | None:
     return None
 
 
+def _module_kind_problems(m: MethodConfig) -> list[str]:
+    """``modules_to_save`` / ``trainable_tokens``: LoRA only, well-formed, not with a base-moving init."""
+    p: list[str] = []
+    asked = [f for f, v in (("modules_to_save", m.modules_to_save), ("trainable_tokens", m.trainable_tokens)) if v]
+    if asked and m.name != "lora":
+        p.append(f"method.{asked[0]} is for method lora (got {m.name!r})")
+    if asked and m.init in MUTATING_INITS:
+        p.append(f"method.{asked[0]} with init {m.init!r}: the conversion to the unchanged base covers LoRA pairs "
+                 "only; use init default, gaussian or eva")
+    if m.modules_to_save is not None and (not isinstance(m.modules_to_save, list) or not all(
+            isinstance(x, str) and x for x in m.modules_to_save)):
+        p.append("method.modules_to_save must be a list of module names")
+    tokens = m.trainable_tokens
+    if tokens is not None:
+        if not isinstance(tokens, list) or not tokens or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+            p.append("method.trainable_tokens must be a non-empty list of token ids >= 0")
+        elif len(set(tokens)) != len(tokens):
+            p.append(f"method.trainable_tokens lists an id twice ({tokens})")
+    if tokens and any(t in ("embed_tokens", "wte", "word_embeddings") for t in m.target_modules or []):
+        p.append("method.trainable_tokens and an embedding in method.target_modules: train one of them")
+    return p
+
+
 def static_problems(recipe: Recipe) -> list[str]:
     """Problems visible without reading the data (values, choices, files present, method availability)."""
     p: list[str] = []
@@ -425,6 +456,7 @@ def static_problems(recipe: Recipe) -> list[str]:
             p.append(f"method.init = {m.init!r} changes the base's weights, and with "
                      f"{'a 4-bit base' if m.name == 'qlora' else 'DoRA (magnitudes of W_res)'} the adapter cannot "
                      "be converted exactly to one on the unchanged base: use init default, gaussian or eva")
+    p += _module_kind_problems(m)
     if m.name == "qlora":
         reason = qlora_problem()
         if reason:

@@ -10,6 +10,9 @@ on every path a request can take:
 * ``dynamic`` / ``static`` — greedy decoding with transformers' cache and with the fixed-shape decoder
   (causal LMs): the fraction of greedy tokens equal to PEFT's greedy tokens.
 
+An adapter that swap mode refuses (a full module copy such as an ``lm_head`` in ``modules_to_save``) is checked
+on the paths that serve it: ``merge`` and greedy decoding merged (its record has no ``swap``/``mixed``).
+
 Classifiers compare log-probabilities (softmax is shift-invariant, so that is what a head's logits mean)
 and the predicted labels. The largest difference must stay within a tolerance that depends on the dtype
 (:func:`tolerance`); the result is appended to the version's sidecar (:mod:`adapterhub_local.check.sidecar`)
@@ -19,6 +22,7 @@ and a failure raises :class:`ParityError` naming the path and the size of the di
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +33,7 @@ from adapterhub_local.errors import AdapterHubError, UnsupportedError
 from adapterhub_local.inference import Engine, Request, SamplingParams
 from adapterhub_local.models import load_base_model
 from adapterhub_local.registry import AdapterCard, Registry
+from adapterhub_local.registry.peft_config import HEAD_MODULES
 from adapterhub_local.task_spec import spec_from_card
 
 PROBES = ("a short input", "the second probe is a little longer than the first one", "x y z", "fine")
@@ -73,6 +78,8 @@ def pick_partner(registry: Registry, card: AdapterCard) -> str | None:
         if row.name == card.name or row.base != card.base or row.kind not in ("lora", "head"):
             continue
         other = registry.resolve(row.ref)
+        if any(m.rpartition(".")[2] not in HEAD_MODULES for m in other.modules_to_save or []):
+            continue  # a module copy (lm_head) is served in merge mode only: it cannot share a batch
         if (other.task_type == "sequence_classification") == classifier:
             return other.ref
     return None
@@ -184,6 +191,31 @@ def _check_causal(registry: Registry, card: AdapterCard, probe: Probe, dtype: to
         return max(float((g - w).abs().max()) for g, w in zip(got, want_logits, strict=True))
 
     paths: dict[str, float] = {}
+    # Module copies (an lm_head in modules_to_save) are served in merge mode only: swap refuses them at load,
+    # so their check runs the merge path and decodes merged (the absent swap/mixed paths say so on the record).
+    swappable = swap.pool.get(swap.pool.resolve(card.ref)).extras.swap_refusal is None
+    if swappable:
+        _swap_paths(swap, card, probe, ids, worst, paths)
+    if card.kind != "prompt":
+        merge = Engine(registry, card.base, mode="merge", device=device, dtype=dtype, decoder="dynamic")
+        paths["merge"] = worst([merge.logits([Request(prompt=row, adapter=card.ref)])[0].logits for row in ids])
+    greedy = SamplingParams(max_new_tokens=steps, temperature=0.0, stop_at_eos=False)
+    requests = [Request(prompt=row, adapter=card.ref, sampling=greedy) for row in ids]
+    if probe.partner is not None and swappable:
+        requests.append(Request(prompt=ids[0], adapter=probe.partner, sampling=greedy))
+    agreements = []
+    for decoder in ("dynamic", "static"):
+        engine = swap if decoder == "dynamic" and swappable else Engine(
+            registry, card.base, mode="swap" if swappable else "merge", device=device, dtype=dtype, decoder=decoder)
+        got = [r.token_ids for r in engine.generate(requests)[: len(ids)]]
+        paths[f"{decoder}_agreement"] = _agreement(got, want_tokens)
+        agreements.append(paths[f"{decoder}_agreement"])
+    return paths, min(agreements), scale
+
+
+def _swap_paths(swap: Engine, card: AdapterCard, probe: Probe, ids: list[list[int]],
+                worst: Callable[[list[torch.Tensor]], float], paths: dict[str, float]) -> None:
+    """The ``swap`` (alone) and ``mixed`` (with a partner adapter and a base row) logit differences."""
     paths["swap"] = worst([swap.logits([Request(prompt=row, adapter=card.ref)])[0].logits for row in ids])
     mixed: list[torch.Tensor] = []
     for k, row in enumerate(ids):
@@ -192,21 +224,6 @@ def _check_causal(registry: Registry, card: AdapterCard, probe: Probe, dtype: to
             batch.insert(0, Request(prompt=row + row[:2], adapter=probe.partner))
         mixed.append(swap.logits(batch)[1 if probe.partner is not None else 0].logits)
     paths["mixed"] = worst(mixed)
-    if card.kind != "prompt":
-        merge = Engine(registry, card.base, mode="merge", device=device, dtype=dtype, decoder="dynamic")
-        paths["merge"] = worst([merge.logits([Request(prompt=row, adapter=card.ref)])[0].logits for row in ids])
-    greedy = SamplingParams(max_new_tokens=steps, temperature=0.0, stop_at_eos=False)
-    requests = [Request(prompt=row, adapter=card.ref, sampling=greedy) for row in ids]
-    if probe.partner is not None:
-        requests.append(Request(prompt=ids[0], adapter=probe.partner, sampling=greedy))
-    agreements = []
-    for decoder in ("dynamic", "static"):
-        engine = swap if decoder == "dynamic" else Engine(registry, card.base, device=device, dtype=dtype,
-                                                          decoder="static")
-        got = [r.token_ids for r in engine.generate(requests)[: len(ids)]]
-        paths[f"{decoder}_agreement"] = _agreement(got, want_tokens)
-        agreements.append(paths[f"{decoder}_agreement"])
-    return paths, min(agreements), scale
 
 
 # ------------------------------------------------------------------ classifiers

@@ -41,6 +41,8 @@ def serve(
     timeout: float = typer.Option(300.0, help="Per-request timeout in seconds (504 after it)."),
     drain: float = typer.Option(30.0, help="Seconds queued work may still run on shutdown."),
     max_body_mb: float = typer.Option(2.0, help="Largest request body read (MiB); 413 beyond it."),
+    metrics_top_k: int = typer.Option(20, help="Adapters named in per-adapter metrics and stats (the most traffic; "
+                                                "the rest are summed as 'other')."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
     """Serve the base and its registered adapters over an OpenAI-compatible API (per-request adapters)."""
@@ -68,6 +70,8 @@ def serve(
         problems.append("the API key in $ADAPTERHUB_API_KEY is empty (unset it to run without a key, or give a key)")
     if max_body_mb <= 0:
         problems.append("--max-body-mb must be > 0")
+    if metrics_top_k < 0:
+        problems.append("--metrics-top-k must be >= 0")
     if problems:
         raise ConfigError(problems, "fix the listed options", what="serve options")
 
@@ -98,6 +102,7 @@ def serve(
         scheduler=SchedulerConfig(window_ms=window_ms, max_batch=max_batch, timeout_s=timeout, drain_s=drain,
                                   continuous=continuous),
         max_body_bytes=int(max_body_mb * (1 << 20)),
+        metrics_top_k=metrics_top_k,
     )
     server_app = create_app(engine, registry, base, config)
     uvicorn.run(server_app, host=host, port=port, log_config=None, timeout_graceful_shutdown=int(drain) + 5)

@@ -95,6 +95,9 @@ def check_parents(parents: list[LoadedAdapter]) -> None:
             what = "a soft prompt" if card.kind == "prompt" else f"a {card.kind} version"
             raise UnsupportedError(f"{card.ref} is {what}; only LoRA adapters can be combined",
                                    "combine LoRA adapters; serve a soft prompt on its own")
+        if any(".lora_embedding_" in k or ".token_adapter." in k for k in parent.tensors):
+            raise UnsupportedError(f"{card.ref} has an embedding LoRA or trainable tokens; combining adds LoRA pairs "
+                                   "on linear layers only", "combine adapters whose LoRA is on linear layers only")
         if card.modules_to_save or any(not _is_lora_key(k) for k in parent.tensors):
             raise UnsupportedError(f"{card.ref} carries a trained head (modules_to_save); heads cannot be added up",
                                    "combine adapters without a classifier head")

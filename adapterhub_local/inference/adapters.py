@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from adapterhub_local.errors import FormatError, ShapeMismatchError, UnsupportedError
+from adapterhub_local.inference.module_kinds import ModuleExtras, extra_keys, module_extras
 from adapterhub_local.lora import MAGNITUDE_SUFFIX, PEFT_PREFIX, LoraPair, lora_pairs
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import LoadedAdapter
@@ -52,6 +53,8 @@ class PreparedAdapter:
     dtype: torch.dtype = torch.float32
     """The engine's dtype: LoRA pairs keep their stored dtype (merging computes ΔW in fp32 from them)
     and are cast to this when installed."""
+    extras: ModuleExtras = field(default_factory=ModuleExtras)
+    """Embedding LoRA, trainable tokens and full module copies (:mod:`module_kinds`)."""
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +65,7 @@ class PreparedAdapter:
             count += self.prompt.numel()
         if self.head is not None:
             count += self.head.weight.numel() + (0 if self.head.bias is None else self.head.bias.numel())
+        count += self.extras.numel
         return count * torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -100,8 +104,10 @@ def prepare(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> PreparedAd
     names = {name for name, _ in model.named_modules()}
     prepared = PreparedAdapter(ref=card.ref, card=card, kind="lora", dtype=dtype,
                                fan_in_fan_out=bool(config.get("fan_in_fan_out", False)))
+    prepared.extras = module_extras(card.ref, loaded.tensors, config, model, lambda p: match_module(p, names))
     missing: list[str] = []
-    for path, pair in lora_pairs(loaded.tensors, config).items():
+    plain = {k: v for k, v in loaded.tensors.items() if not extra_keys(k, prepared.extras)}
+    for path, pair in lora_pairs(plain, config).items():
         target = match_module(path, names)
         if target is None:
             missing.append(path)
@@ -110,7 +116,7 @@ def prepare(loaded: LoadedAdapter, model: Any, dtype: torch.dtype) -> PreparedAd
     if missing:
         raise ShapeMismatchError(f"adapter {card.ref}: modules {missing[:4]} are not in the base model",
                                  "use the base the adapter was trained on")
-    rest = {k: v for k, v in loaded.tensors.items()
+    rest = {k: v for k, v in plain.items()
             if ".lora_A." not in k and ".lora_B." not in k and not k.endswith(MAGNITUDE_SUFFIX)}
     prepared.head = _head(card, rest, dtype)
     return refuse_non_finite(prepared)
@@ -130,6 +136,7 @@ def refuse_non_finite(adapter: PreparedAdapter) -> PreparedAdapter:
                               "fix lora_alpha / r in adapter_config.json")
     if adapter.prompt is not None:
         tensors.append(("prompt_embeddings", adapter.prompt))
+    tensors += adapter.extras.named_tensors()
     if adapter.head is not None:
         tensors.append(("head.weight", adapter.head.weight))
         if adapter.head.bias is not None:

@@ -277,7 +277,7 @@ class OpenBatch:
         embeds = None
         if new:
             block = [Row([r.pending]) for r in live] + [Row(r.state.prompt_ids, r.prompt) for r in new]
-            batch = build_batch(block, embeddings, runner.pad_id, left=True)
+            batch = build_batch(block, embeddings, runner.pad_id, left=True, slots=[r.slot for r in [*live, *new]])
             ids, block_mask, block_positions, embeds = (batch.input_ids, batch.attention_mask, batch.position_ids,
                                                         batch.inputs_embeds)
         else:  # a plain decode step

@@ -57,6 +57,7 @@ from adapterhub_local.inference.types import (
     SamplingParams,
     StreamEvent,
 )
+from adapterhub_local.inference.usage import DEFAULT_TOP_K, UsageLedger, UsageReport
 from adapterhub_local.registry.store import Registry
 
 __all__ = ["ClassificationResult", "Engine", "GenerationResult", "LogitsResult", "Mode", "OpenBatch", "PoolStats",
@@ -209,6 +210,17 @@ class Engine:
         """A copy of the pool counters (lock-free: safe to call from a metrics thread during generation)."""
         return PoolStats(**vars(self.pool.stats))
 
+    @property
+    def usage(self) -> UsageLedger:
+        """Per-adapter counters: loads (the pool), merges (here), rows and tokens (whoever serves: the server
+        records them with :meth:`UsageLedger.served`)."""
+        return self.pool.usage
+
+    def usage_report(self, top_k: int = DEFAULT_TOP_K) -> UsageReport:
+        """The ``top_k`` adapters by traffic (each with its residency now) plus an ``other`` entry; lock-free like
+        :meth:`stats`."""
+        return self.pool.usage.report(top_k, self.pool.tier)
+
     # ----------------------------------------------------------------- modes
     def set_mode(self, mode: Mode) -> None:
         """Switch mode; leaving merge/auto for swap unmerges."""
@@ -247,6 +259,7 @@ class Engine:
             adapter = self.pool.get(ref)
             refuse_prompt(adapter)
             self.merger.merge(adapter)
+            self.usage.merged(ref)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_switch_s = time.perf_counter() - start
@@ -420,7 +433,7 @@ class Engine:
         slots, adapters = self._adapters_for(sub_refs, merged)
         ids = [self.runner.encode(requests[i]) for i in rows]
         prompts = [None if merged is not None or a is None else a.prompt for a in adapters]
-        batch = self.runner.batch(ids, prompts)
+        batch = self.runner.batch(ids, prompts, slots)
         states = []
         for k, i in enumerate(rows):
             used = batch.virtual[k] + len(ids[k])

@@ -8,7 +8,9 @@ touches and unmerging copies those bytes back. :func:`export_merged` writes a st
 
 from __future__ import annotations
 
+import copy
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,37 @@ from torch import nn
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter, prepare
-from adapterhub_local.inference.multi_lora import base_linear, weight_of
+from adapterhub_local.inference.multi_lora import weight_of
 from adapterhub_local.lora import dora_factor, lora_delta
 from adapterhub_local.registry.store import Registry
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                     "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                     "generation_config.json")
+
+
+def base_module(model: nn.Module, name: str) -> nn.Module:
+    """The base module at ``name`` (through a multi-adapter wrapper if there is one)."""
+    module = model.get_submodule(name)
+    inner = getattr(module, "base", None)
+    return inner if isinstance(inner, nn.Module) and _is_wrapper(module) else module
+
+
+def set_base_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` where the base module at ``name`` is (inside its wrapper if it has one)."""
+    module = model.get_submodule(name)
+    if _is_wrapper(module):
+        module.base = replacement
+        return
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    from adapterhub_local.inference.multi_embedding import MultiEmbedding
+    from adapterhub_local.inference.multi_lora import MultiLoraLinear
+
+    return isinstance(module, MultiLoraLinear | MultiEmbedding)
 
 
 def refuse_prompt(adapter: PreparedAdapter) -> None:
@@ -51,11 +77,18 @@ def merged_weight(weight: torch.Tensor, adapter: PreparedAdapter, name: str) -> 
 class Merger:
     """Merges one adapter at a time into a model's weights, keeping the originals for an exact unmerge."""
 
-    def __init__(self, model: Any, keep_on: torch.device | None = None) -> None:
+    def __init__(self, model: Any, keep_on: torch.device | None = None,
+                 on_swap: Callable[[], None] | None = None) -> None:
         self.model = model
         self.keep_on = keep_on
         self.merged: PreparedAdapter | None = None
         self._originals: dict[str, torch.Tensor] = {}
+        self._swapped: dict[str, nn.Module] = {}  # module name -> the original module object
+        self.on_swap = on_swap
+        """Called when modules were replaced (merge or unmerge of an embedding LoRA or a module copy): a captured
+        CUDA graph read the old modules' memory and must be captured again."""
+        self.merges = 0
+        """Merges done (a re-merge of the adapter already merged is not counted)."""
 
     @property
     def merged_ref(self) -> str | None:
@@ -64,7 +97,7 @@ class Merger:
     def clean_weight(self, name: str) -> torch.Tensor:
         """The weight at ``name`` as it is without any merged adapter (its kept original while merged)."""
         original = self._originals.get(name)
-        return weight_of(base_linear(self.model, name)) if original is None else original
+        return weight_of(base_module(self.model, name)) if original is None else original
 
     @torch.no_grad()
     def merge(self, adapter: PreparedAdapter) -> None:
@@ -74,17 +107,53 @@ class Merger:
             return
         self.unmerge()
         for name in adapter.pairs:
-            weight = weight_of(base_linear(self.model, name))
+            weight = weight_of(base_module(self.model, name))
             self._originals[name] = weight.detach().to(self.keep_on or weight.device, copy=True)
             weight.copy_(merged_weight(weight, adapter, name))
+        self._merge_extras(adapter)
         self.merged = adapter
+        self.merges += 1
+
+    def _merge_extras(self, adapter: PreparedAdapter) -> None:
+        """Embedding LoRA and module copies replace the module (the original object is kept: tied weights stay
+        untouched, as PEFT leaves them); trainable tokens overwrite their rows in place (on a tied embedding PEFT
+        changes the LM head's rows too, which the shared weight does)."""
+        extras = adapter.extras
+        for name, pair in extras.embeddings.items():
+            original = base_module(self.model, name)
+            weight = weight_of(original)
+            replacement = copy.deepcopy(original)
+            weight_of(replacement).copy_((weight.to(torch.float32) + lora_delta(
+                pair.a.to(weight.device), pair.b.to(weight.device), pair.scale).T).to(weight.dtype))
+            self._swap(name, replacement)
+        for name, params in extras.copies.items():
+            replacement = copy.deepcopy(base_module(self.model, name))
+            own = dict(replacement.named_parameters())
+            for param, value in params.items():
+                own[param].copy_(value.to(own[param].device, own[param].dtype))
+            self._swap(name, replacement)
+        for name, tokens in extras.tokens.items():
+            weight = weight_of(base_module(self.model, name))
+            self._originals[name] = weight.detach().to(self.keep_on or weight.device, copy=True)
+            weight.index_copy_(0, tokens.ids.to(weight.device), tokens.rows.to(weight.device, weight.dtype))
+        if (extras.embeddings or extras.copies) and self.on_swap is not None:
+            self.on_swap()
+
+    def _swap(self, name: str, replacement: nn.Module) -> None:
+        self._swapped.setdefault(name, base_module(self.model, name))
+        set_base_module(self.model, name, replacement)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore every touched weight to its exact original bytes."""
         for name, original in self._originals.items():
-            weight_of(base_linear(self.model, name)).copy_(original)
+            weight_of(base_module(self.model, name)).copy_(original)
         self._originals.clear()
+        for name, module in self._swapped.items():
+            set_base_module(self.model, name, module)
+        if self._swapped and self.on_swap is not None:
+            self.on_swap()
+        self._swapped.clear()
         self.merged = None
 
 
@@ -109,9 +178,7 @@ def export_merged(registry: Registry, ref: str, out: Path, base: str | None = No
                             num_labels=len(labels) or None, dtype=dtype)
     adapter = prepare(loaded, model, dtype)
     with torch.no_grad():
-        for name in adapter.pairs:
-            weight = weight_of(base_linear(model, name))
-            weight.copy_(merged_weight(weight, adapter, name))
+        Merger(model).merge(adapter)  # the exported model keeps the merged weights (never unmerged)
         if classifier:
             head = adapter.head
             if head is None:

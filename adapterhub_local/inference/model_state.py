@@ -15,7 +15,8 @@ import torch
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import Head, PreparedAdapter
 from adapterhub_local.inference.merge import Merger
-from adapterhub_local.inference.multi_lora import BatchContext, wrap, wrappers
+from adapterhub_local.inference.multi_lora import BatchContext, wrap
+from adapterhub_local.inference.serve_kinds import install_extras, refuse_swap, staged_modules, uninstall_extras
 from adapterhub_local.inference.soft_prompt import Batch, Row, build_batch
 from adapterhub_local.inference.types import Request
 from adapterhub_local.lora import dora_factor
@@ -45,7 +46,7 @@ class EngineModel:
         self.model: Any = model
         self.tokenizer: Any = load_tokenizer(record) if _has_tokenizer(record) else None
         self.context = BatchContext(device, strategy=lora_strategy)
-        self.merger = Merger(model)
+        self.merger = Merger(model, on_swap=self._relayout)
         """Merge mode's merger (the engine's): it knows each weight's clean bytes while an adapter is merged."""
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
@@ -59,8 +60,13 @@ class EngineModel:
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self.backbone: Any = getattr(model, model.base_model_prefix, model) if self.is_causal else model
 
+    def _relayout(self) -> None:
+        """Modules were replaced (merge mode): captured CUDA graphs must be captured again."""
+        self.context.layout += 1
+
     # ---------------------------------------------------------- installer
     def install(self, slot: int, adapter: PreparedAdapter) -> None:
+        refuse_swap(adapter)  # before any part is placed
         for name, pair in adapter.pairs.items():
             b_scaled = (pair.b.to(torch.float32) * pair.scale).to(self.dtype)
             wrapper = wrap(self.model, name, self.context)
@@ -69,14 +75,16 @@ class EngineModel:
                 clean = self.merger.clean_weight(name)  # (not a merged one, if an adapter is merged now)
                 dora_g = (dora_factor(clean, pair, adapter.fan_in_fan_out) - 1).to(self.dtype)
             wrapper.install(slot, pair.a.to(self.device, self.dtype), b_scaled.to(self.device), dora_g)
+        install_extras(self.model, self.context, slot, adapter, self.device, self.dtype)
 
     def uninstall(self, slot: int, adapter: PreparedAdapter) -> None:
         for name in adapter.pairs:
             wrap(self.model, name, self.context).uninstall(slot)
+        uninstall_extras(self.model, self.context, slot, adapter)
 
     def stack_bytes(self) -> int:
         """Bytes held by every multi-adapter stack (padding and free slots included)."""
-        return sum(w.stack_bytes for w in wrappers(self.model))
+        return sum(w.stack_bytes for w in staged_modules(self.model))
 
     # -------------------------------------------------------------- inputs
     @property
@@ -135,13 +143,13 @@ class EngineModel:
             raise UnsupportedError("a request has neither prompt nor messages", "send a prompt")
         return list(self.tokenizer(request.prompt)["input_ids"])
 
-    def batch(self, ids: list[list[int]], prompts: list[torch.Tensor | None]) -> Batch:
+    def batch(self, ids: list[list[int]], prompts: list[torch.Tensor | None], slots: list[int] | None = None) -> Batch:
         if any(len(i) == 0 for i in ids):
             raise UnsupportedError("a request has an empty prompt", "send at least one token")
         if any(p is not None for p in prompts) and not self.is_causal:
             raise UnsupportedError("soft prompts are supported on decoder bases only", "use a LoRA adapter")
         rows = [Row(i, p) for i, p in zip(ids, prompts, strict=True)]
-        return build_batch(rows, self.model.get_input_embeddings(), self.pad_id, left=self.is_causal)
+        return build_batch(rows, self.model.get_input_embeddings(), self.pad_id, left=self.is_causal, slots=slots)
 
     @staticmethod
     def _inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -156,7 +164,7 @@ class EngineModel:
     @torch.inference_mode()
     def prompt_logits(self, ids: list[list[int]], prompts: list[torch.Tensor | None],
                       slots: list[int]) -> list[torch.Tensor]:
-        batch = self.batch(ids, prompts)
+        batch = self.batch(ids, prompts, slots)
         self.context.set_rows(slots)
         try:
             logits = self.model(**self._inputs(batch), use_cache=False).logits
@@ -169,7 +177,7 @@ class EngineModel:
     def classify(self, ids: list[list[int]], prompts: list[torch.Tensor | None], slots: list[int],
                  heads: list[Head]) -> list[torch.Tensor]:
         """Per-row head logits (fp32, CPU) from the backbone's pooled hidden states."""
-        batch = self.batch(ids, prompts)
+        batch = self.batch(ids, prompts, slots)
         self.context.set_rows(slots)
         try:
             out = self.backbone(**self._inputs(batch))

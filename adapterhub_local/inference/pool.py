@@ -15,6 +15,7 @@ its content hash (the parents' content hashes and weights), so a changed parent 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
@@ -28,6 +29,7 @@ from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import PreparedAdapter, prepare, refuse_non_finite
 from adapterhub_local.inference.rows import RowLedger
 from adapterhub_local.inference.types import PoolStats
+from adapterhub_local.inference.usage import UsageLedger
 from adapterhub_local.registry.store import Registry
 
 log = logging.getLogger("adapterhub_local.inference")
@@ -69,6 +71,8 @@ class AdapterPool:
         self._fresh: set[str] = set()  # loaded from disk and not installed since (not a host hit)
         self.loader: Callable[[str], PreparedAdapter] = self._load_from_registry
         self._compositions: OrderedDict[str, Composition] = OrderedDict()  # canonical spelling -> resolved parts
+        self.usage = UsageLedger()
+        """Per-adapter load latency here; the engine adds merges, the server rows and tokens."""
 
     @property
     def busy(self) -> dict[str, int]:
@@ -129,6 +133,10 @@ class AdapterPool:
                 raise UnsupportedError(f"{parent.ref} in {composition.key!r} uses DoRA: its magnitude rescales the "
                                        "whole weight, so a DoRA delta does not add up with others",
                                        "serve the DoRA adapter on its own, or compose plain LoRA adapters")
+            if not parent.extras.empty:
+                raise UnsupportedError(f"{parent.ref} in {composition.key} has an embedding LoRA, trainable tokens or "
+                                       "a module copy; composition adds LoRA pairs only",
+                                       "compose adapters whose LoRA is on linear layers only")
         if len({p.fan_in_fan_out for p in parents}) > 1:
             raise UnsupportedError(f"{composition.key}: the parents store their weights transposed differently",
                                    "compose adapters saved with the same fan_in_fan_out")
@@ -144,7 +152,9 @@ class AdapterPool:
         if ref in self.host:
             self.host.move_to_end(ref)
             return self.host[ref]
+        start = time.perf_counter()
         adapter = self.loader(ref)
+        self.usage.loaded(ref, time.perf_counter() - start)
         self._content[ref] = adapter.card.content_hash
         self.stats.misses += 1
         self._fresh.add(ref)
@@ -178,10 +188,11 @@ class AdapterPool:
         other = 0
         for ref in refs:
             adapter = self.get(ref)
-            for name, pair in adapter.pairs.items():
+            stacked = [*adapter.pairs.items(), *adapter.extras.embeddings.items()]  # rank-padded per module
+            for name, pair in stacked:
                 ranks.setdefault(name, []).append(pair.rank)
-                width[name] = int(pair.a.shape[1] + pair.b.shape[0])
-            other += adapter.nbytes - element * sum(p.a.numel() + p.b.numel() for p in adapter.pairs.values())
+                width[name] = int(pair.a.shape[1] + pair.b.shape[0])  # d_in + d_out; an embedding: V + d
+            other += adapter.nbytes - element * sum(p.a.numel() + p.b.numel() for _, p in stacked)
         return other + element * sum(len(r) * max(r) * width[name] for name, r in ranks.items())
 
     def fits_together(self, refs: set[str]) -> bool:

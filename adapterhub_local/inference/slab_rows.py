@@ -35,7 +35,8 @@ from torch import nn
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference import kv_rows
 from adapterhub_local.inference.generation import cache_keyword, cache_of, forward_cached
-from adapterhub_local.inference.multi_lora import BatchContext, wrappers
+from adapterhub_local.inference.multi_lora import BatchContext
+from adapterhub_local.inference.serve_kinds import staged_modules
 from adapterhub_local.inference.soft_prompt import Row, build_batch
 from adapterhub_local.inference.static_decode import (
     GraphBackend,
@@ -122,7 +123,7 @@ class SlabRows:
         """Prefill joiners into free slots. ``lengths``: each joiner's real tokens (virtual + prompt);
         ``needs``: columns it may occupy (length + token limit); ``adapters``: global adapter slots. Returns
         the slots taken and the last-position logits ``[J, V]`` (each joiner's first token)."""
-        batch = build_batch(prompts, embeddings, pad_id, left=True)
+        batch = build_batch(prompts, embeddings, pad_id, left=True, slots=adapters)
         self.context.staged = None
         self.context.set_rows(adapters)
         inputs: dict[str, Any] = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
@@ -226,7 +227,7 @@ class SlabRows:
     def _stage(self) -> tuple[Any, ...]:
         """Stage the slots' adapter operands (after a join, or when a stack was reallocated)."""
         if self._plan is None or self._plan[0] != self.context.layout:
-            shapes = tuple(module.stage(self.ident, self._adapters) for module in wrappers(self.model))
+            shapes = tuple(module.stage(self.ident, self._adapters) for module in staged_modules(self.model))
             self._plan = (self.context.layout, shapes)
         return self._plan
 

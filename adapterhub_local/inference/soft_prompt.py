@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapterhub_local.inference.multi_embedding import embed_rows
+
 
 @dataclass
 class Row:
@@ -46,9 +48,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def build_batch(rows: list[Row], embeddings: nn.Embedding, pad_id: int, left: bool = True) -> Batch:
-    """Pad ``rows`` into one batch, prepending each row's virtual tokens to its prompt."""
-    device = embeddings.weight.device
+def build_batch(rows: list[Row], embeddings: nn.Module, pad_id: int, left: bool = True,
+                slots: list[int] | None = None) -> Batch:
+    """Pad ``rows`` into one batch, prepending each row's virtual tokens to its prompt. ``slots`` (each row's
+    global adapter slot) lets a per-row embedding adapter (:mod:`multi_embedding`) adapt the rows' token
+    embeddings when they are computed here, outside the model's forward (soft-prompt batches)."""
+    weight = embeddings.weight
+    assert isinstance(weight, torch.Tensor)
+    device = weight.device
     virtual = [0 if r.prompt is None else int(r.prompt.shape[0]) for r in rows]
     lengths = [v + len(r.token_ids) for v, r in zip(virtual, rows, strict=True)]
     width = max(lengths)
@@ -63,7 +70,7 @@ def build_batch(rows: list[Row], embeddings: nn.Embedding, pad_id: int, left: bo
     ids, mask = ids.to(device), mask.to(device)
     embeds = None
     if any(virtual):
-        embeds = embeddings(ids)
+        embeds = embed_rows(embeddings, ids, slots)
         for i, (row, v) in enumerate(zip(rows, virtual, strict=True)):
             if row.prompt is not None:
                 begin = starts[i] - v

@@ -39,7 +39,8 @@ from torch import nn
 
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.generation import RowState, Sampler, cache_keyword, last_position
-from adapterhub_local.inference.multi_lora import BatchContext, wrappers
+from adapterhub_local.inference.multi_lora import BatchContext
+from adapterhub_local.inference.serve_kinds import staged_modules
 from adapterhub_local.inference.soft_prompt import Batch
 
 log = logging.getLogger("adapterhub_local.inference")
@@ -213,7 +214,7 @@ class StaticDecoder:
 
             while len(self._slabs) >= self.max_slabs:
                 _, dropped = self._slabs.popitem(last=False)
-                for module in wrappers(self.model):
+                for module in staged_modules(self.model):
                     module.unstage(dropped.ident)
             b, length = key
             slab = _Slab(rows=b, columns=length, cache=StaticCache(config=self.model.config, max_cache_len=length),
@@ -238,7 +239,7 @@ class StaticDecoder:
 
     def _stage(self, slab: _Slab, slots: list[int]) -> tuple[Any, ...]:
         """Every module stages the batch's operands into the slab's buffers; returns what a capture depends on."""
-        shapes = tuple(module.stage(slab.ident, slots) for module in wrappers(self.model))
+        shapes = tuple(module.stage(slab.ident, slots) for module in staged_modules(self.model))
         return (self.context.layout, shapes)
 
     def _capture(self, slab: _Slab, plan: tuple[Any, ...]) -> tuple[Callable[[], None], torch.Tensor]:

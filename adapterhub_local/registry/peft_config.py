@@ -129,7 +129,8 @@ def _unsupported_lora(config: dict[str, Any]) -> list[Problem]:
     if config.get("lora_bias") is True:
         problems.append(Problem("lora_bias=true: the adapter trains a bias on lora_B", "unsupported",
                                 "retrain it with lora_bias=False"))
-    for key, what in (("layer_replication", "layer replication"), ("trainable_token_indices", "trainable tokens"),
+    problems.extend(_token_index_problems(config.get("trainable_token_indices")))
+    for key, what in (("layer_replication", "layer replication"),
                       ("target_parameters", "LoRA on parameters"), ("megatron_config", "Megatron layers")):
         if config.get(key):
             problems.append(Problem(f"{key} is set: {what} cannot be served by the engine", "unsupported",
@@ -138,3 +139,20 @@ def _unsupported_lora(config: dict[str, Any]) -> list[Problem]:
         problems.append(Problem("use_qalora=true cannot be served by the engine", "unsupported",
                                 "retrain it as plain LoRA"))
     return problems
+
+
+def _token_index_problems(spec: Any) -> list[Problem]:
+    """``trainable_token_indices``: a list of distinct ids >= 0 (the input embedding) or a map from module names to
+    such lists (trainable tokens, served on input embeddings: :mod:`adapterhub_local.inference.module_kinds`)."""
+    if spec is None:
+        return []
+    fix = "fix trainable_token_indices in adapter_config.json (a list of token ids, or module name -> list)"
+    lists = spec.values() if isinstance(spec, dict) else [spec]
+    if isinstance(spec, dict) and not all(isinstance(k, str) and k for k in spec):
+        return [Problem("trainable_token_indices must map module names to token-id lists", fix=fix)]
+    for ids in lists:
+        if not isinstance(ids, list) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+            return [Problem(f"trainable_token_indices must list token ids >= 0, not {ids!r}", fix=fix)]
+        if len(set(ids)) != len(ids):
+            return [Problem(f"trainable_token_indices lists an id twice ({ids})", fix=fix)]
+    return []

@@ -29,6 +29,10 @@ from adapterhub_local.registry.safetensors_check import TensorInfo
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+EMBED_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+OUTPUT_LAYERS = ("lm_head", "embed_out", "output", "score", "classifier")
+"""Module names of output layers (PEFT allows trainable tokens there too; the engine serves input rows only)."""
 _RESAVE = "re-save the adapter with PEFT's save_pretrained"
 
 
@@ -43,6 +47,8 @@ class AdapterSummary:
     alpha: float | None = None
     target_modules: list[str] = field(default_factory=list)
     lora_modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # path -> (r, in, out)
+    embedding_modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # path -> (r, vocab, hidden)
+    token_modules: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> trainable-token rows (K, d)
     saved_modules: list[str] = field(default_factory=list)  # modules_to_save tensor names
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -96,6 +102,8 @@ def _inspect_lora(
     problems: list[Problem] = []
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     magnitudes: dict[str, tuple[int, ...]] = {}
+    embeds: dict[str, dict[str, tuple[int, ...]]] = {}
+    tokens: dict[str, tuple[int, ...]] = {}
     rest: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if not name.startswith(PEFT_PREFIX):
@@ -103,6 +111,12 @@ def _inspect_lora(
             continue
         if name.endswith(MAGNITUDE_SUFFIX):
             magnitudes[name[len(PEFT_PREFIX) : -len(MAGNITUDE_SUFFIX)]] = info.shape
+            continue
+        if name.endswith(EMBED_SUFFIXES):
+            embeds.setdefault(name[len(PEFT_PREFIX) : -len(EMBED_SUFFIXES[0])], {})[name[-1]] = info.shape
+            continue
+        if name.endswith(TOKENS_SUFFIX):
+            tokens[name[len(PEFT_PREFIX) : -len(TOKENS_SUFFIX)]] = info.shape
             continue
         for suffix in LORA_SUFFIXES:
             if name.endswith(suffix):
@@ -127,13 +141,16 @@ def _inspect_lora(
             problems.append(Problem(f"module {path!r} has rank {a[0]} but the config says r={expected}",
                                     fix="fix r (or rank_pattern) in adapter_config.json to match the tensors"))
         lora_modules[path] = (a[0], a[1], b[0])
-    problems += _magnitude_problems(magnitudes, lora_modules, bool(config.get("use_dora", False)))
-    if not modules and not problems:
+    embedding_modules, token_modules, more = _embedding_parts(embeds, tokens, config)
+    problems += more
+    problems += _magnitude_problems({k: v for k, v in magnitudes.items() if k not in embedding_modules},
+                                    lora_modules, bool(config.get("use_dora", False)))
+    if not modules and not embedding_modules and not token_modules and not rest and not problems:
         problems.append(Problem("LoRA adapter holds no lora_A/lora_B tensors", fix=_RESAVE))
     targets = config.get("target_modules") or []
     target_list = [targets] if isinstance(targets, str) else [str(t) for t in targets]
     if not isinstance(targets, str) and target_list and "all-linear" not in target_list:
-        for path in lora_modules:
+        for path in [*lora_modules, *embedding_modules]:
             if not any(path == t or path.endswith("." + t) for t in target_list):
                 problems.append(Problem(f"module {path!r} has LoRA tensors but is not in target_modules "
                                         f"{target_list}", fix="fix target_modules in adapter_config.json"))
@@ -141,8 +158,56 @@ def _inspect_lora(
     summary = AdapterSummary(
         kind="lora", config=config, tensors=tensors, rank=rank, alpha=alpha, target_modules=sorted(target_list),
         lora_modules=lora_modules, saved_modules=saved, task_type=task_type,
+        embedding_modules=embedding_modules, token_modules=token_modules,
     )
     return summary, problems + head_problems
+
+
+def _embedding_parts(embeds: dict[str, dict[str, tuple[int, ...]]], tokens: dict[str, tuple[int, ...]],
+                     config: dict[str, Any]) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int]],
+                                                      list[Problem]]:
+    """Embedding LoRA (``lora_embedding_A`` ``[r, V]`` / ``_B`` ``[d, r]``) and trainable tokens (``[K, d]``, one
+    row per id in ``trainable_token_indices``): shapes consistent with the config (the base fit comes later)."""
+    problems: list[Problem] = []
+    embedding_modules: dict[str, tuple[int, int, int]] = {}
+    for path, parts in sorted(embeds.items()):
+        a, b = parts.get("A"), parts.get("B")
+        if a is None or b is None or len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            problems.append(Problem(f"embedding {path!r} has mismatched LoRA tensors (A {a}, B {b})",
+                                    fix="an embedding LoRA holds lora_embedding_A [r, vocab] and _B [hidden, r]"))
+            continue
+        if bool(config.get("use_dora", False)):
+            problems.append(Problem(f"DoRA on the embedding {path!r} is not served", "unsupported",
+                                    "retrain with the embedding out of target_modules, or without use_dora"))
+        expected = pattern_value(config.get("rank_pattern") or {}, path, config.get("r"))
+        if a[0] != expected:
+            problems.append(Problem(f"embedding {path!r} has rank {a[0]} but the config says r={expected}",
+                                    fix="fix r (or rank_pattern) in adapter_config.json to match the tensors"))
+        embedding_modules[path] = (a[0], a[1], b[0])
+    token_modules: dict[str, tuple[int, int]] = {}
+    spec = config.get("trainable_token_indices")
+    for path, shape in sorted(tokens.items()):
+        if path in embedding_modules:
+            problems.append(Problem(f"{path!r} has both an embedding LoRA and trainable tokens", "unsupported",
+                                    "train one of them on that embedding"))
+        if path.rpartition(".")[2] in OUTPUT_LAYERS:
+            problems.append(Problem(f"trainable tokens on the output layer {path!r} are not served (the engine adapts "
+                                    "input-embedding rows per request)", "unsupported",
+                                    "list trainable tokens on the input embedding only"))
+            continue
+        ids = spec if isinstance(spec, list) else next(
+            (v for k, v in (spec or {}).items() if path == k or path.endswith("." + k)), None)
+        if not isinstance(ids, list):
+            problems.append(Problem(f"trainable tokens for {path!r} but trainable_token_indices does not name it",
+                                    fix="fix trainable_token_indices in adapter_config.json"))
+        elif len(shape) != 2 or shape[0] != len(ids):
+            problems.append(Problem(f"trainable_tokens_delta of {path!r} is {list(shape)}, not one row per listed id "
+                                    f"({len(ids)})", fix=_RESAVE))
+        else:
+            token_modules[path] = (shape[0], shape[1])
+    if spec and not tokens:
+        problems.append(Problem("trainable_token_indices is set but no trainable_tokens_delta is saved", fix=_RESAVE))
+    return embedding_modules, token_modules, problems
 
 
 def _magnitude_problems(magnitudes: dict[str, tuple[int, ...]], lora_modules: dict[str, tuple[int, int, int]],
@@ -184,11 +249,15 @@ def _saved_modules(rest: dict[str, TensorInfo], config: dict[str, Any]) -> tuple
     declared = set(config.get("modules_to_save") or [])
     for module, params in sorted(grouped.items()):
         last = module.rpartition(".")[2]
+        if module.endswith(".base_layer"):  # save_embedding_layers: the embedding an embedding LoRA adapted
+            continue
         if last not in HEAD_MODULES:
-            problems.append(Problem(f"tensors {sorted(params)} of module {module!r} are neither LoRA weights nor a "
-                                    "classification head", "unsupported",
-                                    "only LoRA pairs and one linear head (classifier or score) can be served"))
-        elif last not in declared:
+            if not any(module == d or module.endswith("." + d) for d in declared):
+                problems.append(Problem(f"tensors {sorted(params)} of module {module!r} are neither LoRA weights nor "
+                                        "a module listed in modules_to_save", fix="add it to modules_to_save in "
+                                        "adapter_config.json, or re-save the adapter with PEFT"))
+            continue  # a full module copy: merge mode swaps it in (swap mode refuses it, with the reason)
+        if last not in declared:
             problems.append(Problem(f"head {module!r} is saved but not listed in modules_to_save",
                                     fix="add it to modules_to_save in adapter_config.json"))
         elif set(params) - {"weight", "bias"} or "weight" not in params or len(params["weight"].shape) != 2:
@@ -245,12 +314,46 @@ def fit_problems(summary: AdapterSummary, base_shapes: dict[str, tuple[int, ...]
                 continue
             if not any(m == target or m.endswith("." + target) for m in module_paths):
                 problems.append(f"target module {target!r} does not exist in the base")
+    problems += _embedding_fit(summary, base_shapes)
     for name in summary.saved_modules:
         shape = summary.tensors[name].shape
-        if name.endswith(".weight") and hidden_size is not None and len(shape) == 2 and shape[1] != hidden_size:
+        module, _, param = name[len(PEFT_PREFIX):].rpartition(".")
+        if module.rpartition(".")[2] not in HEAD_MODULES:
+            module = module.removesuffix(".base_layer")
+            weight = find_base_weight(module, base_shapes)
+            found = None if weight is None else weight[: -len("weight")] + param
+            if found is None or found not in base_shapes:
+                problems.append(f"modules_to_save copy {name!r} has no counterpart in the base (a tied LM head is not "
+                                "stored on its own: untie it, or train LoRA instead of a head copy)")
+            elif tuple(base_shapes[found]) != tuple(shape):
+                problems.append(f"modules_to_save copy {name!r} {list(shape)} != the base's {list(base_shapes[found])}")
+        elif name.endswith(".weight") and hidden_size is not None and len(shape) == 2 and shape[1] != hidden_size:
             problems.append(f"head weight {name!r} {list(shape)} does not take the base's hidden size {hidden_size}")
     return [Problem(p, "shape", "import it against the base it was trained on (see `adapterhub base list`)")
             for p in problems]
+
+
+def _embedding_fit(summary: AdapterSummary, base_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Embedding LoRA and trainable tokens against the base embedding's ``[vocab, hidden]``."""
+    problems: list[str] = []
+    for path, (_rank, vocab, hidden) in summary.embedding_modules.items():
+        weight = find_base_weight(path, base_shapes)
+        if weight is None or tuple(base_shapes[weight]) != (vocab, hidden):
+            have = "missing" if weight is None else list(base_shapes[weight])
+            problems.append(f"embedding {path!r}: adapter wants a {vocab}×{hidden} embedding, base has {have}")
+    spec = summary.config.get("trainable_token_indices")
+    for path, (_count, hidden) in summary.token_modules.items():
+        weight = find_base_weight(path, base_shapes)
+        if weight is None or len(base_shapes[weight]) != 2 or base_shapes[weight][1] != hidden:
+            have = "missing" if weight is None else list(base_shapes[weight])
+            problems.append(f"trainable tokens on {path!r}: rows of width {hidden}, base embedding {have}")
+            continue
+        ids = spec if isinstance(spec, list) else next(
+            (v for k, v in (spec or {}).items() if path == k or path.endswith("." + k)), [])
+        vocab = base_shapes[weight][0]
+        if any(not 0 <= int(i) < vocab for i in ids):
+            problems.append(f"trainable token ids {ids} fall outside the base's vocabulary (0 … {vocab - 1})")
+    return problems
 
 
 def raise_problems(problems: list[Problem], where: str) -> None:

@@ -18,6 +18,7 @@ from adapterhub_local.inference.types import (
     Request,
     StreamEvent,
 )
+from adapterhub_local.inference.usage import DEFAULT_TOP_K, UsageLedger, UsageReport
 
 Mode = Literal["swap", "merge", "auto"]
 
@@ -59,4 +60,13 @@ class ServingEngine(Protocol):
 
     def stats(self) -> PoolStats:
         """A copy of the adapter pool's counters (safe to call from any thread)."""
+        ...
+
+    @property
+    def usage(self) -> UsageLedger:
+        """Per-adapter counters; the server records rows and tokens served (any thread)."""
+        ...
+
+    def usage_report(self, top_k: int = DEFAULT_TOP_K) -> UsageReport:
+        """Top adapters by traffic plus ``other``, each with its residency (safe to call from any thread)."""
         ...

@@ -1,7 +1,10 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), with no dependency.
 
 Counters and histograms carry labels; the adapter pool's counters are read from the engine at scrape
-time. Everything is guarded by one lock: updates come from the event loop and the engine thread.
+time, and so are the per-adapter series (``adapterhub_adapter_*``, :func:`render_usage`): residency, loads and
+load latency, merges, rows and tokens for the ``K`` adapters with the most traffic plus one ``adapter="other"``
+series summing the rest — at most ``K + 1`` adapter label values, however many adapters the server has seen.
+Everything is guarded by one lock: updates come from the event loop and the engine thread.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+
+from adapterhub_local.inference.usage import UsageReport
 
 LabelKey = tuple[tuple[str, str], ...]
 
@@ -83,9 +88,11 @@ class Histogram:
 class ServerMetrics:
     """The server's instruments. ``pool_stats`` is called at scrape time for the engine's pool counters."""
 
-    def __init__(self, pool_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
+    def __init__(self, pool_stats: Callable[[], Mapping[str, float]] | None = None,
+                 usage_report: Callable[[], UsageReport] | None = None) -> None:
         self._lock = threading.Lock()
         self._pool_stats = pool_stats
+        self._usage_report = usage_report
         self.requests = Counter("adapterhub_requests_total", "Requests by endpoint, model and HTTP status.")
         self.prompt_tokens = Counter("adapterhub_prompt_tokens_total", "Prompt tokens processed, by model.")
         self.completion_tokens = Counter("adapterhub_completion_tokens_total", "Tokens generated, by model.")
@@ -135,4 +142,41 @@ class ServerMetrics:
                 kind = "counter" if stat.endswith("_total") else "gauge"
                 lines += [f"# HELP {name} Adapter pool: {stat.replace('_', ' ')}.", f"# TYPE {name} {kind}",
                           f"{name} {_number(float(value))}"]
+        if self._usage_report is not None:
+            lines += render_usage(self._usage_report())
         return "\n".join(lines) + "\n"
+
+
+USAGE_SERIES = (
+    ("rows", "Rows (requests) served with the adapter."),
+    ("prompt_tokens", "Prompt tokens served with the adapter."),
+    ("completion_tokens", "Tokens generated with the adapter."),
+    ("loads", "Loads of the adapter from the registry on disk."),
+    ("load_seconds", "Total seconds those loads took (read, verify, prepare)."),
+    ("last_load_seconds", "Seconds the latest load took."),
+    ("merges", "Times merge mode merged the adapter into the weights."),
+)
+TIERS = ("device", "host", "disk")
+
+
+def render_usage(report: UsageReport) -> list[str]:
+    """Per-adapter series from a bounded report. They are gauges, not counters: the ranking is taken at each
+    scrape, so an adapter's counts can move between its own series and ``other`` (their sum only grows)."""
+    lines: list[str] = []
+    for stat, help_text in USAGE_SERIES:
+        name = f"adapterhub_adapter_{stat}"
+        lines += [f"# HELP {name} {help_text} Top adapters by traffic, the rest as adapter=\"other\".",
+                  f"# TYPE {name} gauge"]
+        lines += [f"{name}{_labels((('adapter', e.adapter),))} {_number(float(getattr(e.usage, stat)))}"
+                  for e in report.entries]
+    name = "adapterhub_adapter_resident"
+    lines += [f"# HELP {name} 1 for the tier the adapter is in now (device, host or disk); top adapters only.",
+              f"# TYPE {name} gauge"]
+    for entry in report.entries:
+        if entry.residency in TIERS:
+            lines += [f"{name}{_labels((('adapter', entry.adapter), ('tier', tier)))} {int(entry.residency == tier)}"
+                      for tier in TIERS]
+    name = "adapterhub_adapters"
+    lines += [f"# HELP {name} Adapters the server has seen, by the tier they are in now.", f"# TYPE {name} gauge"]
+    lines += [f"{name}{_labels((('tier', tier),))} {report.residency.get(tier, 0)}" for tier in TIERS]
+    return lines

@@ -39,8 +39,11 @@ def build_router(state: ServerState) -> APIRouter:
     @router.get("/adapters")
     async def adapters() -> dict[str, Any]:
         listing, stats = await state.scheduler.call(lambda: (state.engine.adapters(), state.engine.stats()))
+        usage = state.engine.usage_report(state.config.metrics_top_k)
         return {"mode": state.engine.mode, "adapters": [dataclasses.asdict(a) for a in listing],
-                "pool": dataclasses.asdict(stats)}
+                "pool": dataclasses.asdict(stats),
+                "usage": {"top_k": state.config.metrics_top_k, "residency": usage.residency,
+                          "adapters": [e.as_dict() for e in usage.entries]}}
 
     @router.post("/adapters/load")
     async def load(body: AdapterAction) -> dict[str, Any]:

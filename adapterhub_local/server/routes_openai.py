@@ -99,6 +99,8 @@ def build_router(state: ServerState) -> APIRouter:
 
     def account(target: Target, result: GenerationResult) -> None:
         state.metrics.tokens(target.label(state.base.name), result.prompt_tokens, result.completion_tokens)
+        if target.adapter is not None:
+            state.engine.usage.served(target.adapter, 1, result.prompt_tokens, result.completion_tokens)
 
     async def event_stream(job: Job, target: Target, raw: bool, first: Callable[[], dict[str, Any] | None],
                            chunk: Callable[[str, str | None], dict[str, Any]],
@@ -221,6 +223,8 @@ def build_router(state: ServerState) -> APIRouter:
         requests = [EngineRequest(prompt=t, adapter=target.adapter) for t in texts]
         results = await state.scheduler.classify(requests)
         state.metrics.tokens(target.adapter or state.base.name, sum(lengths), 0)
+        if target.adapter is not None:
+            state.engine.usage.served(target.adapter, len(texts), sum(lengths), 0)
         data = [ClassifyResult(index=i, label=r.label, probabilities=r.probabilities) for i, r in enumerate(results)]
         return ClassifyResponse(id=new_id("cls"), created=now(), model=body.model, data=data,
                                 usage={"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from adapterhub_local.inference.usage import DEFAULT_TOP_K
 from adapterhub_local.registry import BaseRecord, Registry
 from adapterhub_local.server.auth import AuthConfig
 from adapterhub_local.server.backend import ServingEngine
@@ -27,6 +28,9 @@ class ServerConfig:
     """Most texts in one ``/v1/classify`` call."""
     max_body_bytes: int = 2 << 20
     """Largest request body read (413 beyond it, before parsing)."""
+    metrics_top_k: int = DEFAULT_TOP_K
+    """Adapters named in per-adapter metrics and ``/admin/adapters`` usage (most traffic first); the rest are
+    summed as ``other``, so the label set stays bounded."""
 
 
 class ServerState:
@@ -38,7 +42,8 @@ class ServerState:
         self.base = base
         self.config = config
         self.started = int(time.time())
-        self.metrics = ServerMetrics(pool_stats=self._pool_stats)
+        self.metrics = ServerMetrics(pool_stats=self._pool_stats,
+                                     usage_report=lambda: engine.usage_report(config.metrics_top_k))
         self.scheduler = Scheduler(engine, config.scheduler, self.metrics)
         self.resolver = ModelResolver(registry, base)
         self.prompts = PromptBuilder(engine.tokenizer, engine.context_length)

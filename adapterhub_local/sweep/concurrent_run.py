@@ -50,9 +50,11 @@ def train_concurrently(registry: Registry, plan: SweepPlan, state: SweepState, d
     if first.data.mix and len({p.seed for p in points}) > 1:
         raise UnsupportedError("a concurrent sweep over several seeds cannot share one mixed data set "
                                "(the mix order depends on the seed)", "use --mode sequential")
-    if first.method.name != "lora" or first.method.use_dora or first.method.init not in ("default", "gaussian"):
-        raise UnsupportedError("concurrent sweeps train plain LoRA (no DoRA; init default or gaussian)",
-                               "use --mode sequential")
+    method = first.method
+    if method.name != "lora" or method.use_dora or method.init not in ("default", "gaussian") or (
+            method.modules_to_save or method.trainable_tokens):
+        raise UnsupportedError("concurrent sweeps train plain LoRA (no DoRA, modules_to_save or trainable tokens; "
+                               "init default or gaussian)", "use --mode sequential")
     runtime.configure_recipe_threads(first.train.num_threads)
     ctx = run_context(registry, first, data)
     log(f"[{plan.sweep_id}] concurrent: preparing {len(points)} adapters (ranks {[p.rank for p in points]})")

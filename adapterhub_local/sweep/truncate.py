@@ -60,6 +60,9 @@ def truncate_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], r
         raise UnsupportedError("DoRA adapters cannot be SVD-truncated: each magnitude was trained for the norm of "
                                "W + ΔW with the full-rank ΔW, so a truncated ΔW would be rescaled by the wrong factor",
                                "truncate a plain LoRA adapter, or retrain DoRA at the smaller rank")
+    if any(k.endswith((".lora_embedding_A", ".lora_embedding_B")) for k in tensors):
+        raise UnsupportedError("SVD truncation covers LoRA on linear layers; this adapter also has an embedding LoRA",
+                               "retrain at the smaller rank (trainable tokens and modules_to_save copies are kept)")
     if config.get("lora_bias"):
         raise UnsupportedError("adapters with a LoRA bias cannot be SVD-truncated", "truncate a plain LoRA adapter")
     pairs = lora_pairs(tensors, config)

@@ -103,7 +103,8 @@ def _lora_config(method: MethodConfig, model: torch.nn.Module, task_type: str, h
         lora_dropout=method.dropout,
         target_modules=method.target_modules or default_targets(model), use_rslora=method.use_rslora,
         use_dora=method.use_dora, init_lora_weights=init, task_type=task_type,  # type: ignore[arg-type]
-        modules_to_save=[head] if head else None,
+        modules_to_save=[*([head] if head else []), *(method.modules_to_save or [])] or None,
+        trainable_token_indices=list(method.trainable_tokens) if method.trainable_tokens else None,
         eva_config=EvaConfig(rho=1.0) if method.init == "eva" else None,
     )
 

@@ -247,6 +247,26 @@ def _with_tensor(name: str, shape: list[int]) -> dict[str, tuple[str, list[int],
     return {**lora_tensors(), name: ("F32", shape, b"\0" * 4 * count)}
 
 
+EMBED = "base_model.model.model.embed_tokens"
+GOOD_MAGNITUDES_ = {"q_proj": [1.0] * 32, "v_proj": [0.5] * 16}
+
+
+def _magnitudes(values: dict[str, list[float]]) -> dict[str, tuple[str, list[int], bytes]]:
+    import numpy as np
+
+    return {f"{PREFIX}.{m}.lora_magnitude_vector": ("F32", [len(v)], np.asarray(v, "<f4").tobytes())
+            for m, v in values.items()}
+
+
+def _embedding_lora(rank: int = 4, vocab: int = 96, hidden: int = 32) -> dict[str, tuple[str, list[int], bytes]]:
+    a = _with_tensor(f"{EMBED}.lora_embedding_A", [rank, vocab])
+    return {**a, **{k: v for k, v in _with_tensor(f"{EMBED}.lora_embedding_B", [hidden, rank]).items() if k not in a}}
+
+
+def _tokens(count: int, hidden: int = 32) -> dict[str, tuple[str, list[int], bytes]]:
+    return _with_tensor(f"{EMBED}.token_adapter.trainable_tokens_delta", [count, hidden])
+
+
 UNSUPPORTED = {
     "bias all": (lora_config(bias="all"), None, "bias='none'"),
     "bias lora_only": (lora_config(bias="lora_only"), None, "bias='none'"),
@@ -256,11 +276,11 @@ UNSUPPORTED = {
     "peft_type missing": (lora_config(peft_type=DROP), None, "peft_type None is not supported"),
     "peft_type not a string": (lora_config(peft_type=1), None, "is not supported"),
     "layer replication": (lora_config(layer_replication=[[0, 2], [1, 2]]), None, "layer_replication"),
-    "trainable tokens": (lora_config(trainable_token_indices=[1, 2]), None, "trainable_token_indices"),
-    "embedding LoRA": (lora_config(), _with_tensor("base_model.model.model.embed_tokens.lora_embedding_A", [4, 96]),
-                       "non-linear"),
-    "saved non-head module": (lora_config(modules_to_save=["lm_head"]),
-                              _with_tensor("base_model.model.lm_head.weight", [96, 32]), "classification head"),
+    "DoRA on an embedding": (lora_config(use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+                             {**_magnitudes(GOOD_MAGNITUDES_), **_embedding_lora()}, "DoRA on the embedding"),
+    "embedding LoRA and trainable tokens on one embedding": (
+        lora_config(target_modules=["q_proj", "v_proj", "embed_tokens"], trainable_token_indices=[1, 2]),
+        {**_embedding_lora(), **_tokens(2)}, "both an embedding LoRA and trainable tokens"),
     "prompt for encoder-decoder": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2,
                                     "num_transformer_submodules": 2},
                                    {"prompt_embeddings": ("F32", [4, 32], b"\0" * 512)}, "encoder-decoder"),
@@ -273,15 +293,53 @@ def test_features_the_engine_cannot_serve_are_refused_at_import(reg: Registry, t
     _refused(reg, adapter_dir(tmp_path / "a", config=config, tensors=tensors), UnsupportedError, needle)
 
 
+EMBEDDING_KINDS = {
+    "embedding LoRA": (lora_config(target_modules=["q_proj", "v_proj", "embed_tokens"]), _embedding_lora()),
+    "trainable tokens": (lora_config(trainable_token_indices=[1, 2, 95]), _tokens(3)),
+    "lm_head copy": (lora_config(modules_to_save=["lm_head"]),
+                     _with_tensor("base_model.model.lm_head.weight", [96, 32])),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EMBEDDING_KINDS))
+def test_embedding_and_module_kinds_are_admitted(reg: Registry, tmp_path: Path, kind: str) -> None:
+    config, tensors = EMBEDDING_KINDS[kind]
+    card = reg.register_adapter(f"kind-{kind.replace(' ', '-').replace('_', '-')}", adapter_dir(
+        tmp_path / "a", config=config, tensors=tensors), "tiny")
+    assert card.kind == "lora" and verify(reg, card.ref).ok
+
+
+EMBEDDING_REFUSALS = {
+    "embedding LoRA with only A": (lora_config(target_modules=["q_proj", "v_proj", "embed_tokens"]),
+                                   _with_tensor(f"{EMBED}.lora_embedding_A", [4, 96]), FormatError, "mismatched"),
+    "embedding LoRA for another vocabulary": (lora_config(target_modules=["q_proj", "v_proj", "embed_tokens"]),
+                                              _embedding_lora(vocab=100), ShapeMismatchError, "100×32 embedding"),
+    "token id outside the vocabulary": (lora_config(trainable_token_indices=[1, 96]), _tokens(2), ShapeMismatchError,
+                                        "outside the base's vocabulary"),
+    "tokens on the LM head": (lora_config(trainable_token_indices={"lm_head": [1, 2]}),
+                              _with_tensor("base_model.model.lm_head.token_adapter.trainable_tokens_delta", [2, 32]),
+                              UnsupportedError, "output layer"),
+    "token rows without ids": (lora_config(), _tokens(2), FormatError, "does not name it"),
+    "ids without token rows": (lora_config(trainable_token_indices=[1, 2]), None, FormatError,
+                               "no trainable_tokens_delta"),
+    "one row too many": (lora_config(trainable_token_indices=[1, 2]), _tokens(3), FormatError, "one row per listed id"),
+    "an id twice": (lora_config(trainable_token_indices=[1, 1]), _tokens(2), FormatError, "lists an id twice"),
+    "copy of a module the base lacks": (lora_config(modules_to_save=["decoder_head"]),
+                                        _with_tensor("base_model.model.decoder_head.weight", [96, 32]),
+                                        ShapeMismatchError, "no counterpart in the base"),
+    "copy of an undeclared module": (lora_config(), _with_tensor("base_model.model.lm_head.weight", [96, 32]),
+                                     FormatError, "listed in modules_to_save"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(EMBEDDING_REFUSALS))
+def test_embedding_and_module_kinds_are_checked_at_import(reg: Registry, tmp_path: Path, attack: str) -> None:
+    config, tensors, error, needle = EMBEDDING_REFUSALS[attack]
+    _refused(reg, adapter_dir(tmp_path / "a", config=config, tensors=tensors), error, needle)
+
+
 # ------------------------------------------------------------------------------ DoRA
-def _magnitudes(values: dict[str, list[float]]) -> dict[str, tuple[str, list[int], bytes]]:
-    import numpy as np
-
-    return {f"{PREFIX}.{m}.lora_magnitude_vector": ("F32", [len(v)], np.asarray(v, "<f4").tobytes())
-            for m, v in values.items()}
-
-
-GOOD_MAGNITUDES = {"q_proj": [1.0] * 32, "v_proj": [0.5] * 16}
+GOOD_MAGNITUDES = GOOD_MAGNITUDES_
 
 
 def test_a_dora_adapter_with_positive_magnitudes_is_admitted(reg: Registry, tmp_path: Path) -> None:

@@ -88,3 +88,17 @@ def test_dora_adapters_are_refused_with_the_reason() -> None:
                "base_model.model.q.lora_magnitude_vector": torch.ones(4)}
     with pytest.raises(UnsupportedError, match="magnitude was trained for the norm of W \\+ ΔW with the full-rank"):
         truncate_tensors(tensors, {"r": 2, "lora_alpha": 2, "use_dora": True}, 1)
+
+
+def test_embedding_lora_is_refused_and_token_rows_are_kept() -> None:
+    from adapterhub_local.errors import UnsupportedError
+
+    pair = {"base_model.model.q.lora_A.weight": torch.ones(2, 4), "base_model.model.q.lora_B.weight": torch.ones(4, 2)}
+    embedding = {"base_model.model.emb.lora_embedding_A": torch.ones(2, 9),
+                 "base_model.model.emb.lora_embedding_B": torch.ones(4, 2)}
+    with pytest.raises(UnsupportedError, match="embedding LoRA"):
+        truncate_tensors({**pair, **embedding}, {"r": 2, "lora_alpha": 2}, 1)
+    rows = torch.randn(3, 4)
+    kept = truncate_tensors({**pair, "base_model.model.emb.token_adapter.trainable_tokens_delta": rows},
+                            {"r": 2, "lora_alpha": 2, "trainable_token_indices": [1, 2, 3]}, 1)
+    assert torch.equal(kept.tensors["base_model.model.emb.token_adapter.trainable_tokens_delta"], rows)

@@ -1,5 +1,6 @@
 """LoRA-family kinds trained from a recipe: ``method.use_dora`` trains DoRA, the registered version carries its
-magnitudes, and the engine (swap and merge) reproduces the trained model's logits."""
+magnitudes, and the engine (swap and merge) reproduces the trained model's logits; likewise an embedding LoRA
+(``target_modules`` naming the embedding), trainable tokens and an ``lm_head`` copy (merge only)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,51 @@ def test_a_concurrent_sweep_refuses_what_its_joint_plain_lora_cannot_train(
     config = SweepConfig(ranks=[1, 2], mode="concurrent", sweep_id="sw", e2e_metrics=False)
     with pytest.raises(UnsupportedError, match="concurrent sweeps train plain LoRA"):
         run_sweep(llama_tok_registry, recipe, config, progress=False, log=lambda _: None)
+
+
+EMBEDDING_RECIPES = {
+    "embedding LoRA": {"target_modules": ["q_proj", "embed_tokens"]},
+    "trainable tokens": {"trainable_tokens": [5, 6, 7, 8, 20, 30]},
+    "lm_head copy": {"modules_to_save": ["lm_head"]},
+}
+STORED_AS = {"embedding LoRA": "embed_tokens.lora_embedding_B", "trainable tokens": "trainable_tokens_delta",
+             "lm_head copy": "base_model.model.lm_head.weight"}
+
+
+@pytest.mark.parametrize("kind", sorted(EMBEDDING_RECIPES))
+def test_embedding_and_module_recipes_train_register_and_serve_exactly(
+        tmp_path: Path, llama_tok_registry: Registry, gen_data: Path, kind: str) -> None:
+    from adapterhub_local.errors import UnsupportedError
+
+    recipe = build_recipe(gen_raw(gen_data, tmp_path / "runs", **EMBEDDING_RECIPES[kind]))
+    result = runner.run(recipe, check(recipe), llama_tok_registry, progress=False)
+    assert result.card is not None and result.model is not None
+    stored = llama_tok_registry.load_adapter(result.card.ref).tensors
+    assert [k for k in stored if k.endswith(STORED_AS[kind])], sorted(stored)
+    ids = torch.randint(5, 60, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=torch.tensor([ids])).logits[0].float()
+    modes = ["merge"] if kind == "lm_head copy" else ["swap", "merge"]
+    for mode in modes:
+        engine = Engine(llama_tok_registry, "tllama", mode=mode)  # type: ignore[arg-type]
+        got = engine.logits([Request(prompt=ids, adapter=result.card.ref)])[0].logits
+        torch.testing.assert_close(got, trained, atol=1e-5, rtol=0)
+        plain = engine.logits([Request(prompt=ids)])[0].logits
+        assert not torch.allclose(got, plain, atol=1e-4)  # training moved the new parts
+    if kind == "lm_head copy":
+        with pytest.raises(UnsupportedError, match="mode='merge'"):
+            Engine(llama_tok_registry, "tllama").logits([Request(prompt=ids, adapter=result.card.ref)])
+
+
+@pytest.mark.parametrize(("method", "needle"), [
+    ({"name": "prompt", "trainable_tokens": [1]}, "is for method lora"),
+    ({"init": "pissa", "modules_to_save": ["lm_head"]}, "conversion to the unchanged base"),
+    ({"trainable_tokens": [3, 3]}, "lists an id twice"),
+    ({"trainable_tokens": [1], "target_modules": ["q_proj", "embed_tokens"]}, "train one of them"),
+])
+def test_embedding_recipe_mistakes_are_refused_before_training(tmp_path: Path, gen_data: Path,
+                                                              method: dict[str, object], needle: str) -> None:
+    from adapterhub_local.config import parse_recipe
+
+    _, problems = parse_recipe(gen_raw(gen_data, tmp_path / "runs", **method))
+    assert any(needle in p for p in problems), problems
