@@ -7,7 +7,8 @@ registered adapter. Without GPUs the processes run on the CPU and talk over gloo
 than silently training alone.) Accelerate sets up the process group (:func:`current`, with a timeout) and wraps
 the model in DDP (``train/loop.py``).
 
-Definitions that make N processes give the adapter one process gives (within float rounding, dropout off):
+Definitions that make N processes give the adapter one process gives (within float rounding, dropout off; tested
+with 2 gloo processes through the real command in ``tests/train/test_distributed.py``):
 
 * The **global batch is the recipe's** — ``batch_size × grad_accum`` examples per optimizer step whatever N is;
   the data order is the one-process order (from the seed). Each micro-batch of ``batch_size`` rows is split
@@ -30,8 +31,10 @@ Definitions that make N processes give the adapter one process gives (within flo
   training ends on every process, so a failed run registers nothing.
 
 Not here: FSDP (bases that do not fit one device) — refused with what it would need, see
-:data:`FSDP_MISSING`. Dropout (LoRA dropout) draws different masks in N processes than in one: the same
-distribution, not the same numbers.
+:data:`FSDP_MISSING`. Dropout — LoRA's and the base model's own (BERT-style encoders train with 0.1) — draws
+different masks in N processes than in one: the same distribution, not the same numbers, so the equality above
+holds with dropout off and in distribution with it on. Resuming restores the main process's RNG state on every
+process.
 """
 
 from __future__ import annotations

@@ -86,8 +86,10 @@ def make_accelerator(precision: str) -> Any:
     resolved = runtime.resolve_precision(precision)
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # Multi-process (distributed.py): the models' buffers are constants, so no broadcast of them in every forward.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # Multi-process (distributed.py): the models' buffers are constants, so no broadcast of them in every forward;
+    # a trainable tensor may take no part in the loss (LoRA on a BERT pooler the classifier does not read): DDP
+    # then leaves its gradient None, as one process does, instead of waiting for it.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=True)
     return Accelerator(cpu=not cuda, mixed_precision="fp16" if resolved == "fp16" else "no", kwargs_handlers=[ddp])
 
 

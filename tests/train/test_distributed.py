@@ -26,7 +26,15 @@ from adapterhub_local.errors import ConfigError, DistributedError, UnsupportedEr
 from adapterhub_local.registry import Registry
 from adapterhub_local.train import distributed
 from adapterhub_local.train.distributed import Processes
-from tests.train.conftest import gen_raw
+from tests.conftest import make_tiny_bert, make_tiny_llama
+from tests.train.conftest import (
+    classification_rows,
+    cls_raw,
+    gen_raw,
+    generation_rows,
+    save_tokenizer,
+    write_jsonl,
+)
 
 ATOL = 1e-5
 """fp32: the two runs differ only in summation order (the shards' losses are added by the all-reduce)."""
@@ -66,19 +74,41 @@ def _card(registry: Registry, ref: str) -> dict[str, Any]:
     return card
 
 
-def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, llama_tok_registry: Registry,
-                                                            gen_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    raw = gen_raw(gen_data, tmp_path / "runs")
-    raw["method"]["dropout"] = 0.0  # dropout draws different masks in 2 processes: the same law, not the same numbers
+def _registry_without_dropout(root: Path, kind: str) -> tuple[Registry, str]:
+    """A registry holding a tiny Llama or BERT (with the test tokenizer) whose own dropout is off: dropout draws
+    different masks in 2 processes (the same law, not the same numbers)."""
+    directory = make_tiny_llama(root / "tiny-llama") if kind == "gen" else make_tiny_bert(root / "tiny-bert")
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update({k: 0.0 for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout")
+                   if k in config})
+    config_file.write_text(json.dumps(config))
+    save_tokenizer(directory)
+    registry = Registry(root / "registry")
+    name = "tllama" if kind == "gen" else "tbert"
+    registry.add_base(name, str(directory))
+    return registry, name
+
+
+@pytest.mark.parametrize("kind", ["gen", "cls"])
+def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, kind: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    one, base = _registry_without_dropout(tmp_path / "one", kind)
+    data = write_jsonl(tmp_path / "data.jsonl", generation_rows() if kind == "gen" else classification_rows())
+    raw = (gen_raw if kind == "gen" else cls_raw)(data, tmp_path / "runs")
+    raw["method"]["dropout"] = 0.0  # LoRA dropout off too
     # 13 examples in batches of 4 (rows split 2 + 2 and, last, 1 + a stand-in), 2 micro-batches per step, 2 epochs;
-    # rows of unequal completion lengths so the two shards hold unequal token counts.
+    # generation rows of unequal completion lengths, so the two shards hold unequal token counts.
     raw["data"]["max_train_examples"] = 13
     raw["train"].update({"batch_size": 4, "grad_accum": 2, "max_steps": 4, "eval_every": 2, "group_by_length": True})
-    recipe = tmp_path / "tgen.yaml"
+    if kind == "cls":  # mean pooling leaves LoRA on the pooler's dense layer out of the loss: DDP must not wait for it
+        raw["task"]["pooling"] = "mean"
+        raw["method"]["target_modules"] = ["query", "value", "dense"]
+    name = raw["name"]
+    recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    one = llama_tok_registry
     two = Registry(tmp_path / "registry-2")
-    two.add_base("tllama", str(one.base("tllama").path))
+    two.add_base(base, str(one.base(base).path))
 
     assert main(["-R", str(one.root), "train", str(recipe), "--no-check", "--json"]) == 0
     single = json.loads(capsys.readouterr().out)
@@ -92,15 +122,16 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, llam
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads(done.stdout)  # one JSON summary: only the main process reports
 
-    assert [row.version for row in two.list_adapters("tgen")] == [1]  # registered once
+    assert [row.version for row in two.list_adapters(name)] == [1]  # registered once
     assert double["training"]["processes"] == 2 and single["training"]["processes"] == 1
     assert double["training"]["train_tokens"] == single["training"]["train_tokens"]  # every row trained once
-    tensors = [load_file(str(reg.path_of(reg.resolve("tgen@1")) / "adapter_model.safetensors")) for reg in (one, two)]
+    tensors = [load_file(str(reg.path_of(reg.resolve(f"{name}@1")) / "adapter_model.safetensors"))
+               for reg in (one, two)]
     assert tensors[0].keys() == tensors[1].keys()
-    for name, value in tensors[0].items():
-        torch.testing.assert_close(tensors[1][name], value, rtol=0, atol=ATOL, msg=name)
+    for key, value in tensors[0].items():
+        torch.testing.assert_close(tensors[1][key], value, rtol=0, atol=ATOL, msg=key)
     assert any(float(v.abs().max()) > 1e-3 for k, v in tensors[0].items() if "lora_B" in k)  # it did train
-    _close(_card(one, "tgen@1"), _card(two, "tgen@1"))
+    _close(_card(one, f"{name}@1"), _card(two, f"{name}@1"))
     logs = [[json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
             for r in (single, double)]
     for a, b in zip(*logs, strict=True):  # the logged loss is the global batch's, evaluations the same
