@@ -73,3 +73,7 @@ class UnsupportedError(AdapterHubError):
 
 class RemoteError(AdapterHubError):
     """A Hugging Face Hub call failed (network, auth, missing repo)."""
+
+
+class DistributedError(AdapterHubError):
+    """One of several training processes lost the others (one failed, or hung past the timeout)."""

@@ -94,7 +94,9 @@ def sweep_cmd(
     from adapterhub_local.config import load_recipe
     from adapterhub_local.sweep.driver import run_sweep
     from adapterhub_local.sweep.plan import SweepConfig, parse_fractions, parse_ranks
+    from adapterhub_local.train.distributed import require_single
 
+    require_single("adapterhub sweep")  # its runs do not split across processes; N would register N times
     loaded = load_recipe(recipe, parse_overrides([*(overrides or []), *override]))
     config = SweepConfig(
         ranks=parse_ranks(ranks), alpha_policy=alpha_policy, mode=mode, truncate_from=truncate_from,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import shlex
 import signal
 import sys
@@ -94,11 +95,16 @@ def train(
 ) -> None:
     """Train an adapter from a recipe, evaluate it on held-out data, register it, and check that the engine
     serves it as PEFT runs it."""
-    from adapterhub_local.train import runner
+    from adapterhub_local.train import distributed, runner
     from adapterhub_local.train.checks import load_and_check
 
+    # Several processes (accelerate launch / torchrun): the main one reports, the others only train.
+    processes = distributed.current()
     # With --json, stdout carries only the JSON summary; progress and status lines go to stderr.
-    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    quiet_stdout: contextlib.AbstractContextManager[Any] = (
+        contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext())
+    if not processes.is_main:
+        quiet_stdout = contextlib.redirect_stdout(io.StringIO())
     all_overrides = [*(overrides or []), *sets]
     with quiet_stdout:
         parsed, data = load_and_check(recipe, parse_overrides(all_overrides))
@@ -129,6 +135,8 @@ def train(
 
             parity = run_check(get_registry(), result.card.ref, device=check_device(None))
             report_check(parity)
+    if not processes.is_main:
+        return
     if as_json:
         print_json({"run_dir": str(result.run_dir), "metrics": result.metrics, "training": result.training,
                     "registered": result.card.ref if result.card else None, "samples": result.samples,

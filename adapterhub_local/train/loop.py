@@ -38,6 +38,7 @@ from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.errors import ConfigError
 from adapterhub_local.train import lm_loss
+from adapterhub_local.train.distributed import SINGLE, Processes, loss_units
 from adapterhub_local.train.methods import load_trainable_state, trainable_state
 from adapterhub_local.train.tasks import Batch, Example
 
@@ -83,7 +84,13 @@ def make_accelerator(precision: str) -> Any:
 
     cuda = torch.cuda.is_available()
     resolved = runtime.resolve_precision(precision)
-    return Accelerator(cpu=not cuda, mixed_precision="fp16" if resolved == "fp16" else "no")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Multi-process (distributed.py): the models' buffers are constants, so no broadcast of them in every forward;
+    # a trainable tensor may take no part in the loss (LoRA on a BERT pooler the classifier does not read): DDP
+    # then leaves its gradient None, as one process does, instead of waiting for it.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=True)
+    return Accelerator(cpu=not cuda, mixed_precision="fp16" if resolved == "fp16" else "no", kwargs_handlers=[ddp])
 
 
 def forward_context(accelerator: Any, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -280,12 +287,16 @@ def train_loop(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    processes: Processes = SINGLE,
 ) -> LoopResult:
     """Train ``model``'s trainable parameters in place; returns counters and the best evaluation.
 
     The hot path does no host synchronisation: losses stay tensors until a log line or the progress bar
     (refreshed at log time) reads them, the next batch is collated on a worker thread meanwhile, and gradient
     synchronisation (multi-process runs) happens on the last micro-batch of an accumulation group only.
+
+    With several ``processes`` each takes its shard of every micro-batch and only the main one evaluates, saves
+    and logs (``distributed.py``).
     """
     from tqdm.auto import tqdm
 
@@ -295,14 +306,18 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     n_steps = total_steps(len(examples), cfg)
     optimizer, scheduler = make_optimizer(params, cfg, n_steps)
+    inner = model  # the model itself; `model` becomes its DDP wrapper with several processes
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _load_checkpoint(run_dir, model, optimizer, scheduler) if resume else LoopState()
+    state = _load_checkpoint(run_dir, inner, optimizer, scheduler) if resume else LoopState()
     eval_every = cfg.eval_every or steps_per_epoch(len(examples), cfg)
     batch_count = math.ceil(len(examples) / cfg.batch_size)
     lengths = [len(e.input_ids) for e in examples]
+    prompt_learning = bool(getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False))
+    units = loss_units(examples, shifted=not prompt_learning) if processes.world_size > 1 else []  # unused alone
     boundary_rng = torch.get_rng_state()
     boundary_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    bar = tqdm(total=n_steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=n_steps, initial=state.step, disable=not progress or not processes.is_main, desc="train",
+               dynamic_ncols=True)
     # The LM head on labelled positions only (lm_loss.py); DDP needs the wrapped model's own forward.
     fast_loss = accelerator.num_processes == 1 and lm_loss.supports(model, {"labels": torch.zeros(1, 1)})
     running_loss = torch.zeros((), device=accelerator.device)
@@ -311,27 +326,31 @@ def train_loop(
     # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is undone by the matmul's own cast
     # to bf16 — two copies of every adapted activation, forward and backward, for bit-identical results.
     casting = contextlib.ExitStack()
-    if runtime.resolve_precision(cfg.precision) in ("bf16", "fp16") and hasattr(model, "peft_config"):
+    if runtime.resolve_precision(cfg.precision) in ("bf16", "fp16") and hasattr(inner, "peft_config"):
         from peft.helpers import disable_input_dtype_casting
 
-        casting.enter_context(disable_input_dtype_casting(model))
+        casting.enter_context(disable_input_dtype_casting(inner))
 
     def run_eval() -> bool:
-        """Evaluate, keep the best, decide on early stopping; True = stop."""
+        """Evaluate, keep the best, decide on early stopping; True = stop. The main process evaluates; the
+        others take its decision."""
+        if not processes.is_main:
+            state.last_eval_step = state.step
+            return processes.main_says(False)
         model.eval()
         with torch.no_grad(), forward_context(accelerator, cfg.precision):
-            result = evaluate(model)
+            result = evaluate(inner)
         model.train()
         value = float(result.get(metric, float("nan")))
         state.last_eval_step, state.last_eval = state.step, result
         if note_evaluation(state, value, greater_is_better, cfg.early_stopping_patience):
             best = run_dir / BEST
             best.mkdir(exist_ok=True)
-            save_file(trainable_state(model), str(best / "trainable.safetensors"))
+            save_file(trainable_state(inner), str(best / "trainable.safetensors"))
         _log(run_dir, {"step": state.step, "epoch": state.epoch, "eval": result})
         bar.write(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, int | float)))
-        return state.stopped_early
+        return processes.main_says(state.stopped_early)
 
     model.train()
     try:
@@ -346,16 +365,18 @@ def train_loop(
                 step_loss = torch.zeros((), device=accelerator.device)
                 step_tokens = 0
                 for b in group:
-                    batch = prefetch.get(epoch_plan[b])
+                    shard = processes.shard(epoch_plan[b], units)  # the whole micro-batch in one process
+                    batch = prefetch.get(shard.rows)
                     if b + 1 < batch_count:
-                        prefetch.want(epoch_plan[b + 1])
+                        prefetch.want(processes.shard(epoch_plan[b + 1], units).rows)
                     # Gradients are synchronised (multi-process) on the group's last micro-batch only.
                     sync = contextlib.nullcontext() if b == group[-1] else accelerator.no_sync(model)
                     with sync:
-                        loss = training_loss(model, batch, accelerator, cfg.precision, fast_loss) / len(group)
+                        loss = training_loss(model, batch, accelerator, cfg.precision, fast_loss) * shard.share
+                        loss = loss / len(group)
                         accelerator.backward(loss)
                     step_loss += loss.detach().float()
-                    step_tokens += batch.real_tokens
+                    step_tokens += sum(lengths[i] for i in epoch_plan[b])  # the whole micro-batch's
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -373,19 +394,21 @@ def train_loop(
                 if state.step % cfg.log_every == 0 or state.step == n_steps:
                     # The only place the training loss leaves the device.
                     tokens_per_s = state.train_tokens / max(state.train_seconds, 1e-9)
-                    mean_loss = float(running_loss) / running_n
+                    mean_loss = float(processes.average(running_loss)) / running_n
                     bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                    _log(run_dir, {"step": state.step, "epoch": state.epoch, "loss": mean_loss,
-                                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
+                    if processes.is_main:
+                        _log(run_dir, {"step": state.step, "epoch": state.epoch, "loss": mean_loss,
+                                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
                     running_loss.zero_()
                     running_n = 0
                 if state.step % eval_every == 0 or state.step == n_steps:
                     state.stopped_early = run_eval()
                 boundary_rng = torch.get_rng_state()
                 boundary_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-                if state.step % eval_every == 0 or state.step == n_steps or state.stopped_early:
-                    _save_checkpoint(run_dir, model, optimizer, scheduler, state, boundary_rng, boundary_cuda)
-                if on_step is not None:
+                if processes.is_main and (state.step % eval_every == 0 or state.step == n_steps
+                                          or state.stopped_early):
+                    _save_checkpoint(run_dir, inner, optimizer, scheduler, state, boundary_rng, boundary_cuda)
+                if on_step is not None and processes.is_main:
                     on_step(state.step)
                 if state.stopped_early:
                     break
@@ -393,7 +416,8 @@ def train_loop(
         # Keep the last completed step so --resume continues from it (gradients of a half-done
         # accumulation are discarded; the parameters did not move since that step).
         optimizer.zero_grad(set_to_none=True)
-        _save_checkpoint(run_dir, model, optimizer, scheduler, state, boundary_rng, boundary_cuda)
+        if processes.is_main:
+            _save_checkpoint(run_dir, inner, optimizer, scheduler, state, boundary_rng, boundary_cuda)
         bar.close()
         raise
     finally:
@@ -402,5 +426,6 @@ def train_loop(
     bar.close()
     if state.last_eval_step != state.step and not state.stopped_early:
         run_eval()
-        _save_checkpoint(run_dir, model, optimizer, scheduler, state, torch.get_rng_state(), None)
+        if processes.is_main:
+            _save_checkpoint(run_dir, inner, optimizer, scheduler, state, torch.get_rng_state(), None)
     return LoopResult(state, n_steps, metric)

@@ -33,8 +33,8 @@ from adapterhub_local.pooling import resolve_pooling, with_pooling
 from adapterhub_local.registry import AdapterCard, BaseRecord, CardInfo, Registry
 from adapterhub_local.registry.model_kinds import register_full, register_head
 from adapterhub_local.task_spec import SPEC_KEY
+from adapterhub_local.train import distributed, tasks
 from adapterhub_local.train import evaluate as ev
-from adapterhub_local.train import tasks
 from adapterhub_local.train.checks import PreparedData
 from adapterhub_local.train.data import read_rows, render
 from adapterhub_local.train.loop import load_best, train_loop
@@ -211,7 +211,10 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train, evaluate, save and (for PEFT methods) register; see the module docstring for the run directory."""
     started = time.perf_counter()
-    record = ensure_base(registry, recipe)
+    processes = distributed.current()  # one process unless started by accelerate launch / torchrun
+    record = ensure_base(registry, recipe) if processes.is_main else None
+    processes.barrier()  # a missing base is registered once, by the main process
+    record = record or ensure_base(registry, recipe)
     runtime.configure_recipe_threads(recipe.train.num_threads)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(record)
@@ -229,10 +232,11 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     if resume:
         run_dir = run_dir or find_resumable(recipe)
         _same_recipe(run_dir, recipe)
-    else:
+    elif processes.is_main:
         run_dir = run_dir or _new_run_dir(recipe)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    run_dir = processes.main_path(run_dir)
     bs = recipe.eval.batch_size
 
     if classification:
@@ -255,8 +259,11 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         size = recipe.train.batch_size
         initialize_eva(trained, [collate(encoded.train[i: i + size]).tensors
                                  for i in range(0, len(encoded.train), size)])
-    result = train_loop(trained.model, encoded.train, collate, recipe.train, run_dir, periodic, metric, greater,
-                        resume=resume, progress=progress, on_step=on_step)
+    with processes.guard():
+        result = train_loop(trained.model, encoded.train, collate, recipe.train, run_dir, periodic, metric, greater,
+                            resume=resume, progress=progress, on_step=on_step, processes=processes)
+    if not processes.is_main:  # the main process evaluates, saves and registers (distributed.py)
+        return RunResult(run_dir, {}, {}, None, not_registered=f"process {processes.rank} of {processes.world_size}")
     model = trained.model
     load_best(run_dir, model)
     model.eval()
@@ -271,6 +278,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         "train_tokens": result.state.train_tokens, "tokens_per_s": result.tokens_per_s,
         "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "processes": processes.world_size,
         "precision": runtime.resolve_precision(recipe.train.precision),
         "train_examples": len(encoded.train), "validation_examples": len(encoded.validation),
         "test_examples": len(encoded.test) or len(encoded.prompts),
