@@ -8,6 +8,11 @@ rest and its report sets the prediction beside the trained ranks.
 The sweep lives in ``<runs_dir>/<sweep-id>/`` (``state.json``, one run directory per point, the report).
 Starting the same sweep again resumes it: finished points are skipped, registered-but-unrecorded ones are
 adopted from the registry, and a point interrupted mid-run (sequential mode) continues from its checkpoint.
+
+Every point is one unit of work of ``train/`` (:mod:`adapterhub_local.train.unit`). Where the pending points run
+is the executor's choice, not part of the plan: ``local`` (this process) or ``ray``
+(:mod:`adapterhub_local.sweep.ray_executor`: one Ray task per point, or per group of points in concurrent mode).
+This process alone writes ``state.json`` and the report, so a sweep resumes under either executor.
 """
 
 from __future__ import annotations

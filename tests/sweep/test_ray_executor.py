@@ -31,12 +31,25 @@ RAY = ExecutorOptions("ray", num_cpus=1)
 def cluster() -> Iterator[Any]:
     """One local Ray runtime with 2 CPU slots for the whole module (starting Ray costs seconds)."""
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # Both worker slots import the training stack now, while the local baseline sweep runs (not waited for).
+    warm = [ray.remote(num_cpus=1)(_import_training_stack).remote() for _ in range(2)]
     yield ray
+    del warm
     ray.shutdown()
 
 
+def _import_training_stack() -> int:
+    import peft  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    import adapterhub_local.sweep.concurrent_run
+    import adapterhub_local.sweep.ray_executor  # noqa: F401
+
+    return os.getpid()
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A registry with a tiny Llama, a small generation data set, and a local sequential sweep to compare with."""
     root = tmp_path_factory.mktemp("ray")
     registry = Registry(root / "registry")
