@@ -87,14 +87,27 @@ def sweep_cmd(
     sweep_id: str | None = typer.Option(None, "--sweep-id", help="Name (default: derived; a re-run resumes)."),
     override: list[str] = typer.Option([], "--set", "-s", help="Recipe override key=value (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    executor: str = typer.Option("local", "--executor", help="Where points train: local (this process) or ray "
+                                 "(tasks on a Ray cluster; a sweep resumes under either)."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, "
+                                       "else a local Ray runtime)."),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", help="CPUs per Ray task."),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus", help="GPUs per Ray task."),
+    max_retries: int = typer.Option(3, "--max-retries", help="Times Ray re-runs a task whose worker died."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Concurrent mode on Ray: points per task "
+                                          "(default: split evenly over the cluster)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Train one LoRA adapter per rank (sequentially, or all at once on one shared frozen base), register and
-    tag each with the sweep id, and write runs/<sweep-id>/results.{csv,json,md} and plots."""
+    """Train one LoRA adapter per rank (sequentially, or all at once on one shared frozen base; here or on a Ray
+    cluster), register and tag each with the sweep id, and write runs/<sweep-id>/results.{csv,json,md} and plots."""
     from adapterhub_local.config import load_recipe
     from adapterhub_local.sweep.driver import run_sweep
     from adapterhub_local.sweep.plan import SweepConfig, parse_fractions, parse_ranks
+    from adapterhub_local.sweep.ray_executor import ExecutorOptions
     from adapterhub_local.train.distributed import require_single
+
+    options = ExecutorOptions(executor, address, ray_cpus, ray_gpus, max_retries, group_size)
+    options.validate()
 
     require_single("adapterhub sweep")  # its runs do not split across processes; N would register N times
     loaded = load_recipe(recipe, parse_overrides([*(overrides or []), *override]))
@@ -105,7 +118,7 @@ def sweep_cmd(
     )
     # Bars only on a terminal: in a log (`> sweep.log 2>&1`, nohup) a bar is a stream of carriage returns.
     summary = run_sweep(get_registry(create=True), loaded, config, progress=progress and is_tty(sys.stderr),
-                        log=lambda line: console.print(line, markup=False, highlight=False))
+                        log=lambda line: console.print(line, markup=False, highlight=False), executor=options)
     if as_json:
         print_json(summary)
         return

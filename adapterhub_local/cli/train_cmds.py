@@ -95,8 +95,9 @@ def train(
 ) -> None:
     """Train an adapter from a recipe, evaluate it on held-out data, register it, and check that the engine
     serves it as PEFT runs it."""
-    from adapterhub_local.train import distributed, runner
+    from adapterhub_local.train import distributed
     from adapterhub_local.train.checks import load_and_check
+    from adapterhub_local.train.unit import UnitRequest, run_unit
 
     # Several processes (accelerate launch / torchrun): the main one reports, the others only train.
     processes = distributed.current()
@@ -119,8 +120,10 @@ def train(
         tty = is_tty(sys.stderr)
         log_progress = _LogProgress(planned_steps(parsed, data)) if not (no_progress or tty) else None
         try:
-            result = runner.run(parsed, data, get_registry(create=True), resume=resume, run_dir=run_dir,
-                                progress=not no_progress and tty, on_step=log_progress)
+            registry = get_registry(create=True)
+            request = UnitRequest(parsed, run_dir, resume="always" if resume else "never",
+                                  progress=not no_progress and tty)
+            result = run_unit(request, registry, data, on_step=log_progress)
         except KeyboardInterrupt:
             again = shlex.join(["adapterhub", "train", str(recipe), *all_overrides, "--resume"])
             err_console.print(f"interrupted; the last completed step is checkpointed. Continue with: {again}",
@@ -130,16 +133,17 @@ def train(
             if log_progress is not None:
                 log_progress.close()
         parity = None
-        if result.card is not None and not no_check and result.card.kind in CHECKABLE_KINDS:
+        card = registry.resolve(result.ref) if result.ref else None
+        if card is not None and not no_check and card.kind in CHECKABLE_KINDS:
             from adapterhub_local.check.parity import run_check
 
-            parity = run_check(get_registry(), result.card.ref, device=check_device(None))
+            parity = run_check(get_registry(), card.ref, device=check_device(None))
             report_check(parity)
     if not processes.is_main:
         return
     if as_json:
         print_json({"run_dir": str(result.run_dir), "metrics": result.metrics, "training": result.training,
-                    "registered": result.card.ref if result.card else None, "samples": result.samples,
+                    "registered": result.ref, "samples": result.samples,
                     "parity": None if parity is None else dataclasses.asdict(parity)})
         return
     table("test metrics", ["metric", "value"], _metric_rows(result.metrics))
@@ -153,8 +157,8 @@ def train(
         columns = list(result.samples[0])
         table("sample predictions (held-out)", columns, [[s[c] for c in columns] for s in result.samples],
               key_columns=0)
-    if result.card:
-        console.print(f"registered [bold]{escape(result.card.ref)}[/] — run directory {escape(str(result.run_dir))}",
+    if result.ref:
+        console.print(f"registered [bold]{escape(result.ref)}[/] — run directory {escape(str(result.run_dir))}",
                       highlight=False)
     else:
         console.print(f"not registered ({escape(str(result.not_registered))}); results in "

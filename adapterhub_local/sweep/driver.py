@@ -8,6 +8,11 @@ rest and its report sets the prediction beside the trained ranks.
 The sweep lives in ``<runs_dir>/<sweep-id>/`` (``state.json``, one run directory per point, the report).
 Starting the same sweep again resumes it: finished points are skipped, registered-but-unrecorded ones are
 adopted from the registry, and a point interrupted mid-run (sequential mode) continues from its checkpoint.
+
+Every point is one unit of work of ``train/`` (:mod:`adapterhub_local.train.unit`). Where the pending points run
+is the executor's choice, not part of the plan: ``local`` (this process) or ``ray``
+(:mod:`adapterhub_local.sweep.ray_executor`: one Ray task per point, or per group of points in concurrent mode).
+This process alone writes ``state.json`` and the report, so a sweep resumes under either executor.
 """
 
 from __future__ import annotations
@@ -23,29 +28,17 @@ from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.registry.fingerprint import tensor_shapes
 from adapterhub_local.registry.store import Registry
 from adapterhub_local.sweep.plan import SweepConfig, SweepPlan, SweepPoint, plan_sweep, target_dims, validate
+from adapterhub_local.sweep.ray_executor import ExecutorOptions
 from adapterhub_local.sweep.report import PointResult, write_report
 from adapterhub_local.sweep.state import SweepState, adopt_registered, result_from_card
-from adapterhub_local.train.checks import PreparedData
-from adapterhub_local.train.methods import DEFAULT_TARGETS
-
-
-def _targets(recipe: Recipe, base_path: Path) -> tuple[list[str], bool]:
-    """The recipe's target module names (or the architecture's default) and whether weights are Conv1D."""
-    config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-    model_type = str(config.get("model_type", ""))
-    targets = recipe.method.target_modules or DEFAULT_TARGETS.get(model_type)
-    if not targets:
-        raise UnsupportedError(f"no default LoRA targets for model type {model_type!r}",
-                               "set method.target_modules in the recipe")
-    return list(targets), model_type == "gpt2"
+from adapterhub_local.train import unit
+from adapterhub_local.train.unit import PreparedData
 
 
 def make_plan(registry: Registry, recipe: Recipe, config: SweepConfig, train_rows: int | None = None) -> SweepPlan:
     """The sweep plan, with each target's ``(d_in, d_out)`` read from the base for the over-complete check."""
-    from adapterhub_local.train.runner import ensure_base
-
-    record = ensure_base(registry, recipe)
-    targets, conv1d = _targets(recipe, record.path)
+    record = unit.ensure_base(registry, recipe)
+    targets, conv1d = unit.recipe_targets(recipe, record.path)
     return plan_sweep(recipe, config, target_dims(tensor_shapes(record.path), targets, fan_in_fan_out=conv1d),
                       train_rows)
 
@@ -58,13 +51,14 @@ def train_rows(recipe: Recipe, data: PreparedData) -> int:
 
 
 def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progress: bool = True,
-              log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns the report summary (knee, primary metric, directory)."""
-    from adapterhub_local.train.checks import check
-
+              log: Callable[[str], Any] = print, executor: ExecutorOptions | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the report summary (knee, primary metric, directory). ``executor``:
+    where the pending points train (default: this process; see :mod:`adapterhub_local.sweep.ray_executor`)."""
     started = time.perf_counter()
+    executor = executor or ExecutorOptions()
+    executor.validate()
     validate(config, recipe)  # the sweep options first: they are cheap to check and the data is not
-    data = check(recipe)
+    data = unit.prepare_data(recipe)
     plan = make_plan(registry, recipe, config, train_rows(recipe, data))
     sweep_dir = Path(recipe.output.runs_dir) / plan.sweep_id
     state = SweepState.open(sweep_dir, plan)
@@ -83,7 +77,12 @@ def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progre
     pending = [p for p in to_train if not state.done(p)]
     log(f"[{plan.sweep_id}] {len(to_train) - len(pending)} of {len(to_train)} point(s) done; "
         f"{len(pending)} to train ({config.mode})" + (f"; advisor: training r={top} only" if config.advise else ""))
-    if pending and config.mode == "concurrent" and not config.advise:
+    if pending and executor.executor == "ray":
+        from adapterhub_local.sweep.ray_executor import train_on_ray
+
+        train_on_ray(registry, plan, state, data, sweep_dir, pending, executor,
+                     concurrent=config.mode == "concurrent" and not config.advise, log=log)
+    elif pending and config.mode == "concurrent" and not config.advise:
         from adapterhub_local.sweep.concurrent_run import train_concurrently
 
         train_concurrently(registry, plan, state, data, sweep_dir, progress=progress, log=log)
@@ -110,7 +109,8 @@ def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progre
                         max(config.data_fractions)) if metric else None
         if advice is not None:
             advice_file.write_text(json.dumps(advice, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    meta = {"recipe": recipe.name, "mode": config.mode, "alpha_policy": config.alpha_policy,
+    meta = {"recipe": recipe.name, "mode": config.mode, "executor": executor.executor,
+            "alpha_policy": config.alpha_policy,
             "seeds": sorted({p.seed for p in plan.points}), "ranks": sorted({p.rank for p in plan.points}),
             "steps": recipe.train.max_steps, "epochs": recipe.train.epochs, "directory": str(sweep_dir),
             "num_beams": config.num_beams if config.num_beams > 1 else None, "advise": config.advise,
@@ -132,11 +132,10 @@ def _advised_rank(path: Path) -> int | None:
 def extra_scoring(registry: Registry, plan: SweepPlan, state: SweepState, data: PreparedData,
                   *, log: Callable[[str], Any] = print) -> None:
     """E2E metrics for every generation row, and beam-search evaluation of every trained adapter when asked."""
-    from adapterhub_local.sweep.evaluation import beam_eval, run_context
     from adapterhub_local.sweep.scoring import add_e2e_metrics, beam_metrics
 
     config = plan.config
-    ctx = run_context(registry, plan.recipe, data)
+    ctx = unit.open_context(registry, plan.recipe, data)
     references = [p.references for p in ctx.encoded.prompts]
     points = {p.key: p for p in plan.points}
     rows = state.rows()
@@ -146,7 +145,7 @@ def extra_scoring(registry: Registry, plan: SweepPlan, state: SweepState, data: 
             if row.series != "trained" or "beam_bleu" in row.metrics:
                 continue
             log(f"[{plan.sweep_id}] beam search ({config.num_beams} beams): {row.adapter}")
-            scalars, record = beam_metrics(beam_eval(ctx, registry, row.adapter, config.num_beams))
+            scalars, record = beam_metrics(unit.beam_eval(ctx, registry, row.adapter, config.num_beams))
             row.metrics.update(scalars)
             row.per_example.update(record)
             changed[id(row)] = row
@@ -163,14 +162,13 @@ def truncated_curve(registry: Registry, plan: SweepPlan, state: SweepState, data
     """SVD-truncate the ``truncate_from`` adapter (per seed) to every lower swept rank; evaluate each truncation
     with the runner's final evaluation and register it (parent = the trained adapter, tagged with the sweep)."""
     from adapterhub_local.lora import lora_scale
-    from adapterhub_local.sweep.evaluation import evaluate_state, run_context
     from adapterhub_local.sweep.state import per_example_of, test_metrics, validation_metrics
     from adapterhub_local.sweep.truncate import truncate_and_register
 
     source_rank = source_rank if source_rank is not None else plan.config.truncate_from
     assert source_rank is not None
     fraction = max(plan.config.data_fractions)
-    ctx = run_context(registry, plan.recipe, data)
+    ctx = unit.open_context(registry, plan.recipe, data)
     for source in [p for p in plan.points if p.rank == source_rank and p.fraction == fraction]:
         parent = state.result(source)
         if parent is None:
@@ -185,7 +183,7 @@ def truncated_curve(registry: Registry, plan: SweepPlan, state: SweepState, data
                                          extra={"sweep_id": plan.sweep_id})
             recipe = point.recipe_for(plan.recipe, plan.sweep_id)
             recipe.method.alpha = parent.alpha  # the truncation keeps its parent's lora_alpha
-            validation, final = evaluate_state(ctx, recipe, registry.load_adapter(card.ref).tensors)
+            validation, final = unit.evaluate_state(ctx, recipe, registry.load_adapter(card.ref).tensors)
             metrics = {**test_metrics(final), **validation_metrics(validation)}
             facts = {k: v for k, v in parent.facts.items() if not k.endswith("train_loss")}
             registry.tag(card.ref, plan.sweep_id)

@@ -24,6 +24,7 @@ the pooling recorded on the card (``adapterhub_local/pooling.py``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,18 @@ class Trainable:
 def model_type(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "model_type", "unknown"))
+
+
+def recipe_targets(recipe: Recipe, base_path: Path) -> tuple[list[str], bool]:
+    """The recipe's LoRA target module names (or the base architecture's default, read from its
+    ``config.json``) and whether its weights are Conv1D (``fan_in_fan_out``, GPT-2)."""
+    config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    kind = str(config.get("model_type", ""))
+    targets = recipe.method.target_modules or DEFAULT_TARGETS.get(kind)
+    if not targets:
+        raise UnsupportedError(f"no default LoRA targets for model type {kind!r}",
+                               "set method.target_modules in the recipe")
+    return list(targets), kind == "gpt2"
 
 
 def default_targets(model: torch.nn.Module) -> list[str]:

@@ -288,13 +288,32 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     forgetting = final.pop("forgetting", None)
     if forgetting is not None:
         training["forgetting"] = forgetting
+    card, why_not = finish_run(recipe, data, registry, trained, run_dir, final, training, samples, labels)
+    return RunResult(run_dir, final, training, card, samples, why_not, model)
+
+
+def finish_run(recipe: Recipe, data: PreparedData, registry: Registry, trained: Trainable, run_dir: Path,
+               final: dict[str, Any], training: dict[str, Any], samples: list[dict[str, Any]],
+               labels: list[str] | None) -> tuple[AdapterCard | None, str | None]:
+    """A run's tail, whoever trained it: save the result, register it, write ``final_metrics.json`` (last, so
+    its presence means the run is finished)."""
     save_result(trained, run_dir / "adapter")
     card, why_not = register_result(recipe, data, registry, trained, run_dir, final, training, labels)
     summary = {"metrics": final, "training": training, "registered": card.ref if card else None,
                "not_registered": why_not, "dataset_fingerprint": data.fingerprint,
                "splits": {s.name: s.splits.sources for s in data.sources}, "samples": samples}
     (run_dir / FINAL).write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
-    return RunResult(run_dir, final, training, card, samples, why_not, model)
+    return card, why_not
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` completed (its final metrics are written)."""
+    return (run_dir / FINAL).exists()
+
+
+def is_resumable(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds an interrupted run with a checkpoint to continue from."""
+    return (run_dir / "checkpoint" / "state.json").exists() and not is_finished(run_dir)
 
 
 def final_eval(recipe: Recipe, trained: Trainable, tokenizer: Any, encoded: EncodedSplits, labels: list[str] | None,

@@ -60,6 +60,12 @@ def test_bad_sweep_options_fail_with_every_problem(capsys: pytest.CaptureFixture
     assert code != 0
     for needle in ("alpha policy 'odd'", "mode 'both'", "--truncate-from 8"):
         assert needle in err
+    code, _, err = run(capsys, "-R", str(reg), "sweep", str(recipe), "--executor", "cluster", "--address", "h:1",
+                       "--ray-cpus", "0", "--max-retries", "-1", "--group-size", "0")
+    assert code != 0
+    for needle in ("executor 'cluster'", "--address names a Ray cluster", "num_cpus=0", "--max-retries -1",
+                   "--group-size 0"):
+        assert needle in err
 
 
 def test_truncate_refuses_a_rank_at_or_above_the_adapters(capsys: pytest.CaptureFixture[str], tiny_llama_dir: Path,

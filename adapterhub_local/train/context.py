@@ -1,6 +1,8 @@
-"""The training runner's set-up and evaluation, reused for adapters the sweep makes itself (jointly trained or
-SVD-truncated): the same seeded model construction, the same encoded splits, the same periodic validation and
-the same final test evaluation as ``train/runner.py`` — so every row of a sweep report is measured alike.
+"""What every run of one recipe shares — base, tokenizer, encoded splits, the periodic and final evaluation — and
+the runner's seeded model construction, for adapters made outside a plain run (jointly trained by a concurrent
+sweep, SVD-truncated, decoded with beam search): the same set-up and the same measurements as
+``train/runner.py``, so every row of a sweep report is measured alike. Callers outside ``train/`` reach this
+through :mod:`adapterhub_local.train.unit`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from adapterhub_local.registry.store import Registry
 from adapterhub_local.train import evaluate as ev
 from adapterhub_local.train import runner, tasks
 from adapterhub_local.train.checks import PreparedData
-from adapterhub_local.train.methods import Trainable
+from adapterhub_local.train.methods import Trainable, default_targets, head_module
 
 
 def set_labels(model: torch.nn.Module, labels: list[str] | None) -> None:
@@ -86,6 +88,28 @@ def run_context(registry: Registry, recipe: Recipe, data: PreparedData) -> RunCo
         metric = recipe.train.metric_for_best or "val_loss"
         greater = metric not in ("val_loss", "perplexity")
     return RunContext(recipe, record, tokenizer, pad_id, labels, encoded, periodic, collate, metric, greater)
+
+
+def base_model(ctx: RunContext) -> torch.nn.Module:
+    """A fresh copy of the recipe's base as the runner loads it (labels set), with no method applied."""
+    model = runner.load_model(ctx.recipe, ctx.record, len(ctx.labels) if ctx.labels else None)
+    set_labels(model, ctx.labels)
+    return model
+
+
+def adapter_layout(ctx: RunContext, model: torch.nn.Module) -> tuple[list[str], str | None]:
+    """``(target module names, classifier head attribute or None)`` of the recipe's LoRA on ``model``."""
+    targets = list(ctx.recipe.method.target_modules or default_targets(model))
+    return targets, head_module(model) if ctx.labels is not None else None
+
+
+def initial_adapter(ctx: RunContext, recipe: Recipe) -> tuple[dict[str, torch.Tensor], int]:
+    """``(PEFT state, trainable parameter count)`` of the adapter a run of ``recipe`` starts from (its seed)."""
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    trainable = build_trainable(recipe, ctx.record, ctx.labels)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainable.model).items()}
+    return state, trainable.trainable_params
 
 
 def trainable_with(ctx: RunContext, recipe: Recipe, state: dict[str, torch.Tensor]) -> Trainable:
