@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import PRESETS, interleaved, make_adapter, make_base, sync
+from serving import PRESETS, interleaved, make_adapter, make_base, stream_timer, sync
 
-from adapterhub_local.inference import Engine, Request, SamplingParams
+from adapterhub_local.inference import Engine
 from adapterhub_local.registry import CardInfo, Registry
 
 TARGET = 0.8
@@ -57,21 +57,7 @@ def run(preset_name: str, out_dir: Path) -> dict[str, Any]:
         f"{a}*0.7+{b}*0.3" for a, b in pairs]
 
     def engine_gen(refs: list[str | None]) -> Callable[[], tuple[float, float]]:
-        requests = [Request(prompt=ids, adapter=ref, sampling=SamplingParams(max_new_tokens=p.new, stop_at_eos=False))
-                    for ids, ref in zip(prompts, refs, strict=True)]
-
-        def go() -> tuple[float, float]:
-            sync(p.device)
-            start = time.perf_counter()
-            first = None
-            for _ in engine.generate_stream(requests):
-                if first is None:
-                    sync(p.device)
-                    first = time.perf_counter()
-            sync(p.device)
-            assert first is not None
-            return first - start, time.perf_counter() - start
-        return go
+        return stream_timer(engine, prompts, refs, p.new, p.device)
 
     # the one-off cost of a composition: resolve, build the cat operands from the (host-cached) parents, install
     engine.load(names[0])

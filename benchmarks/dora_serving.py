@@ -20,7 +20,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import PRESETS, Preset, interleaved, make_adapter, make_base, sync
+from serving import PRESETS, Preset, interleaved, make_adapter, make_base, stream_timer
 
-from adapterhub_local.inference import Engine, Request, SamplingParams
+from adapterhub_local.inference import Engine
 from adapterhub_local.registry import CardInfo, Registry
 
 DORA_ADAPTERS = 8
@@ -74,21 +73,7 @@ def run(preset_name: str, repeats: int | None, new: int | None) -> dict[str, Any
     engine = Engine(registry, "bench", mode="swap", pool_bytes=8 << 30, device=p.device, dtype=dtype)
 
     def generate(refs: list[str]) -> Callable[[], tuple[float, float]]:
-        requests = [Request(prompt=ids, adapter=ref, sampling=SamplingParams(max_new_tokens=p.new, stop_at_eos=False))
-                    for ids, ref in zip(prompts, refs, strict=True)]
-
-        def go() -> tuple[float, float]:
-            sync(p.device)
-            start = time.perf_counter()
-            first = None
-            for _ in engine.generate_stream(requests):
-                if first is None:
-                    sync(p.device)
-                    first = time.perf_counter()
-            sync(p.device)
-            assert first is not None
-            return first - start, time.perf_counter() - start
-        return go
+        return stream_timer(engine, prompts, refs, p.new, p.device)
 
     all_lora = [lora[i % len(lora)] for i in range(p.rows)]
     # every fourth row DoRA: 8 DoRA + 24 LoRA adapters spread through the batch

@@ -34,7 +34,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,27 @@ class FirstToken:
         pass
 
 
+def stream_timer(engine: Engine, prompts: list[list[int]], refs: Sequence[str | None], new: int,
+                 device: str) -> Callable[[], tuple[float, float]]:
+    """A timed greedy decode of ``prompts`` (row i with adapter ``refs[i]``, ``new`` tokens each, no early stop):
+    returns (seconds to the first step's events, that is prefill + first token; seconds in all)."""
+    requests = [Request(prompt=ids, adapter=ref, sampling=SamplingParams(max_new_tokens=new, stop_at_eos=False))
+                for ids, ref in zip(prompts, refs, strict=True)]
+
+    def go() -> tuple[float, float]:
+        sync(device)
+        start = time.perf_counter()
+        first = None
+        for _ in engine.generate_stream(requests):
+            if first is None:  # events of the first step arrive after the prefill and the first token
+                sync(device)
+                first = time.perf_counter()
+        sync(device)
+        assert first is not None
+        return first - start, time.perf_counter() - start
+    return go
+
+
 def interleaved(systems: dict[str, Callable[[], tuple[float, float]]], p: Preset) -> dict[str, dict[str, float]]:
     """Run every system once to warm up, then ``p.repeats`` rounds, one run of each system per round, so load
     from other processes hits all systems alike. Each run generates ``p.new`` tokens per row and returns
@@ -240,21 +261,7 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     def engine_gen(refs: list[str | None], on: Engine = engine) -> Callable[[], tuple[float, float]]:
-        requests = [Request(prompt=ids, adapter=ref, sampling=SamplingParams(max_new_tokens=p.new, stop_at_eos=False))
-                    for ids, ref in zip(prompts, refs, strict=True)]
-
-        def go() -> tuple[float, float]:
-            sync(p.device)
-            start = time.perf_counter()
-            first = None
-            for _ in on.generate_stream(requests):
-                if first is None:  # events of the first step arrive after the prefill and the first token
-                    sync(p.device)
-                    first = time.perf_counter()
-            sync(p.device)
-            assert first is not None
-            return first - start, time.perf_counter() - start
-        return go
+        return stream_timer(on, prompts, refs, p.new, p.device)
 
     def open_batch_gen(refs: list[str | None], on: Engine = engine) -> Callable[[], tuple[float, float]]:
         """The server's default path: every row joins an open batch (continuous batching), stepped to the end."""

@@ -1,11 +1,13 @@
 """Rank commands: ``sweep`` (train and report a LoRA rank sweep; ``--advise`` for the rank advisor),
 ``compare`` (metrics, spectra, effective rank and subspace similarity of adapters side by side), ``truncate``
-(SVD-truncate an adapter to a lower rank; only ever lower)."""
+(SVD-truncate an adapter to a lower rank; only ever lower), ``sweep-report`` (the report of a sweep as it
+stands)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -119,12 +121,7 @@ def sweep_cmd(
     # Bars only on a terminal: in a log (`> sweep.log 2>&1`, nohup) a bar is a stream of carriage returns.
     summary = run_sweep(get_registry(create=True), loaded, config, progress=progress and is_tty(sys.stderr),
                         log=lambda line: console.print(line, markup=False, highlight=False), executor=options)
-    if as_json:
-        print_json(summary)
-        return
-    console.print(Path(summary["directory"], "results.md").read_text(encoding="utf-8"), markup=False,
-                  highlight=False)
-    console.print(f"report: {summary['directory']}")
+    _print_report(summary, as_json)
 
 
 @app.command("sweep-report")
@@ -139,6 +136,10 @@ def sweep_report_cmd(
     from adapterhub_local.sweep.interim import write_interim_report
 
     summary = write_interim_report(directory, out, tolerance)
+    _print_report(summary, as_json)
+
+
+def _print_report(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(summary)
         return

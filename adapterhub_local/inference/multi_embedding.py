@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adapterhub_local.errors import ShapeMismatchError, UnsupportedError
-from adapterhub_local.inference.multi_lora import BatchContext
+from adapterhub_local.inference.multi_lora import BatchContext, put_module
 
 SLOT_GROWTH = 4
 
@@ -240,9 +240,7 @@ def wrap_embedding(model: nn.Module, name: str, context: BatchContext) -> MultiE
     if isinstance(module, MultiEmbedding):
         return module
     wrapper = MultiEmbedding(module, context, name)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, wrapper)
+    put_module(model, name, wrapper)
     return wrapper
 
 

@@ -552,10 +552,15 @@ def wrap(model: nn.Module, name: str, context: BatchContext) -> MultiLoraLinear:
     if isinstance(module, MultiLoraLinear):
         return module
     wrapper = MultiLoraLinear(module, context, name)
+    put_module(model, name, wrapper)
+    return wrapper
+
+
+def put_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at dotted path ``name`` to ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, wrapper)
-    return wrapper
+    setattr(parent, child, module)
 
 
 def base_linear(model: nn.Module, name: str) -> nn.Module:
