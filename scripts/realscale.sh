@@ -6,6 +6,7 @@
 #
 #   bash scripts/realscale.sh              # start or resume both studies, one after the other, in the background
 #   bash scripts/realscale.sh --foreground # the same in this terminal
+#   adapterhub sweep-report runs/sweep-sentiment-minilm-sweep-74f299fb   # the report of the points finished so far
 #
 # 1. Rotten Tomatoes / all-MiniLM-L6-v2: 11 ranks × 3 seeds × training fractions 0.1 / 0.3 / 1.0 (250 steps of 32,
 #    about one epoch of the whole training split), sequential, 99 points.
