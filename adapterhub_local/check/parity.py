@@ -134,6 +134,12 @@ def _peft_model(registry: Registry, card: AdapterCard, task_type: str, dtype: to
 
     _, path = registry.verified_path(card.ref, card.base)
     base = load_base_model(registry.base(card.base), task_type, num_labels=num_labels, dtype=dtype, device=device)
+    if task_type == "sequence_classification":
+        # The head reads the pooling it was trained on (mean for sentence-transformers bases), as the engine does.
+        from adapterhub_local.pooling import with_pooling
+        from adapterhub_local.train.restore import card_pooling
+
+        base = with_pooling(base, card_pooling(card))
     try:
         return PeftModel.from_pretrained(base, str(path)).eval()
     except (RuntimeError, ValueError, KeyError) as exc:  # PEFT's own refusal: there is no reference to compare

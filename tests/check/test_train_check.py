@@ -27,6 +27,17 @@ def test_train_checks_a_dora_generator_by_default(world: World, capsys: pytest.C
     assert shown["parity"]["passed"] is True and shown["parity"]["checks"] == 1
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_a_classifier_is_checked_with_the_pooling_it_was_trained_on(world: World, capsys: pytest.CaptureFixture[str],
+                                                                   pooling: str) -> None:
+    """The PEFT reference must read the pooling the head was trained on (mean for sentence-transformers bases):
+    the real MiniLM recipe failed its check when the reference used the architecture's own pooler."""
+    checked = run(capsys, "train", world.cls_recipe, "train.max_steps=2", f"task.pooling={pooling}", "--json",
+                  "--no-progress", "-R", world.reg)
+    assert checked.code == 0, checked.err
+    assert checked.json()["parity"]["passed"]
+
+
 def test_train_checks_a_classifier_and_no_check_skips(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     checked = run(capsys, "train", world.cls_recipe, "train.max_steps=2", "--json", "--no-progress", "-R", world.reg)
     assert checked.code == 0, checked.err
