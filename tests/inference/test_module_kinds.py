@@ -55,6 +55,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Registry:
         registry.register_adapter(name, peft_dir(llama, root / name, 10 + k, **config), "tiny", info)
     registry.register_adapter("lora", lora_dir(llama, root / "lora", 4, ["q_proj", "v_proj"], 3), "tiny", info)
     registry.register_adapter("soft", prompt_dir(llama, root / "soft", 4, 4), "tiny", info)
+    # The other kinds, so one mixed batch holds every kind the engine serves per row.
+    from tests.inference.test_dora import dora_dir
+
+    registry.register_adapter("dora", dora_dir(llama, root / "dora", 2, ["q_proj", "v_proj"], 7), "tiny", info)
+    registry.register_adapter("rslora", peft_dir(llama, root / "rslora", 8, target_modules=["k_proj"],
+                                                 use_rslora=True), "tiny", info)
     return registry
 
 
@@ -108,8 +114,8 @@ def test_swap_refuses_a_head_copy_with_the_reason(zoo: Registry) -> None:
 @pytest.mark.parametrize("decoder", ["dynamic", "static"])
 def test_mixed_batch_rows_equal_solo(zoo: Registry, decoder: str) -> None:
     engine = Engine(zoo, "tiny", decoder=decoder)
-    refs = ["emb", "tokens", "lora", "soft", None, "emb"]
-    prompts = [TEXT, "hg fe", "a lora row", "soft row", TEXT, "gh"]
+    refs = ["emb", "tokens", "lora", "soft", None, "emb", "dora", "rslora", "lora*0.5+rslora*0.5"]
+    prompts = [TEXT, "hg fe", "a lora row", "soft row", TEXT, "gh", "a dora row", TEXT, "composed"]
     sampling = SamplingParams(max_new_tokens=6)
     pairs = list(zip(prompts, refs, strict=True))
     batch = engine.generate([Request(prompt=p, adapter=r, sampling=sampling) for p, r in pairs])
