@@ -25,6 +25,9 @@ TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "qlora", "prompt", "head_only", "freeze_first_k", "full")
 POOLINGS = ("auto", "native", "cls", "mean", "last")  # adapterhub_local/pooling.py implements them
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AutoSwitch = typing.NewType("AutoSwitch", str)
+"""A setting that is ``auto``, ``true`` or ``false``; YAML booleans (``true``, ``no`` …) are accepted."""
+AUTO_SWITCH = ("auto", "true", "false")
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva")
 MUTATING_INITS = ("pissa", "olora")
 """Inits that move the base's weights (``W_res = W - B0·A0``); the stored adapter is converted (rank 2r)."""
@@ -167,6 +170,9 @@ class TrainConfig:
     fp32. Under bf16 the frozen base weights are bf16; trainable parameters and optimizer state stay fp32."""
     max_grad_norm: float = 1.0
     log_every: int = 10
+    compile: AutoSwitch = AutoSwitch("auto")
+    """``torch.compile`` the base's blocks while training: ``auto`` where it pays (long CPU runs on bases of
+    20M+ parameters; ``train/compilation.py``), ``true``, ``false``."""
     num_threads: int | None = None
     """torch CPU threads (default: one per usable core); ``--threads``/``$ADAPTERHUB_THREADS`` win over it."""
 
@@ -275,6 +281,13 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a mapping, got {value!r}")
             return {}
         return {str(k): str(v) for k, v in value.items()}
+    if hint is AutoSwitch:
+        if isinstance(value, bool):
+            return AutoSwitch("true" if value else "false")
+        if isinstance(value, str) and value.strip().lower() in AUTO_SWITCH:
+            return AutoSwitch(value.strip().lower())
+        problems.append(f"{where}: expected one of {', '.join(AUTO_SWITCH)}, got {value!r}")
+        return None
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -3,7 +3,9 @@ batch size and sequence lengths, in one run. Reports real (non-padding) tokens/s
 
 Sides: ``trainer_fp32`` (Trainer + PEFT, fp32), ``trainer_bf16`` (Trainer + PEFT with ``bf16=True``: autocast
 over fp32 weights), ``ours_fp32`` (our loop, ``precision: fp32``), ``ours_bf16`` (our loop, ``precision: bf16``:
-bf16 frozen base, fp32 LoRA and optimizer state) and ``ours_bf16_grouped`` (the same with ``group_by_length``).
+bf16 frozen base, fp32 LoRA and optimizer state), ``ours_bf16_grouped`` (the same with ``group_by_length``) and
+``ours_bf16_compiled`` (the same with ``train.compile: true``: the decoder blocks under ``torch.compile``; the
+warm-up steps absorb the compilation — see ``train/compilation.py`` for its one-off cost).
 The first four use the same plain batching, so they compare like for like. Each side runs in its own
 subprocess so its peak memory is its own (CUDA: max allocated; CPU: the process's max RSS), with the thread count
 pinned; sides are interleaved over ``--rounds`` rounds and each reports its best and median.
@@ -48,7 +50,7 @@ SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_gr
 LABELS = {"trainer_fp32": "HF Trainer + PEFT, fp32", "trainer_bf16": "HF Trainer + PEFT, bf16 autocast",
           "ours_fp32": "adapterhub loop, fp32", "ours_bf16": "adapterhub loop, bf16 base + fp32 LoRA",
           "ours_bf16_grouped": "adapterhub loop, bf16, group_by_length",
-          "ours_bf16_compiled": "adapterhub loop, bf16, decoder layers under torch.compile"}
+          "ours_bf16_compiled": "adapterhub loop, bf16, train.compile: true"}
 COMPUTE_DTYPE = {"trainer_fp32": "fp32", "ours_fp32": "fp32", "trainer_bf16": "bf16", "ours_bf16": "bf16",
                  "ours_bf16_grouped": "bf16", "ours_bf16_compiled": "bf16"}
 LORA_R = 8
@@ -199,22 +201,17 @@ def run_trainer(args: argparse.Namespace, data: list[list[int]], bf16: bool) -> 
 def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, grouped: bool,
              compiled: bool = False) -> dict[str, Any]:
     from adapterhub_local import runtime
-    from adapterhub_local.config import TrainConfig
+    from adapterhub_local.config import AutoSwitch, TrainConfig
     from adapterhub_local.train.loop import train_loop
     from adapterhub_local.train.tasks import Example, collate_generation
 
     # As the runner loads a frozen base: in the precision's dtype (bf16 here), LoRA and optimizer fp32.
     model = lora(make_model(args.model, runtime.base_dtype(precision)))
     meter = TokenMeter(model, args.warmup)
-    if compiled:
-        # Each decoder layer compiled in place (the LoRA wrappers inside it included), dynamic in the sequence
-        # length; the warm-up steps absorb the compilation. The meter's hook on the decoder stays eager.
-        for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=True)
     examples = [Example(ids, list(ids)) for ids in data]
     cfg = TrainConfig(lr=2e-4, batch_size=args.batch_size, max_steps=args.steps + args.warmup, warmup_ratio=0.0,
                       eval_every=10**9, log_every=10**9, group_by_length=grouped, max_grad_norm=1.0,
-                      precision=precision)
+                      precision=precision, compile=AutoSwitch("true" if compiled else "false"))
     with tempfile.TemporaryDirectory() as run_dir:
         train_loop(model, examples, lambda ex: collate_generation(ex, 0), cfg, Path(run_dir), lambda m: {},
                    "none", True, progress=False, on_step=lambda step: meter.step_end())

@@ -38,6 +38,7 @@ from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.errors import ConfigError
 from adapterhub_local.train import lm_loss
+from adapterhub_local.train.compilation import compile_for_training
 from adapterhub_local.train.distributed import SINGLE, Processes, loss_units
 from adapterhub_local.train.methods import load_trainable_state, trainable_state
 from adapterhub_local.train.tasks import Batch, Example
@@ -330,6 +331,10 @@ def train_loop(
         from peft.helpers import disable_input_dtype_casting
 
         casting.enter_context(disable_input_dtype_casting(inner))
+    # train.compile: the blocks' compiled forwards serve training steps only (compilation.py).
+    compiled = compile_for_training(inner, cfg.compile, device=accelerator.device, steps=n_steps,
+                                    processes=accelerator.num_processes,
+                                    log=bar.write if processes.is_main else lambda _: None)
 
     def run_eval() -> bool:
         """Evaluate, keep the best, decide on early stopping; True = stop. The main process evaluates; the
@@ -338,7 +343,7 @@ def train_loop(
             state.last_eval_step = state.step
             return processes.main_says(False)
         model.eval()
-        with torch.no_grad(), forward_context(accelerator, cfg.precision):
+        with compiled.paused(), torch.no_grad(), forward_context(accelerator, cfg.precision):
             result = evaluate(inner)
         model.train()
         value = float(result.get(metric, float("nan")))
@@ -353,6 +358,7 @@ def train_loop(
         return processes.main_says(state.stopped_early)
 
     model.train()
+    compiled.on()
     try:
         while state.step < n_steps and not state.stopped_early:
             epoch = state.epoch
@@ -423,6 +429,7 @@ def train_loop(
     finally:
         prefetch.close()
         casting.close()
+        compiled.off()
     bar.close()
     if state.last_eval_step != state.step and not state.stopped_early:
         run_eval()
