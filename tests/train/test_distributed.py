@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from adapterhub_local.cli import main
 from adapterhub_local.errors import ConfigError, DistributedError, UnsupportedError
 from adapterhub_local.registry import Registry
-from adapterhub_local.train import distributed
+from adapterhub_local.train import distributed, sharding
 from adapterhub_local.train.distributed import Processes
 from tests.conftest import make_tiny_bert, make_tiny_llama
 from tests.train.conftest import (
@@ -38,7 +38,8 @@ from tests.train.conftest import (
 
 ATOL = 1e-5
 """fp32: the two runs differ only in summation order (the shards' losses are added by the all-reduce)."""
-EXECUTION_FACTS = ("train_seconds", "tokens_per_s", "wall_time_s", "peak_memory_mb", "threads", "processes")
+EXECUTION_FACTS = ("train_seconds", "tokens_per_s", "wall_time_s", "peak_memory_mb", "threads", "processes",
+                   "strategy")
 """What may differ between a 1-process and a 2-process card: timing, memory and how the run was executed."""
 
 
@@ -90,8 +91,24 @@ def _registry_without_dropout(root: Path, kind: str) -> tuple[Registry, str]:
     return registry, name
 
 
-@pytest.mark.parametrize("kind", ["gen", "cls"])
-def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, kind: str,
+LAUNCH_FLAGS = {"ddp": ["--multi_gpu"], "fsdp": ["--use_fsdp", "--fsdp_version", "2"]}
+"""How a user picks the strategy: Accelerate's own flags (DDP; FSDP2, which shards the model across the processes)."""
+
+
+def _launch(strategy: str, processes: int, registry: Registry, recipe: Path, cwd: Path,
+            *extra: str) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch … -m adapterhub_local train RECIPE`` with ``processes`` CPU processes over gloo."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60",
+           "ACCELERATE_DISABLE_RICH": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH_FLAGS[strategy], "--num_processes",
+              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port()), "-m", "adapterhub_local",
+              "-R", str(registry.root), "--verbose", "train", str(recipe), "--no-check", "--json", *extra]
+    return subprocess.run(launch, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize(("strategy", "kind"), [("ddp", "gen"), ("ddp", "cls"), ("fsdp", "gen"), ("fsdp", "cls")])
+def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, strategy: str, kind: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     one, base = _registry_without_dropout(tmp_path / "one", kind)
     data = write_jsonl(tmp_path / "data.jsonl", generation_rows() if kind == "gen" else classification_rows())
@@ -112,18 +129,13 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, kind
 
     assert main(["-R", str(one.root), "train", str(recipe), "--no-check", "--json"]) == 0
     single = json.loads(capsys.readouterr().out)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60",
-           "ACCELERATE_DISABLE_RICH": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "adapterhub_local",
-              "-R", str(two.root), "train", str(recipe), "--no-check", "--json"]
-    done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    done = _launch(strategy, 2, two, recipe, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads(done.stdout)  # one JSON summary: only the main process reports
 
     assert [row.version for row in two.list_adapters(name)] == [1]  # registered once
     assert double["training"]["processes"] == 2 and single["training"]["processes"] == 1
+    assert double["training"]["strategy"] == strategy and single["training"]["strategy"] == "single"
     assert double["training"]["train_tokens"] == single["training"]["train_tokens"]  # every row trained once
     tensors = [load_file(str(reg.path_of(reg.resolve(f"{name}@1")) / "adapter_model.safetensors"))
                for reg in (one, two)]
@@ -221,9 +233,17 @@ def test_launches_that_would_not_do_what_they_say_are_refused(monkeypatch: pytes
     with pytest.raises(ConfigError, match="--multi_gpu"):
         distributed.from_env()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(UnsupportedError, match="FSDP"):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP1, Accelerate's default version: deprecated by torch
+    with pytest.raises(UnsupportedError, match="--fsdp_version 2"):
         distributed.from_env()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(UnsupportedError, match="DeepSpeed"):
+        distributed.from_env()
+    with pytest.raises(UnsupportedError, match=r"method 'prompt'.*precision fp16"):
+        sharding.check_supported("prompt", "fp16")
+    sharding.check_supported("lora", "bf16")
     with pytest.raises(UnsupportedError, match="one of 2"):
         distributed.require_single("adapterhub sweep")
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
