@@ -9,6 +9,8 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from adapterhub_local.train import distributed, sharding
 from adapterhub_local.train.distributed import Processes
 from tests.conftest import make_tiny_bert, make_tiny_llama
 from tests.train.conftest import (
+    build_recipe,
     classification_rows,
     cls_raw,
     gen_raw,
@@ -95,16 +98,21 @@ LAUNCH_FLAGS = {"ddp": ["--multi_gpu"], "fsdp": ["--use_fsdp", "--fsdp_version",
 """How a user picks the strategy: Accelerate's own flags (DDP; FSDP2, which shards the model across the processes)."""
 
 
+def _launch_command(strategy: str, processes: int, registry: Registry, recipe: Path, *extra: str) -> list[str]:
+    """``accelerate launch … -m adapterhub_local train RECIPE`` with ``processes`` processes of ``strategy``."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH_FLAGS[strategy], "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "adapterhub_local",
+            "-R", str(registry.root), "--verbose", "train", str(recipe), "--no-check", "--json", *extra]
+
+
 def _launch(strategy: str, processes: int, registry: Registry, recipe: Path, cwd: Path,
             *extra: str) -> subprocess.CompletedProcess[str]:
-    """``accelerate launch … -m adapterhub_local train RECIPE`` with ``processes`` CPU processes over gloo."""
+    """Run :func:`_launch_command` to its end, CPU processes over gloo."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60",
            "ACCELERATE_DISABLE_RICH": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH_FLAGS[strategy], "--num_processes",
-              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "adapterhub_local",
-              "-R", str(registry.root), "--verbose", "train", str(recipe), "--no-check", "--json", *extra]
-    return subprocess.run(launch, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(_launch_command(strategy, processes, registry, recipe, *extra), cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.parametrize(("strategy", "kind"), [("ddp", "gen"), ("ddp", "cls"), ("fsdp", "gen"), ("fsdp", "cls")])
@@ -249,3 +257,93 @@ def test_launches_that_would_not_do_what_they_say_are_refused(monkeypatch: pytes
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match=distributed.TIMEOUT_ENV):
         distributed.timeout_s()
+
+
+class _Stop(KeyboardInterrupt):
+    """Ctrl-C at a chosen step (the loop checkpoints the last completed step, as for a real one)."""
+
+
+def _checkpoint_step(runs: Path) -> int:
+    """The step of the newest checkpoint under ``runs`` (-1 when none is complete yet)."""
+    steps = [json.loads(p.read_text())["step"] for p in runs.glob("*/checkpoint/state.json")]
+    return max(steps, default=-1)
+
+
+def _kill_after_checkpoint(launch: subprocess.Popen[str], runs: Path, step: int) -> None:
+    """SIGTERM (what `kill` or a scheduler's preemption sends) to the launcher and its processes once a checkpoint
+    of at least ``step`` is written: a run lost mid-way, at no fixed point."""
+    deadline = time.monotonic() + 180
+    while _checkpoint_step(runs) < step:
+        assert launch.poll() is None, launch.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    os.killpg(launch.pid, signal.SIGTERM)
+    try:
+        launch.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        launch.communicate()
+
+
+@pytest.mark.parametrize(("strategy", "before", "after"), [("ddp", 1, 2), ("fsdp", 1, 2), ("fsdp", 2, 1)])
+def test_a_run_resumes_under_another_number_of_processes(tmp_path: Path, strategy: str, before: int, after: int,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Checkpoints hold whole tensors in the one-process layout (optimizer state included) and the step count does
+    not depend on N, so a run cut under ``before`` processes continues under ``after`` to the adapter of a straight
+    one-process run."""
+    straight, base = _registry_without_dropout(tmp_path / "straight", "gen")
+    data = write_jsonl(tmp_path / "data.jsonl", generation_rows())
+    runs = tmp_path / "runs"
+    raw = gen_raw(data, runs)
+    raw["method"]["dropout"] = 0.0
+    raw["data"]["max_train_examples"] = 13
+    # Long enough (30 steps) that a kill after the step-2 checkpoint lands mid-run on a loaded machine.
+    steps = 30 if before == 2 else 6
+    raw["train"].update({"batch_size": 4, "grad_accum": 2, "max_steps": steps, "eval_every": 2})
+    raw["eval"]["forgetting"] = False
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    cut = Registry(tmp_path / "registry-cut")
+    cut.add_base(base, str(straight.base(base).path))
+    assert main(["-R", str(straight.root), "train", str(recipe_file), "--no-check", "--json"]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    shutil.rmtree(reference["run_dir"])  # leave only the cut run under `runs`
+
+    if before == 1:  # cut at step 3 (between periodic checkpoints), in this process
+        from adapterhub_local.train import runner
+        from adapterhub_local.train.checks import check
+
+        recipe = build_recipe(raw)
+
+        def interrupt(step: int) -> None:
+            if step == 3:
+                raise _Stop()
+
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(recipe, check(recipe), cut, progress=False, on_step=interrupt)
+        assert _checkpoint_step(runs) == 3
+        cut_dir = next(runs.iterdir())
+        done = _launch(strategy, after, cut, recipe_file, tmp_path, "--resume")
+        assert done.returncode == 0, done.stderr[-3000:]
+        resumed = json.loads(done.stdout)
+    else:  # cut under 2 processes by a signal, at whatever step it lands; resumed in this process
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+        launch = subprocess.Popen(_launch_command(strategy, before, cut, recipe_file), cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        _kill_after_checkpoint(launch, runs, 2)
+        run_dirs = list(runs.iterdir())
+        assert len(run_dirs) == 1 and not (run_dirs[0] / "final_metrics.json").exists()  # it was cut mid-run
+        cut_dir = run_dirs[0]
+        assert 2 <= _checkpoint_step(runs) < steps
+        capsys.readouterr()
+        assert main(["-R", str(cut.root), "train", str(recipe_file), "--no-check", "--json", "--resume"]) == 0
+        resumed = json.loads(capsys.readouterr().out)
+
+    assert resumed["training"]["processes"] == after and resumed["training"]["steps"] == steps
+    assert Path(resumed["run_dir"]) == cut_dir  # continued there, not started afresh
+    tensors = [load_file(str(reg.path_of(reg.resolve(f"{raw['name']}@1")) / "adapter_model.safetensors"))
+               for reg in (straight, cut)]
+    assert tensors[0].keys() == tensors[1].keys()
+    for key, value in tensors[0].items():
+        torch.testing.assert_close(tensors[1][key], value, rtol=0, atol=ATOL, msg=key)
+    _close(_card(straight, f"{raw['name']}@1"), _card(cut, f"{raw['name']}@1"))
