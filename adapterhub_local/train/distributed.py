@@ -36,8 +36,10 @@ with 2 gloo processes through the real command in ``tests/train/test_distributed
 DDP does); what differs: every forward is a collective, so **every process** runs every evaluation (each on the
 whole validation/test set, the same numbers everywhere; only the main one logs and decides), every trainable-state
 save (best, checkpoint, final adapter) **gathers the full tensors** on every process and the main one writes them —
-the same files as one process writes, so a run resumes under any N and either strategy. Each process still loads
-the base in full before sharding it (a 1/N share after that). Only LoRA is trained this way
+the same files as one process writes, so a run resumes under any N and either strategy (tested: cut under 1 and
+resumed under 2, DDP and FSDP; cut under 2 FSDP processes and resumed under 1). Each process still loads the base
+in full into host memory before sharding it (a 1/N share after that; on GPUs each block moves to the device as it
+is sharded, so no device holds the whole model). Only LoRA is trained this way
 (:func:`sharding.check_supported`), and an interrupt (Ctrl-C) keeps the last periodic checkpoint (saving one is a
 collective the other processes may not reach). Other ``--fsdp_*`` settings of Accelerate are not read.
 
@@ -247,7 +249,7 @@ def from_env() -> Processes:
     if fsdp:
         # Accelerate's default asks transformers to load the weights on process 0 only and leaves every other
         # process's newly initialised tensors (a classifier head) on the meta device for an FSDP1 broadcast; here
-        # each process loads the base and FSDP2 shards it after the main process's values are broadcast.
+        # each process loads the base and initialises new tensors from the shared seed, and FSDP2 shards them.
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     from accelerate import PartialState
 

@@ -315,7 +315,7 @@ def train_loop(
     # Trainable parameters (and so the optimizer state) stay fp32 whatever the base weights' dtype.
     runtime.upcast_trainable(model)
     if fsdp:  # sharded in place before the optimizer is made: it steps this process's shards
-        sharding.shard(model.to(accelerator.device))
+        sharding.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_steps = total_steps(len(examples), cfg)
     optimizer, scheduler = make_optimizer(params, cfg, n_steps)

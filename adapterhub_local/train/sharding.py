@@ -52,14 +52,13 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module) -> int:
-    """Shard ``model`` in place (blocks, then the root); returns the number of block units. Every process starts
-    from the main process's values (as DDP's broadcast when it wraps a model: a newly initialised head, say).
-    ``generate`` becomes an FSDP forward method, so generation gathers the root's weights as a forward does."""
+    """Shard ``model`` in place (blocks, then the root); returns the number of block units. FSDP moves each unit to
+    the process's device as it shards it, so the whole model never sits on one device. The processes must hold the
+    same values beforehand: they load the same files and seed identically (a newly initialised head or LoRA tensor
+    is the same everywhere), as there is no DDP-style broadcast of whole tensors here. ``generate`` becomes an FSDP
+    forward method, so generation gathers the root's weights as a forward does."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
     blocks = _blocks(model)
     for block in blocks:
         fully_shard(block)
