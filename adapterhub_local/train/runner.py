@@ -220,7 +220,8 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     started = time.perf_counter()
     processes = distributed.current()  # one process unless started by accelerate launch / torchrun
     if processes.fsdp:
-        sharding.check_supported(recipe.method.name, runtime.resolve_precision(recipe.train.precision))
+        sharding.check_supported(recipe.method.name, runtime.resolve_precision(recipe.train.precision),
+                                 recipe.method.init)
     record = ensure_base(registry, recipe) if processes.is_main else None
     processes.barrier()  # a missing base is registered once, by the main process
     record = record or ensure_base(registry, recipe)

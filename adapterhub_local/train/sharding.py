@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from adapterhub_local.config import MUTATING_INITS
 from adapterhub_local.errors import UnsupportedError
 
 FSDP_METHODS = ("lora",)
@@ -30,17 +31,19 @@ FSDP_METHODS = ("lora",)
 gathered in full on the main process, which defeats the point of FSDP)."""
 
 
-def check_supported(method: str, precision: str) -> None:
+def check_supported(method: str, precision: str, init: str = "default") -> None:
     """Refuse what FSDP training does not do here, with what to use instead."""
     problems = []
     if method not in FSDP_METHODS:
         problems.append(f"method {method!r} (FSDP trains {', '.join(FSDP_METHODS)})")
     if precision == "fp16":
         problems.append("precision fp16 (its loss scaling is Accelerate's, which is not used under FSDP here)")
+    if init in MUTATING_INITS:  # PEFT's conversion to the unchanged base reads the whole model's state, not ours
+        problems.append(f"init {init!r} (its adapter is converted at save time from the whole model's state)")
     if problems:
         raise UnsupportedError(f"FSDP training does not support {'; '.join(problems)}",
-                               "train with method lora and precision bf16, fp32 or auto under FSDP, or with DDP "
-                               "(`accelerate launch --multi_gpu`)")
+                               "train with method lora, init default, gaussian or eva and precision bf16, fp32 or "
+                               "auto under FSDP, or with DDP (`accelerate launch --multi_gpu`)")
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

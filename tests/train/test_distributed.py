@@ -115,13 +115,21 @@ def _launch(strategy: str, processes: int, registry: Registry, recipe: Path, cwd
                           capture_output=True, text=True, timeout=240)
 
 
-@pytest.mark.parametrize(("strategy", "kind"), [("ddp", "gen"), ("ddp", "cls"), ("fsdp", "gen"), ("fsdp", "cls")])
+KINDS = {"dora+modules+tokens": {"use_dora": True, "modules_to_save": ["lm_head"], "trainable_tokens": [5, 6]}}
+"""LoRA variants whose extra tensors (DoRA magnitudes, a trained copy of the head, embedding rows) are sharded too."""
+
+
+@pytest.mark.parametrize(("strategy", "kind", "variant"), [
+    ("ddp", "gen", None), ("ddp", "cls", None), ("fsdp", "gen", None), ("fsdp", "cls", None),
+    ("fsdp", "gen", "dora+modules+tokens")])
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path: Path, strategy: str, kind: str,
+                                                            variant: str | None,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     one, base = _registry_without_dropout(tmp_path / "one", kind)
     data = write_jsonl(tmp_path / "data.jsonl", generation_rows() if kind == "gen" else classification_rows())
     raw = (gen_raw if kind == "gen" else cls_raw)(data, tmp_path / "runs")
     raw["method"]["dropout"] = 0.0  # LoRA dropout off too
+    raw["method"].update(KINDS.get(variant or "", {}))
     # 13 examples in batches of 4 (rows split 2 + 2 and, last, 1 + a stand-in), 2 micro-batches per step, 2 epochs;
     # generation rows of unequal completion lengths, so the two shards hold unequal token counts.
     raw["data"]["max_train_examples"] = 13

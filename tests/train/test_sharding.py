@@ -104,14 +104,15 @@ def test_each_process_holds_its_share_and_saves_see_the_whole() -> None:
         assert report["whole_shapes"] and report["same_shards"]
 
 
-@pytest.mark.parametrize(("method", "precision", "fine"), [("lora", "bf16", True), ("lora", "fp32", True),
-                                                          ("full", "fp32", False), ("lora", "fp16", False)])
-def test_fsdp_trains_lora_only(method: str, precision: str, fine: bool) -> None:
+@pytest.mark.parametrize(("method", "precision", "init", "fine"), [
+    ("lora", "bf16", "default", True), ("lora", "fp32", "gaussian", True), ("full", "fp32", "default", False),
+    ("lora", "fp16", "default", False), ("lora", "fp32", "pissa", False)])
+def test_fsdp_trains_lora_only(method: str, precision: str, init: str, fine: bool) -> None:
     from adapterhub_local.errors import UnsupportedError
     from adapterhub_local.train import sharding
 
     if fine:
-        sharding.check_supported(method, precision)
+        sharding.check_supported(method, precision, init)
     else:
         with pytest.raises(UnsupportedError, match="under FSDP"):
-            sharding.check_supported(method, precision)
+            sharding.check_supported(method, precision, init)
