@@ -1,7 +1,8 @@
 """Multi-process training (``train/distributed.py``): two CPU processes over gloo, started through the real
-``accelerate launch … -m adapterhub_local train`` command, train the adapter one process trains with the same global
-batch and register it once; shards and loss shares restore the one-process loss; a dead or hung process fails the
-others within the timeout; launches that would not do what they say are refused."""
+``accelerate launch … -m adapterhub_local train`` command (DDP, ``--multi_gpu``; FSDP2, ``--use_fsdp --fsdp_version
+2``), train the adapter one process trains with the same global batch and register it once; a run cut under one
+number of processes resumes under another to the same adapter; shards and loss shares restore the one-process loss;
+a dead or hung process fails the others within the timeout; launches that would not do what they say are refused."""
 
 from __future__ import annotations
 
