@@ -15,7 +15,8 @@ of its own and is unchanged.
 
 When (``train.compile``):
 
-* ``true`` — always (an error names the missing piece: a C++ compiler for Inductor's CPU kernels);
+* ``true`` — always in one process (an error names the missing piece: a C++ compiler for Inductor's CPU kernels);
+  refused in multi-process runs (DDP/FSDP), where compiled blocks have not been tested;
 * ``false`` — never;
 * ``auto`` (default) — where it pays on the evidence above: a CPU run in one process, of at least
   :data:`AUTO_MIN_STEPS` optimizer steps, on a base of at least :data:`AUTO_MIN_PARAMS` parameters (smaller
@@ -75,6 +76,10 @@ def decide(setting: str, *, device: torch.device, steps: int, base_params: int, 
             raise ConfigError(["train.compile is true but no C++ compiler was found (Inductor needs one for CPU "
                                "kernels)"], "install one (e.g. `apt install g++`, or set $CXX) or set "
                               "train.compile: false", what="train")
+        if processes > 1:
+            raise ConfigError([f"train.compile is true in a run of {processes} processes: compiled blocks under "
+                               "DDP/FSDP hooks are not tested here"], "set train.compile: auto (eager with several "
+                              "processes) or false", what="train")
         return CompileDecision(True, "train.compile is true")
     reasons = []
     if device.type != "cpu":

@@ -30,8 +30,20 @@ with 2 gloo processes through the real command in ``tests/train/test_distributed
   :class:`~adapterhub_local.errors.DistributedError` (:meth:`Processes.guard`); registration happens only after
   training ends on every process, so a failed run registers nothing.
 
-Not here: FSDP (bases that do not fit one device) — refused with what it would need, see
-:data:`FSDP_MISSING`. Dropout — LoRA's and the base model's own (BERT-style encoders train with 0.1) — draws
+**FSDP** (bases that do not fit one device): ``accelerate launch --use_fsdp --fsdp_version 2 --num_processes N
+-m adapterhub_local train RECIPE`` shards the base's blocks and their LoRA tensors across the processes
+(``sharding.py``, PyTorch's FSDP2; gloo on CPUs). The definitions above hold unchanged (FSDP averages gradients as
+DDP does); what differs: every forward is a collective, so **every process** runs every evaluation (each on the
+whole validation/test set, the same numbers everywhere; only the main one logs and decides), every trainable-state
+save (best, checkpoint, final adapter) **gathers the full tensors** on every process and the main one writes them —
+the same files as one process writes, so a run resumes under any N and either strategy (tested: cut under 1 and
+resumed under 2, DDP and FSDP; cut under 2 FSDP processes and resumed under 1). Each process still loads the base
+in full into host memory before sharding it (a 1/N share after that; on GPUs each block moves to the device as it
+is sharded, so no device holds the whole model). Only LoRA is trained this way
+(:func:`sharding.check_supported`), and an interrupt (Ctrl-C) keeps the last periodic checkpoint (saving one is a
+collective the other processes may not reach). Other ``--fsdp_*`` settings of Accelerate are not read.
+
+Dropout — LoRA's and the base model's own (BERT-style encoders train with 0.1) — draws
 different masks in N processes than in one: the same distribution, not the same numbers, so the equality above
 holds with dropout off and in distribution with it on. Resuming restores the main process's RNG state on every
 process.
@@ -61,13 +73,6 @@ DEFAULT_TIMEOUT_S = 1800.0
 _WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _TEXT_BYTES = 4096
 
-FSDP_MISSING = (
-    "FSDP is not supported yet: it needs (1) every trainable-state save (best, checkpoint, the final adapter) to "
-    "gather the sharded tensors on all processes, (2) evaluation and generation on all processes (a sharded model "
-    "cannot evaluate on the main process alone), (3) sharded optimizer-state checkpoints, (4) loading the base "
-    "once (meta device + rank-0 load) instead of in full on every process, and (5) Accelerate refuses FSDP with "
-    "--cpu, so it cannot be tested without GPUs"
-)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class Processes:
     rank: int = 0
     device: str = "cpu"
     timeout_s: float = DEFAULT_TIMEOUT_S
+    fsdp: bool = False
+    """The model is sharded across the processes (``sharding.py``) rather than replicated (DDP)."""
 
     @property
     def is_main(self) -> bool:
@@ -231,17 +238,24 @@ def from_env() -> Processes:
                 "RECIPE` (without GPUs this gives N CPU processes over gloo) or `torchrun --nproc-per-node N -m "
                 "adapterhub_local train RECIPE`", what="launch")
         return SINGLE
-    if _flag("ACCELERATE_USE_FSDP"):
-        raise UnsupportedError(FSDP_MISSING, "train with DDP (`accelerate launch --multi_gpu`), or QLoRA for a base "
-                               "that does not fit one device")
+    fsdp = _flag("ACCELERATE_USE_FSDP")
+    if fsdp and os.environ.get("FSDP_VERSION", "1").strip() != "2":
+        raise UnsupportedError(f"FSDP version {os.environ.get('FSDP_VERSION', '1')!r} is not supported for training "
+                               "(FSDP1 is deprecated in PyTorch)", "add --fsdp_version 2 to `accelerate launch "
+                               "--use_fsdp` (or fsdp_version: 2 in its config file)")
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         raise UnsupportedError("DeepSpeed is not supported for training", "train with DDP (`accelerate launch "
                                "--multi_gpu`)")
+    if fsdp:
+        # Accelerate's default asks transformers to load the weights on process 0 only and leaves every other
+        # process's newly initialised tensors (a classifier head) on the meta device for an FSDP1 broadcast; here
+        # each process loads the base and initialises new tensors from the shared seed, and FSDP2 shards them.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     from accelerate import PartialState
 
     limit = timeout_s()
     state: Any = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=limit))
-    return Processes(int(state.num_processes), int(state.process_index), str(state.device), limit)
+    return Processes(int(state.num_processes), int(state.process_index), str(state.device), limit, fsdp)
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.errors import ConfigError
-from adapterhub_local.train import lm_loss
+from adapterhub_local.train import lm_loss, sharding
 from adapterhub_local.train.compilation import compile_for_training
 from adapterhub_local.train.distributed import SINGLE, Processes, loss_units
 from adapterhub_local.train.methods import load_trainable_state, trainable_state
@@ -228,12 +228,20 @@ def _log(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: LoopState,
-                     rng: torch.Tensor, cuda_rng: list[torch.Tensor] | None) -> None:
+                     rng: torch.Tensor, cuda_rng: list[torch.Tensor] | None, processes: Processes = SINGLE) -> None:
+    """Write a checkpoint from the main process. Under FSDP every process must call this: the tensors are gathered
+    from the shards first (the files are the one-process files, whatever N)."""
+    if not (processes.is_main or processes.fsdp):
+        return
+    tensors = trainable_state(model)
+    optimizer_state = sharding.full_optimizer_state(optimizer.state_dict())
+    if not processes.is_main:
+        return
     tmp = run_dir / f"{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+    save_file(tensors, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng,
                 "cuda_rng": cuda_rng}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2, default=float))
     final = run_dir / CHECKPOINT
@@ -253,6 +261,7 @@ def _load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: Any, sche
     # weights_only: plain tensors and numbers only, never arbitrary pickled objects.
     saved = torch.load(directory / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
+    sharding.reshard_optimizer_state(optimizer)  # one-process layout → this process's shards under FSDP
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     if saved.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -297,18 +306,23 @@ def train_loop(
     synchronisation (multi-process runs) happens on the last micro-batch of an accumulation group only.
 
     With several ``processes`` each takes its shard of every micro-batch and only the main one evaluates, saves
-    and logs (``distributed.py``).
+    and logs (``distributed.py``); under FSDP all of them evaluate and gather what is saved, and the main one
+    writes.
     """
     from tqdm.auto import tqdm
 
     accelerator = make_accelerator(cfg.precision)
+    fsdp = processes.fsdp
     # Trainable parameters (and so the optimizer state) stay fp32 whatever the base weights' dtype.
     runtime.upcast_trainable(model)
+    if fsdp:  # sharded in place before the optimizer is made: it steps this process's shards
+        sharding.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_steps = total_steps(len(examples), cfg)
     optimizer, scheduler = make_optimizer(params, cfg, n_steps)
-    inner = model  # the model itself; `model` becomes its DDP wrapper with several processes
-    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = model  # the model itself; `model` becomes its DDP wrapper with several processes (not under FSDP)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
     state = _load_checkpoint(run_dir, inner, optimizer, scheduler) if resume else LoopState()
     eval_every = cfg.eval_every or steps_per_epoch(len(examples), cfg)
     batch_count = math.ceil(len(examples) / cfg.batch_size)
@@ -320,7 +334,7 @@ def train_loop(
     bar = tqdm(total=n_steps, initial=state.step, disable=not progress or not processes.is_main, desc="train",
                dynamic_ncols=True)
     # The LM head on labelled positions only (lm_loss.py); DDP needs the wrapped model's own forward.
-    fast_loss = accelerator.num_processes == 1 and lm_loss.supports(model, {"labels": torch.zeros(1, 1)})
+    fast_loss = processes.world_size == 1 and lm_loss.supports(model, {"labels": torch.zeros(1, 1)})
     running_loss = torch.zeros((), device=accelerator.device)
     running_n = 0
     prefetch = Prefetcher(collate, examples)
@@ -337,18 +351,26 @@ def train_loop(
                                     log=bar.write if processes.is_main else lambda _: None)
 
     def run_eval() -> bool:
-        """Evaluate, keep the best, decide on early stopping; True = stop. The main process evaluates; the
-        others take its decision."""
-        if not processes.is_main:
+        """Evaluate, keep the best, decide on early stopping; True = stop. The main process evaluates (under FSDP
+        every process does: its forwards are collectives); the others take its decisions."""
+        if not (processes.is_main or fsdp):
             state.last_eval_step = state.step
             return processes.main_says(False)
         model.eval()
         with compiled.paused(), torch.no_grad(), forward_context(accelerator, cfg.precision):
             result = evaluate(inner)
         model.train()
+        if not processes.is_main:  # FSDP: gather the best tensors if the main process keeps them
+            state.last_eval_step = state.step
+            if processes.main_says(False):
+                trainable_state(inner)
+            return processes.main_says(False)
         value = float(result.get(metric, float("nan")))
         state.last_eval_step, state.last_eval = state.step, result
-        if note_evaluation(state, value, greater_is_better, cfg.early_stopping_patience):
+        is_best = note_evaluation(state, value, greater_is_better, cfg.early_stopping_patience)
+        if fsdp:
+            processes.main_says(is_best)
+        if is_best:
             best = run_dir / BEST
             best.mkdir(exist_ok=True)
             save_file(trainable_state(inner), str(best / "trainable.safetensors"))
@@ -376,14 +398,17 @@ def train_loop(
                     if b + 1 < batch_count:
                         prefetch.want(processes.shard(epoch_plan[b + 1], units).rows)
                     # Gradients are synchronised (multi-process) on the group's last micro-batch only.
-                    sync = contextlib.nullcontext() if b == group[-1] else accelerator.no_sync(model)
+                    sync = (contextlib.nullcontext() if b == group[-1]
+                            else sharding.no_sync(model) if fsdp else accelerator.no_sync(model))
                     with sync:
                         loss = training_loss(model, batch, accelerator, cfg.precision, fast_loss) * shard.share
                         loss = loss / len(group)
                         accelerator.backward(loss)
                     step_loss += loss.detach().float()
                     step_tokens += sum(lengths[i] for i in epoch_plan[b])  # the whole micro-batch's
-                if cfg.max_grad_norm:
+                if cfg.max_grad_norm and fsdp:  # the norm of the whole gradient, from the shards' (DTensor)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                elif cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -411,9 +436,9 @@ def train_loop(
                     state.stopped_early = run_eval()
                 boundary_rng = torch.get_rng_state()
                 boundary_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-                if processes.is_main and (state.step % eval_every == 0 or state.step == n_steps
-                                          or state.stopped_early):
-                    _save_checkpoint(run_dir, inner, optimizer, scheduler, state, boundary_rng, boundary_cuda)
+                if state.step % eval_every == 0 or state.step == n_steps or state.stopped_early:
+                    _save_checkpoint(run_dir, inner, optimizer, scheduler, state, boundary_rng, boundary_cuda,
+                                     processes)
                 if on_step is not None and processes.is_main:
                     on_step(state.step)
                 if state.stopped_early:
@@ -422,7 +447,7 @@ def train_loop(
         # Keep the last completed step so --resume continues from it (gradients of a half-done
         # accumulation are discarded; the parameters did not move since that step).
         optimizer.zero_grad(set_to_none=True)
-        if processes.is_main:
+        if processes.is_main and not fsdp:  # under FSDP a save is a collective the others may not reach
             _save_checkpoint(run_dir, inner, optimizer, scheduler, state, boundary_rng, boundary_cuda)
         bar.close()
         raise
@@ -433,6 +458,5 @@ def train_loop(
     bar.close()
     if state.last_eval_step != state.step and not state.stopped_early:
         run_eval()
-        if processes.is_main:
-            _save_checkpoint(run_dir, inner, optimizer, scheduler, state, torch.get_rng_state(), None)
+        _save_checkpoint(run_dir, inner, optimizer, scheduler, state, torch.get_rng_state(), None, processes)
     return LoopResult(state, n_steps, metric)

@@ -35,6 +35,7 @@ import torch
 from adapterhub_local.config import MUTATING_INITS, MethodConfig, Recipe
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.pooling import unwrap
+from adapterhub_local.train import sharding
 
 PEFT_METHODS = ("lora", "qlora", "prompt", "head_only")
 FULL_METHODS = ("full", "freeze_first_k")
@@ -218,8 +219,10 @@ def initialize_eva(trained: Trainable, batches: Iterable[dict[str, torch.Tensor]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of every trainable tensor (the state that checkpoints and best-model saving keep)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached whole copies of every trainable tensor (the state that checkpoints and best-model saving keep);
+    sharded ones (FSDP) are gathered, so every process must call it."""
+    return {n: sharding.full(p.detach()).to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -231,12 +234,18 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
                                "resume with the same recipe that started the run")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            params[name].copy_(sharding.like(params[name], value))  # this process's shard of it under FSDP
 
 
-def save_result(trained: Trainable, directory: Path) -> Path:
+def save_result(trained: Trainable, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the trained result: a PEFT directory, or for full/partial fine-tunes the whole transformers model
-    (``config.json`` + ``model.safetensors``, safetensors only, one file)."""
+    (``config.json`` + ``model.safetensors``, safetensors only, one file). ``state``: the trainable tensors in
+    full (:func:`trainable_state`) where the model holds only shards of them (FSDP); PEFT picks the adapter's from
+    it."""
+    extra: dict[str, Any] = {} if state is None else {"state_dict": state}
+    if state is not None and not trained.is_peft:
+        raise UnsupportedError("a whole-model result cannot be saved from a trainable state alone",
+                               "train a PEFT method under FSDP")
     directory.mkdir(parents=True, exist_ok=True)
     if trained.is_peft and trained.initial is not None:
         # PiSSA/OLoRA: PEFT loads the initial adapter from beside the output and subtracts it (rank 2r)
@@ -244,13 +253,13 @@ def save_result(trained: Trainable, directory: Path) -> Path:
         initial.mkdir(exist_ok=True)
         from safetensors.torch import save_file
 
-        state, config = trained.initial
-        save_file(state, str(initial / "adapter_model.safetensors"), metadata={"format": "pt"})
+        initial_state, config = trained.initial
+        save_file(initial_state, str(initial / "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(initial))
         trained.model.save_pretrained(str(directory), safe_serialization=True,  # type: ignore[operator]
-                                      path_initial_model_for_weight_conversion=str(initial))
+                                      path_initial_model_for_weight_conversion=str(initial), **extra)
     elif trained.is_peft:
-        trained.model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
+        trained.model.save_pretrained(str(directory), safe_serialization=True, **extra)  # type: ignore[operator]
     else:  # transformers writes safetensors only, in one file up to its 50 GB shard size
         unwrap(trained.model).save_pretrained(str(directory))  # type: ignore[operator]
     return directory

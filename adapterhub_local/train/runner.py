@@ -33,12 +33,19 @@ from adapterhub_local.pooling import resolve_pooling, with_pooling
 from adapterhub_local.registry import AdapterCard, BaseRecord, CardInfo, Registry
 from adapterhub_local.registry.model_kinds import register_full, register_head
 from adapterhub_local.task_spec import SPEC_KEY
-from adapterhub_local.train import distributed, tasks
+from adapterhub_local.train import distributed, sharding, tasks
 from adapterhub_local.train import evaluate as ev
 from adapterhub_local.train.checks import PreparedData
 from adapterhub_local.train.data import read_rows, render
 from adapterhub_local.train.loop import load_best, train_loop
-from adapterhub_local.train.methods import FULL_METHODS, Trainable, apply_method, initialize_eva, save_result
+from adapterhub_local.train.methods import (
+    FULL_METHODS,
+    Trainable,
+    apply_method,
+    initialize_eva,
+    save_result,
+    trainable_state,
+)
 
 RECIPE_FILE = "recipe.yaml"
 FROZEN_BASE_METHODS = ("lora", "prompt", "head_only")
@@ -212,6 +219,9 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     """Train, evaluate, save and (for PEFT methods) register; see the module docstring for the run directory."""
     started = time.perf_counter()
     processes = distributed.current()  # one process unless started by accelerate launch / torchrun
+    if processes.fsdp:
+        sharding.check_supported(recipe.method.name, runtime.resolve_precision(recipe.train.precision),
+                                 recipe.method.init)
     record = ensure_base(registry, recipe) if processes.is_main else None
     processes.barrier()  # a missing base is registered once, by the main process
     record = record or ensure_base(registry, recipe)
@@ -262,12 +272,17 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     with processes.guard():
         result = train_loop(trained.model, encoded.train, collate, recipe.train, run_dir, periodic, metric, greater,
                             resume=resume, progress=progress, on_step=on_step, processes=processes)
-    if not processes.is_main:  # the main process evaluates, saves and registers (distributed.py)
-        return RunResult(run_dir, {}, {}, None, not_registered=f"process {processes.rank} of {processes.world_size}")
+    not_main = RunResult(run_dir, {}, {}, None, not_registered=f"process {processes.rank} of {processes.world_size}")
+    if not (processes.is_main or processes.fsdp):  # the main process evaluates, saves and registers (distributed.py)
+        return not_main
     model = trained.model
     load_best(run_dir, model)
     model.eval()
-    final, samples = final_eval(recipe, trained, tokenizer, encoded, labels, pad_id)
+    with processes.guard():  # under FSDP every process evaluates (a forward is a collective) and gathers the result
+        final, samples = final_eval(recipe, trained, tokenizer, encoded, labels, pad_id)
+        gathered = trainable_state(model) if processes.fsdp else None
+    if not processes.is_main:
+        return not_main
     peak, peak_kind = _peak_memory_mb()
     training = {
         "method": trained.method, "trainable_params": trained.trainable_params, "total_params": trained.total_params,
@@ -279,6 +294,7 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
         "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "processes": processes.world_size,
+        "strategy": "single" if processes.world_size == 1 else "fsdp" if processes.fsdp else "ddp",
         "precision": runtime.resolve_precision(recipe.train.precision),
         "train_examples": len(encoded.train), "validation_examples": len(encoded.validation),
         "test_examples": len(encoded.test) or len(encoded.prompts),
@@ -288,16 +304,18 @@ def run(recipe: Recipe, data: PreparedData, registry: Registry, *, resume: bool 
     forgetting = final.pop("forgetting", None)
     if forgetting is not None:
         training["forgetting"] = forgetting
-    card, why_not = finish_run(recipe, data, registry, trained, run_dir, final, training, samples, labels)
+    card, why_not = finish_run(recipe, data, registry, trained, run_dir, final, training, samples, labels, gathered)
     return RunResult(run_dir, final, training, card, samples, why_not, model)
 
 
 def finish_run(recipe: Recipe, data: PreparedData, registry: Registry, trained: Trainable, run_dir: Path,
                final: dict[str, Any], training: dict[str, Any], samples: list[dict[str, Any]],
-               labels: list[str] | None) -> tuple[AdapterCard | None, str | None]:
-    """A run's tail, whoever trained it: save the result, register it, write ``final_metrics.json`` (last, so
-    its presence means the run is finished)."""
-    save_result(trained, run_dir / "adapter")
+               labels: list[str] | None, state: dict[str, torch.Tensor] | None = None,
+               ) -> tuple[AdapterCard | None, str | None]:
+    """A run's tail, whoever trained it: save the result (from ``state``, the full trainable tensors, where the
+    model holds shards of them), register it, write ``final_metrics.json`` (last, so its presence means the run is
+    finished)."""
+    save_result(trained, run_dir / "adapter", state)
     card, why_not = register_result(recipe, data, registry, trained, run_dir, final, training, labels)
     summary = {"metrics": final, "training": training, "registered": card.ref if card else None,
                "not_registered": why_not, "dataset_fingerprint": data.fingerprint,

@@ -48,6 +48,9 @@ def test_auto_compiles_long_cpu_runs_on_large_bases_only(with_compiler: None) ->
         assert not decision.enabled and why in decision.reason
     assert not decide("false", device=CPU, steps=LONG, base_params=BIG, processes=1).enabled
     assert decide("true", device=CPU, steps=1, base_params=1, processes=1).enabled
+    with pytest.raises(ConfigError, match="2 processes") as info:
+        decide("true", device=CPU, steps=LONG, base_params=BIG, processes=2)
+    assert "train.compile: auto" in str(info.value)
 
 
 def test_auto_stays_eager_and_true_refuses_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
