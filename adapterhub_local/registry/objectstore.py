@@ -560,8 +560,15 @@ class ObjectStoreRegistry(Registry):
             raise NotFoundError(f"adapter version {name}@{version} was deleted by another client meanwhile",
                                 "see `adapterhub list`") from None
         self.remote_problems.pop((name, version), None)
-        with contextlib.suppress(AdapterHubError, OSError):  # the marker was the commit: the next sync heals
-            super().delete(f"{name}@{version}")
+
+        def drop(tags: dict[str, int]) -> None:
+            for tag in [t for t, v in tags.items() if v == version]:
+                del tags[tag]
+
+        with contextlib.suppress(AdapterHubError, OSError):  # the marker was the commit: the rest is clean-up
+            if version in self.remote_tags(name)[1].values():  # tags pointing at it go, as in a local delete
+                self._change_tags(name, drop)
+            super().delete(f"{name}@{version}")  # (the next sync heals a cache this could not update)
         return f"{name}@{version}"
 
     def remove_base(self, name: str) -> None:
