@@ -29,23 +29,29 @@ every object it names against its sha256 (a mismatch is an :class:`IntegrityErro
 and nothing of that version is installed), and installs the version in the cache registry under its
 remote number — so every reading command (list, show, load, serve, verify) runs unchanged on the cache,
 and loading re-checks the hashes as the local registry always does. The remote listing is the index:
-``index rebuild`` syncs, then rebuilds the cache's SQLite index from its directories.
+``index rebuild`` syncs, then rebuilds the cache's SQLite index from its directories. What the store holds
+is untrusted input (:mod:`~adapterhub_local.registry.bucket` reads it): a version, base or tag map refused
+on read (damaged bytes, a malformed card, base record or tag map) raises, whenever it is asked for, the
+error class the local registry raises for the same damage, naming the key and the fix — never answered
+by an older cached map or version — and ``verify`` lists it (:meth:`ObjectStoreRegistry.stored_problems`),
+as it does a key among a name's manifests that makes its version numbers untrustworthy (publishing that
+name is refused until it is removed). A committed publish, tag or delete never reports failure because
+the local cache could not be updated afterwards (a full disk): the next sync heals the cache.
 
 Tags live in ``tags/<name>/<seq>.json``: each change publishes the whole new map under the next sequence
 number with the same conditional create, so concurrent taggers never lose an update (the loser re-reads
 and re-applies). Deleting a version creates ``adapters/<name>/<N>.deleted`` (the manifest stays, so the
-number is never reused); every client drops the version from its cache on its next sync. Removing a base,
+number is never reused), then drops the tags pointing at it; every client drops the version from its cache
+on its next sync; a client that lost the race to delete it gets :class:`NotFoundError`, as locally. Removing a base,
 and collecting the store's unreferenced objects, are not offered on an object store yet (refused with the fix).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,49 +68,21 @@ from adapterhub_local.errors import (
 )
 from adapterhub_local.registry import atomic
 from adapterhub_local.registry.bases import BASE_FILE, BaseRecord
+from adapterhub_local.registry.bucket import Bucket, default_cache, is_remote, s3_filesystem
 from adapterhub_local.registry.cards import CARD_FILE, AdapterCard
 from adapterhub_local.registry.index import IndexRow
 from adapterhub_local.registry.layout import parse_tag_map
 from adapterhub_local.registry.names import is_version_text, parse_reference, validate_name, validate_tag
-from adapterhub_local.registry.safetensors_check import no_duplicates
 from adapterhub_local.registry.store import Registry
 
-SCHEMES = ("s3://",)
 MARKER = "registry.json"
-CACHE_ENV = "ADAPTERHUB_CACHE"
 COMMIT_ATTEMPTS = 1000
-_MANIFEST_LIMIT = 16 << 20
 _STORE_FIX = "restore it from a copy of the store, or delete the version (`adapterhub delete`) and import it again"
 
 
 def _again(error: AdapterHubError) -> AdapterHubError:
     """A fresh error of the same class and text (a remembered problem is raised anew each time it is asked for)."""
     return type(error)(error.problem, error.fix)
-
-
-def is_remote(location: str | os.PathLike[str] | None) -> bool:
-    """Whether ``--registry`` names an object store rather than a directory."""
-    return location is not None and str(location).startswith(SCHEMES)
-
-
-def _s3_filesystem() -> Any:
-    """s3fs configured from the environment (``AWS_ENDPOINT_URL`` for S3-compatible servers), with no
-    listing cache: other writers change the store between our calls."""
-    try:
-        import s3fs
-    except ImportError as exc:
-        raise UnsupportedError("an s3:// registry needs the s3fs package",
-                               "pip install 'adapterhub_local[s3]'") from exc
-    client: dict[str, Any] = {}
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        client["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    return s3fs.S3FileSystem(use_listings_cache=False, client_kwargs=client)
-
-
-def default_cache(url: str) -> Path:
-    """``$ADAPTERHUB_CACHE/<hash of the URL>`` (default ``~/.cache/adapterhub``): one cache per store."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "adapterhub")
-    return root / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 class ObjectStoreRegistry(Registry):
@@ -115,19 +93,18 @@ class ObjectStoreRegistry(Registry):
         if not is_remote(url):
             raise InvalidNameError(f"{url!r} is not an object-store URL", "write it as s3://bucket/prefix")
         self.url = url.rstrip("/")
-        self.prefix = self.url.split("://", 1)[1]
-        self.fs = fs if fs is not None else _s3_filesystem()
         self.cache = Path(cache) if cache is not None else default_cache(self.url)
-        self.blobs = self.cache / "objects"
-        with self._remote("open"):
-            present = self.fs.exists(self._key(MARKER))
+        self.bucket = Bucket(self.url, fs if fs is not None else s3_filesystem(), self.cache / "objects")
+        self.prefix, self.fs, self.blobs = self.bucket.prefix, self.bucket.fs, self.bucket.blobs
+        with self.bucket.remote("open"):
+            present = self.fs.exists(self.bucket.key(MARKER))
             if not present and not create:
                 raise NotFoundError(f"registry {self.url} does not exist",
                                     "check --registry (a registry is created by `adapterhub base add`)")
             if not present:
                 try:
-                    self.fs.pipe_file(self._key(MARKER), json.dumps({"format": "adapterhub", "schema": 1}).encode(),
-                                      mode="create")
+                    marker = json.dumps({"format": "adapterhub", "schema": 1}).encode()
+                    self.fs.pipe_file(self.bucket.key(MARKER), marker, mode="create")
                 except FileExistsError:
                     pass  # another client created it first
                 except FileNotFoundError:
@@ -144,129 +121,22 @@ class ObjectStoreRegistry(Registry):
         super().__init__(self.cache / "registry", create=True)
         self.sync()
 
-    # ------------------------------------------------------------ plumbing
-    def _key(self, *parts: str) -> str:
-        return "/".join((self.prefix, *parts))
-
-    @contextlib.contextmanager
-    def _remote(self, action: str) -> Iterator[None]:
-        """Turn the store's errors into one line naming the store (a project error passes through)."""
-        try:
-            yield
-        except (FileExistsError, FileNotFoundError):
-            raise
-        except (OSError, ValueError) as exc:
-            raise RemoteError(f"cannot {action} {self.url}: {type(exc).__name__}: {exc}".splitlines()[0],
-                              "check the bucket, the credentials and AWS_ENDPOINT_URL") from exc
-
-    def _listing(self, *parts: str) -> list[str]:
-        """Base names of the entries under a key prefix (empty when there is none)."""
-        try:
-            return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._key(*parts), detail=False))
-        except FileNotFoundError:
-            return []
-
-    def upload_objects(self, directory: Path, files: dict[str, str]) -> None:
-        """Upload each file (name → sha256) of ``directory`` to ``objects/<sha256>``, unless already there.
-        Uploaded objects are invisible until a manifest names them."""
-        with self._remote("upload to"):
-            for fname, digest in sorted(files.items()):
-                key = self._key("objects", digest)
-                if not self.fs.exists(key):
-                    self.fs.put_file(str(directory / fname), key)
-
     def fetch_object(self, digest: str, what: str | None = None) -> Path:
-        """The blob with ``digest`` in the local cache, downloaded and checked first if missing (``what``
-        names it in errors: the manifest and file that refer to it). The cache is keyed by content hash, so
-        a cached blob always holds the bytes its name promises."""
-        what = f"{what} (object {digest[:12]})" if what else f"{self.url}: object {digest[:12]}"
-        path = self.blobs / digest
-        if path.is_file():
-            return path
-        tmp = self.blobs / f".{digest}.{os.getpid()}.{id(self)}.tmp"
-        try:
-            with self._remote("download from"):
-                try:
-                    self.fs.get_file(self._key("objects", digest), str(tmp))
-                except FileNotFoundError:
-                    raise IntegrityError(f"{what} is missing from the store",
-                                         "restore it from a copy of the store, or re-publish the version") from None
-            if atomic.sha256_file(tmp) != digest:
-                raise IntegrityError(f"{what} does not match its sha256 (damaged)",
-                                     "restore it from a copy of the store, or re-publish the version")
-            tmp.chmod(0o444)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return path
-
-    def _cache_blob(self, source: Path, digest: str) -> None:
-        """Copy a local file whose sha256 is ``digest`` into the blob cache (checked; skipped if present)."""
-        path = self.blobs / digest
-        if path.is_file():
-            return
-        tmp = self.blobs / f".{digest}.{os.getpid()}.{id(self)}.tmp"
-        try:
-            shutil.copyfile(source, tmp)
-            if atomic.sha256_file(tmp) == digest:
-                tmp.chmod(0o444)
-                os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    def _read_manifest(self, *parts: str, fix: str = "remove it from the store") -> dict[str, Any]:
-        """A manifest read as untrusted input: one JSON object, no duplicate keys, bounded size."""
-        where = f"{self.url}/{'/'.join(parts)}"
-        with self._remote("read from"):
-            data = self.fs.cat_file(self._key(*parts))
-        if len(data) > _MANIFEST_LIMIT:
-            raise FormatError(f"{where} is too large for a manifest", fix)
-        try:
-            parsed = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"{where} is not valid JSON ({exc})", fix) from None
-        if not isinstance(parsed, dict):
-            raise FormatError(f"{where} is not a JSON object", fix)
-        return parsed
+        """The blob with ``digest`` from the local blob cache (keyed by content hash), downloaded and checked
+        first if missing (see :meth:`Bucket.fetch_object`)."""
+        return self.bucket.fetch_object(digest, what)
 
     # ---------------------------------------------------------------- sync
-    def _numbers(self, name: str) -> tuple[list[int], set[int], list[str]]:
-        """Every version number of ``name`` ever committed (its manifests ``N.json``), the numbers marked
-        deleted (``N.deleted``), and the keys under ``adapters/<name>/`` that are neither (no client writes
-        those)."""
-        validate_name(name, "adapter name")
-        with self._remote("list"):
-            entries = self._listing("adapters", name)
-        committed: list[int] = []
-        deleted: set[int] = set()
-        strays: list[str] = []
-        for entry in entries:
-            stem, _, suffix = entry.rpartition(".")
-            if is_version_text(stem) and suffix in ("json", "deleted"):
-                (committed.append if suffix == "json" else deleted.add)(int(stem))
-            else:
-                strays.append(entry)
-        return sorted(committed), deleted, strays
-
-    def counter_error(self, name: str, stray: str) -> FormatError:
-        """The error for a key that makes the version numbers of ``name`` untrustworthy."""
-        return FormatError(f"{self.url}/adapters/{name}/{stray} is not a version manifest (<N>.json) or deletion "
-                           f"marker (<N>.deleted), so the version numbers of {name!r} cannot be trusted",
-                           "remove it from the store: the highest version number ever used is then read from the "
-                           "manifests and markers again")
-
     def remote_versions(self, name: str) -> list[int]:
         """Live version numbers of ``name`` in the store (manifests without a deletion marker), ascending."""
-        committed, deleted, _ = self._numbers(name)
+        committed, deleted, _ = self.bucket.numbers(name)
         return [v for v in committed if v not in deleted]
 
     def sync(self) -> int:
         """Install every base and version of the store that the cache lacks; returns versions installed."""
-        with self._remote("list"):
-            bases = [e[:-5] for e in self._listing("bases") if e.endswith(".json")]
-            names = self._listing("adapters")
+        with self.bucket.remote("list"):
+            bases = [e[:-5] for e in self.bucket.listing("bases") if e.endswith(".json")]
+            names = self.bucket.listing("adapters")
         for base in bases:
             with contextlib.suppress(InvalidNameError):
                 validate_name(base, "base name")
@@ -283,7 +153,7 @@ class ObjectStoreRegistry(Registry):
             except InvalidNameError:
                 continue
             have = set(self.versions_on_disk(name))
-            committed, deleted, _ = self._numbers(name)
+            committed, deleted, _ = self.bucket.numbers(name)
             for version in deleted:
                 self.remote_problems.pop((name, version), None)
             for version in sorted(have & deleted):  # deleted by another client: gone here too
@@ -312,11 +182,11 @@ class ObjectStoreRegistry(Registry):
         self.sync()
         problems = [str(e) for _, e in sorted(self.base_problems.items())]
         problems += [str(e) for _, e in sorted(self.remote_problems.items())]
-        with self._remote("list"):
-            names = self._listing("adapters")
+        with self.bucket.remote("list"):
+            names = self.bucket.listing("adapters")
         for name in names:
             with contextlib.suppress(InvalidNameError):
-                problems += [str(self.counter_error(name, stray)) for stray in self._numbers(name)[2]]
+                problems += [str(self.bucket.counter_error(name, stray)) for stray in self.bucket.numbers(name)[2]]
         return problems
 
     def _refused_version(self, ref: str) -> tuple[str, int] | None:
@@ -357,7 +227,7 @@ class ObjectStoreRegistry(Registry):
         where = f"{self.url}/bases/{name}.json"
         fix = (f"restore {where} and the objects it names from a copy of the store, or register the base under "
                "another name with `adapterhub base add`")
-        files = self._read_manifest("bases", f"{name}.json", fix=fix).get("files")
+        files = self.bucket.read_manifest("bases", f"{name}.json", fix=fix).get("files")
         if not isinstance(files, dict) or BASE_FILE not in files:
             raise FormatError(f"{where} has no file list naming {BASE_FILE}", fix)
         staged = self.new_staging()
@@ -381,7 +251,8 @@ class ObjectStoreRegistry(Registry):
 
     def _install_version(self, name: str, version: int) -> int:
         where = f"{self.url}/adapters/{name}/{version}.json"
-        card = AdapterCard.from_dict(self._read_manifest("adapters", name, f"{version}.json", fix=_STORE_FIX), where)
+        data = self.bucket.read_manifest("adapters", name, f"{version}.json", fix=_STORE_FIX)
+        card = AdapterCard.from_dict(data, where)
         if (card.name, card.version) != (name, version):
             raise FormatError(f"{where} describes {card.ref}", _STORE_FIX)
         staged = self.new_staging()
@@ -415,13 +286,13 @@ class ObjectStoreRegistry(Registry):
         """Claim the next free number of ``card.name`` with a conditional create of its manifest (the
         commit point). The card's files must already be uploaded."""
         for _ in range(COMMIT_ATTEMPTS):
-            committed, deleted, strays = self._numbers(card.name)
+            committed, deleted, strays = self.bucket.numbers(card.name)
             if strays:
-                raise self.counter_error(card.name, strays[0])
+                raise self.bucket.counter_error(card.name, strays[0])
             card.version = max([0, *committed, *deleted]) + 1  # deleted numbers stay used
             try:
-                with self._remote("publish to"):
-                    self.fs.pipe_file(self._key("adapters", card.name, f"{card.version}.json"),
+                with self.bucket.remote("publish to"):
+                    self.fs.pipe_file(self.bucket.key("adapters", card.name, f"{card.version}.json"),
                                       card.to_json().encode(), mode="create")
                 return card
             except FileExistsError:
@@ -431,9 +302,9 @@ class ObjectStoreRegistry(Registry):
 
     def publish(self, staged: Path, card: AdapterCard) -> AdapterCard:
         """Upload, commit remotely, then install the version in the cache under the number it got."""
-        self.upload_objects(staged, card.files)
+        self.bucket.upload_objects(staged, card.files)
         for fname, digest in card.files.items():  # seed the blob cache: the sync below need not download them
-            self._cache_blob(staged / fname, digest)
+            self.bucket.cache_blob(staged / fname, digest)
         self.commit_manifest(card)
         with contextlib.suppress(FileNotFoundError):
             (staged / CARD_FILE).unlink()
@@ -446,17 +317,18 @@ class ObjectStoreRegistry(Registry):
     def add_base(self, name: str, source: str, revision: str | None = None) -> BaseRecord:
         """Register a base locally, then publish it: objects first, the manifest by conditional create."""
         validate_name(name, "base name")
-        with self._remote("read from"):
-            if self.fs.exists(self._key("bases", f"{name}.json")):
+        with self.bucket.remote("read from"):
+            if self.fs.exists(self.bucket.key("bases", f"{name}.json")):
                 raise AlreadyExistsError(f"base {name!r} is already registered in {self.url}", "pick another name")
         record = super().add_base(name, source, revision)
         files = {p.name: atomic.sha256_file(p) for p in sorted(record.path.iterdir())
                  if p.is_file() and not p.name.startswith(".")}  # dot files are local caches (fingerprint)
-        self.upload_objects(record.path, files)
+        self.bucket.upload_objects(record.path, files)
         manifest = {"name": name, "files": files}
         try:
-            with self._remote("publish to"):
-                self.fs.pipe_file(self._key("bases", f"{name}.json"), json.dumps(manifest).encode(), mode="create")
+            with self.bucket.remote("publish to"):
+                self.fs.pipe_file(self.bucket.key("bases", f"{name}.json"), json.dumps(manifest).encode(),
+                                  mode="create")
         except FileExistsError:
             with self.locked():
                 self._trash(record.path)
@@ -477,14 +349,14 @@ class ObjectStoreRegistry(Registry):
     # --------------------------------------------------------------- tags
     def remote_tags(self, name: str) -> tuple[int, dict[str, int]]:
         """The latest tag map of ``name`` in the store and its sequence number (0: never tagged)."""
-        with self._remote("list"):
-            entries = self._listing("tags", name)
+        with self.bucket.remote("list"):
+            entries = self.bucket.listing("tags", name)
         seqs = sorted(int(e[:-5]) for e in entries if e.endswith(".json") and is_version_text(e[:-5]))
         if not seqs:
             return 0, {}
         where = f"{self.url}/tags/{name}/{seqs[-1]}.json"
         fix = f"remove {where} from the store (the map before it applies again), then re-tag with `adapterhub tag`"
-        data = self._read_manifest("tags", name, f"{seqs[-1]}.json", fix=fix)
+        data = self.bucket.read_manifest("tags", name, f"{seqs[-1]}.json", fix=fix)
         if set(data) != {"tags"} or not isinstance(data["tags"], dict):
             raise FormatError(f"{where} is not a tag map ({{\"tags\": {{tag: version}}}})", fix)
         return seqs[-1], parse_tag_map(data["tags"], where, fix)
@@ -496,8 +368,8 @@ class ObjectStoreRegistry(Registry):
             seq, tags = self.remote_tags(name)
             change(tags)
             try:
-                with self._remote("publish to"):
-                    self.fs.pipe_file(self._key("tags", name, f"{seq + 1}.json"),
+                with self.bucket.remote("publish to"):
+                    self.fs.pipe_file(self.bucket.key("tags", name, f"{seq + 1}.json"),
                                       json.dumps({"tags": tags}, sort_keys=True).encode(), mode="create")
             except FileExistsError:
                 continue
@@ -553,8 +425,8 @@ class ObjectStoreRegistry(Registry):
         self.sync()
         name, version = self._refused_version(ref) or self.locate(ref)  # a damaged version can be deleted
         try:
-            with self._remote("delete in"):
-                self.fs.pipe_file(self._key("adapters", name, f"{version}.deleted"), b"", mode="create")
+            with self.bucket.remote("delete in"):
+                self.fs.pipe_file(self.bucket.key("adapters", name, f"{version}.deleted"), b"", mode="create")
         except FileExistsError:
             self.sync()
             raise NotFoundError(f"adapter version {name}@{version} was deleted by another client meanwhile",
