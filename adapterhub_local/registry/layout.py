@@ -16,6 +16,7 @@ import json
 import re
 import stat
 from pathlib import Path
+from typing import Any
 
 from adapterhub_local.errors import FormatError, InvalidNameError
 from adapterhub_local.registry import atomic
@@ -27,7 +28,7 @@ TAGS_FILE = "tags.json"
 TEMP_FILE = re.compile(r"\.[A-Za-z0-9._-]+\.[0-9a-f]{32}\.tmp", re.ASCII)
 """What :func:`atomic.write_text_atomic` leaves behind if its writer is killed (gc removes them)."""
 HIGHWATER_DIR = ".versions"
-_TAGS_FIX = "fix the file to map tag names to version numbers, or delete it and re-tag with `adapterhub tag`"
+TAGS_FIX = "fix the file to map tag names to version numbers, or delete it and re-tag with `adapterhub tag`"
 
 
 def _entries(directory: Path) -> list[tuple[str, int]]:
@@ -43,6 +44,21 @@ def _entries(directory: Path) -> list[tuple[str, int]]:
         except FileNotFoundError:
             continue
     return out
+
+
+def parse_tag_map(data: dict[str, Any], where: str, fix: str) -> dict[str, int]:
+    """A tag map read from untrusted JSON (``where`` names its file or object): every tag a valid tag name,
+    every version an integer >= 1 (not a boolean)."""
+    tags: dict[str, int] = {}
+    for tag, version in data.items():
+        try:
+            validate_tag(tag)
+        except InvalidNameError as exc:
+            raise FormatError(f"{where}: invalid tag {tag!r}", fix) from exc
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise FormatError(f"{where}: tag {tag!r} points at {version!r}, not a version number", fix)
+        tags[tag] = version
+    return tags
 
 
 def _valid_name(name: str) -> bool:
@@ -125,22 +141,12 @@ class Layout:
         if not path.exists() and not path.is_symlink():
             return {}
         try:
-            data = read_json(path, "tag file", _TAGS_FIX)
+            data = read_json(path, "tag file", TAGS_FIX)
         except FormatError as exc:
             if "is missing" in exc.problem:  # vanished under a concurrent delete
                 return {}
             raise
-        tags: dict[str, int] = {}
-        for tag, version in data.items():
-            try:
-                validate_tag(tag)
-            except InvalidNameError as exc:
-                raise FormatError(f"tag file {path}: invalid tag {tag!r}", _TAGS_FIX) from exc
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-                raise FormatError(f"tag file {path}: tag {tag!r} points at {version!r}, not a version number",
-                                  _TAGS_FIX)
-            tags[tag] = version
-        return tags
+        return parse_tag_map(data, f"tag file {path}", TAGS_FIX)
 
     def write_tags(self, name: str, tags: dict[str, int]) -> None:
         atomic.write_text_atomic(self.tags_path(name), json.dumps(tags, indent=2, sort_keys=True))

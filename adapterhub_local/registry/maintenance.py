@@ -45,6 +45,7 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
         _verify_version(registry, registry.resolve(ref), bases, report)
         return report
     report.problems.extend(registry.layout.strays())
+    report.problems.extend(registry.stored_problems())
     for name in registry.layout.base_names():
         try:
             registry.base(name)

@@ -266,6 +266,10 @@ class Registry:
             metrics={k: v for k, v in card.metrics.items() if k not in PER_EXAMPLE_KEYS},
         )
 
+    def stored_problems(self) -> list[str]:
+        """Damage behind the directories that ``verify`` reports too (a local registry: none)."""
+        return []
+
     def versions_on_disk(self, name: str) -> list[int]:
         return self.layout.versions(name)
 

@@ -10,6 +10,7 @@ import pytest
 
 from adapterhub_local.registry import Registry
 from tests.registry import s3_kit
+from tests.registry.backends import Backend, open_backend
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +33,10 @@ def s3_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
 
     endpoint_url = request.getfixturevalue("s3_env")["AWS_ENDPOINT_URL"]
     return ObjectStoreRegistry(f"s3://{s3_kit.new_bucket(endpoint_url)}/team/registry", cache=tmp_path / "cache-a")
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """A new, empty registry on each back end (a local directory; an S3-compatible store), with the means
+    to open more clients and to tamper with what is stored."""
+    return open_backend(request, tmp_path)

@@ -3,6 +3,8 @@ imports, deletes, tags, untags, gc and reads. Prints one JSON line per completed
 errors (a version another worker already deleted …) are expected and reported; anything else is a bug
 and escapes with its traceback.
 
+ROOT may be ``s3://bucket/prefix`` (the process's cache: ``$ADAPTERHUB_CACHE``).
+
 Run: ``python -m tests.registry.registry_worker ROOT SOURCE_DIR SEED OPS`` (OPS < 0: loop forever).
 """
 
@@ -15,6 +17,7 @@ import sys
 from adapterhub_local.errors import AdapterHubError
 from adapterhub_local.registry import CardInfo, Registry
 from adapterhub_local.registry.maintenance import collect_garbage
+from adapterhub_local.registry.objectstore import ObjectStoreRegistry, is_remote
 
 NAMES = ("alpha", "beta", "gamma")
 
@@ -22,7 +25,7 @@ NAMES = ("alpha", "beta", "gamma")
 def main(argv: list[str]) -> None:
     root, source, seed, ops = argv[0], argv[1], int(argv[2]), int(argv[3])
     rng = random.Random(seed)
-    registry = Registry.open(root)
+    registry = ObjectStoreRegistry(root, create=False) if is_remote(root) else Registry.open(root)
     done = 0
     while ops < 0 or done < ops:
         done += 1
