@@ -56,11 +56,6 @@ from adapterhub_local.errors import ShapeMismatchError, UnsupportedError
 GATHER_BUDGET = 1 << 30
 """Default bound on one batch's kept gathered operands (1 GiB: 32 distinct rank-16 adapters on q, k, v, o of a
 SmolLM2-135M shape take 118 MB)."""
-KEPT_DTYPE_CPU = torch.float32
-"""On CPUs the kept per-row operands are fp32 whatever the base dtype: a batched matrix-vector product (a decode
-step's ``[32, 1, 576] × [32, 576, 16]``) runs at ~25 GB/s in fp32 and ~8 GB/s in bf16 on the project CPU, so
-the fp32 copy is faster despite twice the bytes (single thread: 224 vs 384 µs for one 576→576 rank-16 module,
-71 vs 121 µs for 576→192). The input is cast to fp32 for the LoRA term and the term back to the output's dtype."""
 DYNAMIC = "dynamic"
 """The reservation key of the dynamic (non-staged) batch."""
 
@@ -79,8 +74,6 @@ class BatchContext:
         """The current (dynamic) batch's rank groups per module name; dropped when the batch changes."""
         self.strategy = resolve_strategy(strategy, device)
         """``gather`` (per-row BGMV) or ``dense`` (batch adapters concatenated, output masked per row)."""
-        self.kept_dtype: torch.dtype | None = KEPT_DTYPE_CPU if device.type == "cpu" else None
-        """dtype of the kept gathered operands (``None``: the stacks'). See :data:`KEPT_DTYPE_CPU`."""
         self._buffer = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.slots: torch.Tensor | None = None
         """``[rows]`` global slot per row (0 = no LoRA) or ``None``: no LoRA in this batch, base only."""
@@ -252,8 +245,7 @@ def grouped_lora(x: torch.Tensor, groups: list[Group], a_stack: torch.Tensor, b_
 def _group_lora(x: torch.Tensor, group: Group, a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
     if group.a is None or group.b is None:
         return gathered_lora(x, a_stack[:, :group.rank], b_stack[:, :group.rank], group.local)
-    # Kept operands may be wider than x (fp32 on CPUs, KEPT_DTYPE_CPU): the term comes back in x's dtype.
-    return torch.bmm(torch.bmm(x.to(group.a.dtype), group.a.transpose(1, 2)), group.b).to(x.dtype)
+    return torch.bmm(torch.bmm(x, group.a.transpose(1, 2)), group.b)
 
 
 def dense_lora(x: torch.Tensor, a_flat: torch.Tensor, b_flat: torch.Tensor, owner: torch.Tensor,
@@ -423,12 +415,8 @@ class MultiLoraLinear(nn.Module):
         self._staged.pop(slab, None)
         self._context.release(slab, self.name)
 
-    @property
-    def _kept_dtype(self) -> torch.dtype:
-        return self._context.kept_dtype or self._dtype
-
     def _group_bytes(self, plan: list[tuple[int, list[int]]]) -> int:
-        element = torch.empty((), dtype=self._kept_dtype).element_size()
+        element = torch.empty((), dtype=self._dtype).element_size()
         return sum(len(rows) * rank * (self.d_in + self.d_out) for rank, rows in plan) * element
 
     def _empty_group(self, count: int, rank: int, every_row: bool, kept: bool) -> Group:
@@ -437,8 +425,8 @@ class MultiLoraLinear(nn.Module):
         group = Group(rank, torch.zeros(count, dtype=torch.long, device=device),
                       None if every_row else torch.zeros(count, dtype=torch.long, device=device))
         if kept:
-            group.a = torch.empty(count, rank, self.d_in, dtype=self._kept_dtype, device=device)
-            group.b = torch.empty(count, rank, self.d_out, dtype=self._kept_dtype, device=device)
+            group.a = torch.empty(count, rank, self.d_in, dtype=self._dtype, device=device)
+            group.b = torch.empty(count, rank, self.d_out, dtype=self._dtype, device=device)
         return group
 
     def _fill_group(self, group: Group, rows: list[int], local: list[int]) -> None:
@@ -447,8 +435,8 @@ class MultiLoraLinear(nn.Module):
         if group.rows is not None:
             group.rows.copy_(torch.tensor(rows, dtype=torch.long))
         if group.a is not None and group.b is not None:
-            group.a.copy_(self.a_stack[:, :group.rank].index_select(0, group.local))
-            group.b.copy_(self.b_stack[:, :group.rank].index_select(0, group.local))
+            torch.index_select(self.a_stack[:, :group.rank], 0, group.local, out=group.a)
+            torch.index_select(self.b_stack[:, :group.rank], 0, group.local, out=group.b)
 
     def _prepare_batch(self, rows: torch.Tensor) -> None:
         """Once per batch (host-side bookkeeping plus a few device ops, no host sync): the largest rank this
