@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from adapterhub_local import runtime
 from adapterhub_local.config import Recipe
 from adapterhub_local.models import load_tokenizer
 from adapterhub_local.registry.bases import BaseRecord
@@ -126,7 +127,8 @@ def evaluate_state(ctx: RunContext, recipe: Recipe, state: dict[str, torch.Tenso
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(validation, final test)`` metrics of an adapter, measured as the runner measures its own."""
     trainable = trainable_with(ctx, recipe, state)
-    with torch.no_grad():
+    # As the loop evaluates: under the precision the model trained in (a bf16 base meets fp32 trainables).
+    with torch.no_grad(), runtime.autocast(recipe.train.precision):
         validation = ctx.periodic(trainable.model)
     final, _ = runner.final_eval(recipe, trainable, ctx.tokenizer, ctx.encoded, ctx.labels, ctx.pad_id)
     return validation, final
@@ -143,6 +145,7 @@ def beam_eval(ctx: RunContext, registry: Registry, ref: str, num_beams: int) -> 
     if problems:
         raise ConfigError(problems, f"re-register {ref} from a valid recipe", what=f"{ref}'s recipe")
     trainable = trainable_with(ctx, recipe, loaded.tensors)
-    result, _ = ev.generation_eval(trainable.model, ctx.tokenizer, ctx.encoded.prompts, recipe.eval.max_new_tokens,
-                                   recipe.eval.batch_size, num_beams=num_beams)
+    with runtime.autocast(recipe.train.precision):  # as the runner's greedy evaluation
+        result, _ = ev.generation_eval(trainable.model, ctx.tokenizer, ctx.encoded.prompts,
+                                       recipe.eval.max_new_tokens, recipe.eval.batch_size, num_beams=num_beams)
     return result

@@ -99,3 +99,18 @@ def test_no_rank_is_recommended_from_a_flagged_adapter() -> None:
     assert recommend(judge(clear, "accuracy", 0.0, series="truncated"), [clear[-1]], 8)[0] == 2
     rank, why = recommend(judge(same, "accuracy", 0.0, series="truncated"), [same[-1]], 8)
     assert rank == 1 and "could not separate" in why
+
+
+@pytest.mark.parametrize("kind", ["cls", "gen"])
+def test_the_advisor_evaluates_bf16_runs_as_training_did(kind: str, sweep_registry: Registry, cls_data: Path,
+                                                        gen_data: Path, tmp_path: Path) -> None:
+    """A bf16 run (bf16 base, fp32 adapter and classifier head) is re-evaluated from its truncations under the
+    precision it trained in — the truncated curve's validation once failed on a bf16 × fp32 matmul in the head —
+    and beam search decodes it the same way."""
+    data = cls_data if kind == "cls" else gen_data
+    recipe = recipe_for(kind, data, tmp_path / "runs", max_steps=2, precision="bf16")
+    config = SweepConfig(ranks=[1, 4], sweep_id=f"sw-bf16-{kind}", advise=True,
+                         num_beams=2 if kind == "gen" else 1)
+    summary = run_sweep(sweep_registry, recipe, config, progress=False, log=lambda _: None)
+    advice = json.loads((Path(summary["directory"]) / "advice.json").read_text())
+    assert [c["rank"] for c in advice["curve"]] == [1, 4]
