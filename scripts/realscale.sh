@@ -2,7 +2,8 @@
 # The rank study at real scale (issue 12), in the background, resumable: run it again after an interruption (a
 # killed process, a new session) and each sweep continues where it stopped — finished points are skipped and a
 # point interrupted mid-run continues from its checkpoint. Logs: runs/realscale-<task>.log; reports:
-# runs/sweep-*/results.{md,csv,json} and plots. Uses one torch thread, so it shares the machine gracefully.
+# runs/sweep-*/results.{md,csv,json} and plots. The sentiment study (finished 2026-12-01; copied to
+# benchmarks/results/sweep-sentiment-realscale/) used one torch thread; the E2E study uses both cores.
 #
 #   bash scripts/realscale.sh              # start or resume both studies, one after the other, in the background
 #   bash scripts/realscale.sh --foreground # the same in this terminal
@@ -37,16 +38,19 @@ e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode
 # The advisor runs on the same sweep (same arguments): it trains only the highest rank (per seed and fraction),
 # predicts the rest from its SVD truncations, and every later run of the full sweep sets the prediction beside the
 # trained ranks. The sentiment sweep ran before its advisor (started first), so it is reported once more after it.
-run() { local log=$1; shift; echo "== $(date -u +%FT%TZ) $*"; adapterhub --threads 1 sweep "$@" >>"$log" 2>&1; }
-run runs/realscale-sentiment.log "${sentiment[@]}"
-run runs/realscale-sentiment.log "${sentiment[@]}" --advise
-run runs/realscale-sentiment.log "${sentiment[@]}"
+# Threads: the sentiment study shares the machine on one; the E2E study is also issue 11's timing of a whole sweep on
+# this machine, so it takes both cores ($REALSCALE_E2E_THREADS to change).
+run() { local threads=$1 log=$2; shift 2; echo "== $(date -u +%FT%TZ) $*"
+        adapterhub --threads "$threads" sweep "$@" >>"$log" 2>&1; }
+run 1 runs/realscale-sentiment.log "${sentiment[@]}"
+run 1 runs/realscale-sentiment.log "${sentiment[@]}" --advise
+run 1 runs/realscale-sentiment.log "${sentiment[@]}"
 # The whole trained sweep first (seed 0's eleven ranks are also issue 11's "E2E sweep in ≤ 2 hours" measurement:
 # each point's wall time is in the sweep's results), then the advisor (r = 1024 is trained by then: it only
 # truncates), then the report once more with the advice beside the trained ranks.
-run runs/realscale-e2e.log "${e2e[@]}"
-run runs/realscale-e2e.log "${e2e[@]}" --advise
-run runs/realscale-e2e.log "${e2e[@]}"
+run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}"
+run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}" --advise
+run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}"
 # The paper's section 7: φ between r = 8 and r = 64 (same seed) and between two seeds of r = 64.
 echo "== $(date -u +%FT%TZ) compare"
 adapterhub compare e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1 \
