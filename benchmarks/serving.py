@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapterhub_local.inference import Engine, Request, SamplingParams
+from adapterhub_local.inference import Engine, Request, SamplingParams, cpu_lora_kernel
 from adapterhub_local.registry import CardInfo, Registry
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -310,6 +310,16 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
     systems[f"engine_adapters_{other}"] = engine_gen(mixed, engine_other)
     results["strategy"] = {"default": engine.runner.context.strategy, "other": other}
 
+    # the CPU decode kernel against torch's bmm on the same engine (the kernel is ours: show that it pays)
+    results["cpu_lora_kernel"] = (cpu_lora_kernel.unavailable_reason() or "used") if p.device == "cpu" else None
+    if p.device == "cpu" and cpu_lora_kernel.available():
+        def without_kernel(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+            def go() -> tuple[float, float]:
+                with cpu_lora_kernel.suspended():
+                    return run_once()
+            return go
+        systems["engine_adapters_torch_bmm"] = in_mode("swap", without_kernel(adapters_run))
+
     # the other decoder: on CUDA the default replays a captured graph, so time the dynamic cache beside it;
     # on CPUs the default is the dynamic cache, so time the static one (the step a GPU would capture)
     alt = "dynamic" if engine.decoder == "graph" else "static"
@@ -434,6 +444,9 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     out["open batch (server path), adapters / its base"] = tps["open_batch_adapters"] / tps["open_batch_base"]
     op = r["strategy"]["other"]
     out[f"{op} op / default op"] = tps[f"engine_adapters_{op}"] / tps["engine_adapters"]
+    if "engine_adapters_torch_bmm" in tps:
+        out["adapters: CPU kernel / torch bmm"] = tps["engine_adapters"] / tps["engine_adapters_torch_bmm"]
+        out["adapters with torch bmm / engine base"] = tps["engine_adapters_torch_bmm"] / tps["engine_base"]
     default, alt = r["decoder"]["default"], r["decoder"]["other"]
     out[f"base: {default} decoder / {alt} decoder"] = tps["engine_base"] / tps[f"engine_base_{alt}"]
     out[f"adapters: {default} decoder / {alt} decoder"] = tps["engine_adapters"] / tps[f"engine_adapters_{alt}"]
@@ -463,6 +476,9 @@ def markdown(r: dict[str, Any], preset: str) -> str:
                            "adapters"),
                           (f"engine_adapters_{other}", f"engine, {c['adapters']} distinct adapters ({other} op)",
                            "adapters"),
+                          ("engine_adapters_torch_bmm",
+                           f"engine, {c['adapters']} distinct adapters ({default} op, torch bmm, CPU kernel off)",
+                           "adapters"),
                           (f"engine_base_{alt}", f"engine, base ({alt} decoder)", "base"),
                           (f"engine_adapters_{alt}", f"engine, {c['adapters']} distinct adapters ({alt} decoder)",
                            "adapters"),
@@ -486,6 +502,7 @@ def markdown(r: dict[str, Any], preset: str) -> str:
     lines += ["", f"Load average (1/5/15 min) before the timed rounds: {r['load_average_before']}, after: "
               f"{r['load_average_after']}; {c['repeats']} interleaved rounds; ratios use the best of them (other "
               "processes only ever add time).",
+              "", f"CPU decode kernel for per-row LoRA: {r.get('cpu_lora_kernel')}.",
               "", f"Merge switch (unmerge + merge, adapter in host cache): {r['merge_switch_ms']:.1f} ms. "
               f"Measured in this run: copy bandwidth {r['bandwidth_GBps']:.1f} GB/s, square-GEMM "
               + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in r["gemm_GFLOPs"].items())

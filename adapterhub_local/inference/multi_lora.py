@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from adapterhub_local.errors import ShapeMismatchError, UnsupportedError
+from adapterhub_local.inference import cpu_lora_kernel
 
 GATHER_BUDGET = 1 << 30
 """Default bound on one batch's kept gathered operands (1 GiB: 32 distinct rank-16 adapters on q, k, v, o of a
@@ -88,6 +89,9 @@ class BatchContext:
         self.layout = 0
         """Bumped whenever a stack is reallocated: a CUDA graph captured under an older layout reads freed
         memory and must be captured again."""
+        self.capturing = False
+        """True while a decoder records a step for replay (a CUDA graph): a recording holds torch ops only, so the
+        CPU decode kernel (a call torch does not see) stands aside for the step being recorded."""
 
     def reserve(self, key: object, module: str, nbytes: int) -> bool:
         """Account ``nbytes`` of gathered operands for ``module`` under ``key`` (the dynamic batch, or a static
@@ -248,6 +252,29 @@ def _group_lora(x: torch.Tensor, group: Group, a_stack: torch.Tensor, b_stack: t
     return torch.bmm(torch.bmm(x, group.a.transpose(1, 2)), group.b)
 
 
+def kernel_applies(x: torch.Tensor, y: torch.Tensor, groups: list[Group]) -> bool:
+    """Whether this step's per-row LoRA runs on the CPU decode kernel: one token per row on a CPU, ``y`` (the base
+    output) contiguous in ``x``'s dtype, every group within the kernel's rank (see :mod:`cpu_lora_kernel`)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":  # checked first: cheap, and dynamo-safe
+        return False
+    rank = max((group.rank for group in groups), default=0)
+    return y.is_contiguous() and cpu_lora_kernel.applies(x, y, rank)
+
+
+def grouped_lora_add_(out: torch.Tensor, x: torch.Tensor, groups: list[Group], a_stack: torch.Tensor,
+                      b_stack: torch.Tensor) -> None:
+    """``out[i] += x[i] · A[i]ᵀ · B[i]ᵀ`` in place for the rows of ``groups`` (one decode token per row), by the CPU
+    kernel: what :func:`grouped_lora` computes, added where it is used. ``x``: ``[B, 1, d_in]``; ``out``:
+    ``[B, 1, d_out]``; stacks as for :func:`gathered_lora` (read by groups whose operands were not kept)."""
+    flat_x = x.reshape(x.shape[0], x.shape[2]).contiguous()
+    flat_out = out.view(out.shape[0], out.shape[2])
+    for group in groups:
+        if group.a is not None and group.b is not None:
+            cpu_lora_kernel.bgmv_add_(flat_out, flat_x, group.a, group.b, group.rank, None, group.rows)
+        else:
+            cpu_lora_kernel.bgmv_add_(flat_out, flat_x, a_stack, b_stack, group.rank, group.local, group.rows)
+
+
 def dense_lora(x: torch.Tensor, a_flat: torch.Tensor, b_flat: torch.Tensor, owner: torch.Tensor,
                rank: int) -> torch.Tensor:
     """``y[i] = x[i] · A[k]ᵀ · B[k]ᵀ`` for row ``i``'s adapter ``k``, computed against all ``P`` adapters at once.
@@ -344,7 +371,10 @@ class MultiLoraLinear(nn.Module):
             a_cat, b_cat, owner = self._dense
             delta = dense_lora(x3, a_cat, b_cat, owner, self._batch_rank)
         else:
-            delta = grouped_lora(x3, self._context.operands[self.name], self.a_stack, self.b_stack)
+            groups = self._context.operands[self.name]
+            if not self._context.capturing and kernel_applies(x3, y, groups):
+                return self._kernel_forward(x3, y, groups, self._rows_local if self._batch_dora else None)
+            delta = grouped_lora(x3, groups, self.a_stack, self.b_stack)
         if self._batch_dora:
             y3 = y.reshape(delta.shape)
             return self._dora_scaled(y3, delta.to(y.dtype), self._rows_local).reshape(y.shape)
@@ -360,11 +390,25 @@ class MultiLoraLinear(nn.Module):
             delta = dense_lora(x3, staged.a, staged.b, staged.owner, staged.rank)
         else:
             assert staged.groups is not None
+            if not self._context.capturing and kernel_applies(x3, y, staged.groups):
+                dora_rows = staged.rows_local if self.g_stack is not None else None
+                return self._kernel_forward(x3, y, staged.groups, dora_rows)
             delta = grouped_lora(x3, staged.groups, self.a_stack, self.b_stack)
         if self.g_stack is not None:  # a DoRA adapter is resident (allocating the stack bumps the layout)
             y3 = y.reshape(delta.shape)
             return self._dora_scaled(y3, delta.to(y.dtype), staged.rows_local).reshape(y.shape)
         return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _kernel_forward(self, x3: torch.Tensor, y: torch.Tensor, groups: list[Group],
+                        dora_rows: torch.Tensor | None) -> torch.Tensor:
+        """A CPU decode step's LoRA term by the BGMV kernel: added into ``y`` (fresh from the base linear) in place,
+        or, with DoRA rows (``dora_rows``: each row's local slot), into zeros and then scaled."""
+        if dora_rows is None:
+            grouped_lora_add_(y.view(x3.shape[0], 1, self.d_out), x3, groups, self.a_stack, self.b_stack)
+            return y
+        delta = x3.new_zeros(x3.shape[0], 1, self.d_out)
+        grouped_lora_add_(delta, x3, groups, self.a_stack, self.b_stack)
+        return self._dora_scaled(y.view(delta.shape), delta, dora_rows).reshape(y.shape)
 
     def _local_slots(self, rows: torch.Tensor) -> torch.Tensor:
         """Each row's local slot; global slots this module never held (adapters that do not target it, soft

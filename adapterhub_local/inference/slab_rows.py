@@ -247,7 +247,11 @@ class SlabRows:
         saved = kv_rows.save_columns(self.cache, columns)
         buffers = (self.tokens.clone(), self.positions.clone(), self.mask.clone())
         kv_rows.set_write_position(self.cache, start)
-        self._replay, self._logits = self.graphs.capture(lambda: self._step())
+        self.context.capturing = True
+        try:
+            self._replay, self._logits = self.graphs.capture(lambda: self._step())
+        finally:
+            self.context.capturing = False
         kv_rows.restore_columns(self.cache, columns, saved)
         kv_rows.set_write_position(self.cache, self.write)
         for buffer, copy in zip((self.tokens, self.positions, self.mask), buffers, strict=True):

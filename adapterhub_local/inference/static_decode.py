@@ -254,7 +254,11 @@ class StaticDecoder:
             self._step(slab)
             slab.cache.reset()
             slab.allocated = True
-        slab.replay, slab.logits = self.graphs.capture(lambda: self._step(slab))
+        self.context.capturing = True
+        try:
+            slab.replay, slab.logits = self.graphs.capture(lambda: self._step(slab))
+        finally:
+            self.context.capturing = False
         slab.captured_for = plan
         self.captures += 1
         log.info("captured the decode step for %d rows x %d columns", slab.rows, slab.columns)
