@@ -112,27 +112,41 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _check_private(path: Path) -> None:
+    """Refuse a cache entry another user could have written: loading a library runs its code."""
+    info = path.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise RuntimeError(f"{path} belongs to another user; point {CACHE_ENV} at a directory of your own")
+    if info.st_mode & 0o022:
+        raise RuntimeError(f"{path} is writable by others (mode {oct(info.st_mode & 0o777)}); "
+                           f"`chmod go-w {path}` or point {CACHE_ENV} elsewhere")
+
+
 def build() -> Path:
     """The kernel's shared library, compiled into :func:`cache_dir` unless this source, compiler and CPU already
-    have one there; concurrent builders each write a private file and rename it into place."""
+    have one there; concurrent builders each write a private file and rename it into place. A cache directory or
+    library that another user owns or may write is refused (loading a library runs its code)."""
     compiler = _compiler()
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(directory)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
-    directory = cache_dir()
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
         target = directory / f"bgmv-{key}.so"
         if target.exists():
+            _check_private(target)
             return target
-        directory.mkdir(parents=True, exist_ok=True)
         fd, scratch = tempfile.mkstemp(prefix=".bgmv-", suffix=".so", dir=directory)
         os.close(fd)
         try:
             done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", scratch, str(SOURCE)],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
+                os.chmod(scratch, 0o700)  # the linker's mode follows the umask; only the owner may write it
                 os.replace(scratch, target)
                 return target
             errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-500:]}")

@@ -127,6 +127,21 @@ def test_the_build_is_cached_per_source(tmp_path: Path, monkeypatch: pytest.Monk
     assert not list(tmp_path.glob(".bgmv-*"))  # no scratch file left behind
 
 
+@needs_kernel
+def test_a_cache_others_may_write_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(cpu_lora_kernel.CACHE_ENV, str(shared))
+    with pytest.raises(RuntimeError, match="writable by others"):
+        cpu_lora_kernel.build()
+    shared.chmod(0o700)
+    built = cpu_lora_kernel.build()
+    built.chmod(0o666)  # someone could have swapped it
+    with pytest.raises(RuntimeError, match="writable by others"):
+        cpu_lora_kernel.build()
+
+
 def test_without_a_compiler_it_says_why_and_callers_fall_back(monkeypatch: pytest.MonkeyPatch,
                                                               tmp_path: Path) -> None:
     monkeypatch.setenv(cpu_lora_kernel.CACHE_ENV, str(tmp_path))  # nothing built there yet
