@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterhub_local.inference.growing_cache import growing_cache
 from adapterhub_local.inference.sampling import RowSampling
 from adapterhub_local.inference.soft_prompt import Batch
 from adapterhub_local.inference.types import FinishReason, SamplingParams
@@ -130,6 +131,12 @@ def last_position(device: torch.device) -> torch.Tensor:
 
 
 def forward_cached(model: nn.Module, **kwargs: Any) -> Any:
+    """A forward that keeps the KV cache and the last position's logits. A prefill (no cache passed) starts a
+    :func:`growing_cache` (appends in place, no copy of the cache per step) where the model's config allows."""
+    if "cache" not in kwargs and "past_key_values" not in kwargs:
+        cache = growing_cache(getattr(model, "config", None))
+        if cache is not None:
+            kwargs[cache_keyword(model)] = cache
     ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     keep: int | torch.Tensor = 1
     if ids is not None and ids.shape[1] > 1:
