@@ -166,4 +166,10 @@ def compile_for_training(model: torch.nn.Module, setting: str, *, device: torch.
         return CompiledBlocks([])
     log(f"{decision.reason}: compiling its {len(blocks)} {type(blocks[0]).__name__} blocks (the first step "
         "takes longer)")
+    # Every block of every model shares its class's forward code, and dynamo caches compiled graphs per code
+    # object: each run adds its own (two per run: the first block's input needs no gradient, the others' do). A
+    # process that trains run after run (a sequential sweep) reached dynamo's recompile limit (8) at its fifth
+    # point and trained the rest eagerly, silently (~255 instead of ~400 tokens/s). Each run starts from an empty
+    # dynamo cache instead; Inductor's on-disk cache keeps the recompile to seconds.
+    torch._dynamo.reset()
     return CompiledBlocks(blocks)
