@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,8 +15,8 @@ from typing import Any
 
 from adapterhub_local.errors import FormatError, IntegrityError, RemoteError, UnsupportedError
 from adapterhub_local.registry import atomic
+from adapterhub_local.registry.formats import parse_json_object
 from adapterhub_local.registry.names import is_version_text, validate_name
-from adapterhub_local.registry.safetensors_check import no_duplicates
 
 SCHEMES = ("s3://",)
 CACHE_ENV = "ADAPTERHUB_CACHE"
@@ -136,13 +135,7 @@ class Bucket:
             data = self.fs.cat_file(self.key(*parts))
         if len(data) > _MANIFEST_LIMIT:
             raise FormatError(f"{where} is too large for a manifest", fix)
-        try:
-            parsed = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"{where} is not valid JSON ({exc})", fix) from None
-        if not isinstance(parsed, dict):
-            raise FormatError(f"{where} is not a JSON object", fix)
-        return parsed
+        return parse_json_object(data, where, "", fix)
 
     def numbers(self, name: str) -> tuple[list[int], set[int], list[str]]:
         """Every version number of ``name`` ever committed (its manifests ``N.json``), the numbers marked

@@ -65,14 +65,17 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file(clean, str(path), metadata=metadata)
 
 
-def parse_json_object(data: bytes, path: Path, what: str, fix: str = "fix or regenerate the file") -> dict[str, Any]:
-    """Parse untrusted bytes as one JSON object (duplicate keys refused; callers range-check numbers)."""
+def parse_json_object(data: bytes, path: Path | str, what: str,
+                      fix: str = "fix or regenerate the file") -> dict[str, Any]:
+    """Parse untrusted bytes as one JSON object (duplicate keys refused; callers range-check numbers). Errors
+    name ``what`` and ``path`` (a file, or any location such as a bucket key; ``what`` may be empty)."""
+    where = f"{what} {path}" if what else str(path)
     try:
         value = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{what} {path} is not valid JSON ({exc})", fix) from exc
+        raise FormatError(f"{where} is not valid JSON ({exc})", fix) from exc
     if not isinstance(value, dict):
-        raise FormatError(f"{what} {path} is not a JSON object", fix)
+        raise FormatError(f"{where} is not a JSON object", fix)
     return value
 
 
