@@ -12,12 +12,14 @@
 # 1. Rotten Tomatoes / all-MiniLM-L6-v2: 11 ranks × 3 seeds × training fractions 0.1 / 0.3 / 1.0 (250 steps of 32,
 #    about one epoch of the whole training split), sequential, 99 points.
 # 2. E2E / SmolLM2-135M-Instruct, LoRA on q and v, alpha fixed at 32: 11 ranks × 1 epoch × 2 seeds, with the
-#    E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), greedy and beam-3 decoding, the SVD-truncated curve
-#    from r = 64, 22 points; then φ (the paper's section 7) between r = 8 and r = 64 and between seeds of r = 64.
-# 3. The rank advisor on both, beside the trained sweeps (run after each trained sweep: it reuses its top rank).
+#    E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), greedy and beam-3 decoding, 22 points; then φ (the paper's
+#    section 7) between r = 8 and r = 64 and between seeds of r = 64.
+# 3. The rank advisor on both, beside the trained sweeps: its SVD truncations of r = 1024 are the truncated curve.
+#
+#   bash scripts/realscale.sh --save       # copy the E2E sweep's progress into the repository (a new machine resumes it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ "${1:-}" != "--foreground" ]]; then
+if [[ "${1:-}" != "--foreground" && "${1:-}" != "--save" ]]; then
   mkdir -p runs
   nohup setsid bash "$0" --foreground >runs/realscale.log 2>&1 &
   echo "started in the background (pid $!): tail -f runs/realscale.log runs/realscale-*.log"
@@ -32,8 +34,19 @@ adapterhub base show smollm2 >/dev/null 2>&1 || adapterhub base add smollm2 asse
 # The sentiment study started before sweep names ignored new recipe fields at their defaults: its name is pinned.
 sentiment=(recipes/sweep-sentiment-minilm-lora.yaml --seeds 0,1,2 --data-fractions 0.1,0.3,1.0 --mode sequential
            --sweep-id sweep-sentiment-minilm-sweep-74f299fb)
-e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode sequential --truncate-from 64
-     --num-beams 3 --set train.epochs=1)
+e2e_id=sweep-e2e-smollm2-sweep-4bb6c408
+e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode sequential --num-beams 3
+     --set train.epochs=1 --sweep-id "$e2e_id")
+# runs/ and the registry stay on the machine that ran them; a study spanning sessions keeps its progress in the
+# repository: `--save` copies the E2E sweep's state (every finished point's metrics and per-example records) and
+# advice there, and a start on a machine without runs/<sweep> begins from that copy (finished points are skipped).
+kept=benchmarks/results/realscale-e2e-progress
+if [[ "${1:-}" == "--save" ]]; then
+  mkdir -p "$kept"
+  for f in state.json advice.json; do [[ -f runs/$e2e_id/$f ]] && cp "runs/$e2e_id/$f" "$kept/$f"; done
+  echo "saved runs/$e2e_id/{state,advice}.json to $kept/ (commit them)"
+  exit 0
+fi
 
 # The advisor runs on the same sweep (same arguments): it trains only the highest rank (per seed and fraction),
 # predicts the rest from its SVD truncations, and every later run of the full sweep sets the prediction beside the
@@ -42,13 +55,23 @@ e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode
 # this machine, so it takes both cores ($REALSCALE_E2E_THREADS to change).
 run() { local threads=$1 log=$2; shift 2; echo "== $(date -u +%FT%TZ) $*"
         adapterhub --threads "$threads" sweep "$@" >>"$log" 2>&1; }
-run 1 runs/realscale-sentiment.log "${sentiment[@]}"
-run 1 runs/realscale-sentiment.log "${sentiment[@]}" --advise
-run 1 runs/realscale-sentiment.log "${sentiment[@]}"
-# The whole trained sweep first (seed 0's eleven ranks are also issue 11's "E2E sweep in ≤ 2 hours" measurement:
-# each point's wall time is in the sweep's results), then the advisor (r = 1024 is trained by then: it only
-# truncates), then the report once more with the advice beside the trained ranks.
-run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}"
+# A finished study lives on in the repository (runs/ does not travel to a new machine): its copy there is not redone.
+if [[ -f benchmarks/results/sweep-sentiment-realscale/results.json && ! -d runs/${sentiment[-1]} ]]; then
+  echo "== sentiment study finished earlier: benchmarks/results/sweep-sentiment-realscale/ (not run again)"
+else
+  run 1 runs/realscale-sentiment.log "${sentiment[@]}"
+  run 1 runs/realscale-sentiment.log "${sentiment[@]}" --advise
+  run 1 runs/realscale-sentiment.log "${sentiment[@]}"
+fi
+if [[ ! -f runs/$e2e_id/state.json && -f $kept/state.json ]]; then
+  mkdir -p "runs/$e2e_id"
+  for f in state.json advice.json; do [[ -f $kept/$f ]] && cp "$kept/$f" "runs/$e2e_id/$f"; done
+  echo "== E2E sweep resumes from $kept/"
+fi
+# The advisor first: it trains r = 1024 (each seed) and evaluates its SVD truncations to every lower rank — the
+# truncated curve — as soon as each is trained; then the rest of the sweep (seed 0's eleven ranks are also issue 11's
+# "E2E sweep in ≤ 2 hours" measurement: each point's wall time is in the sweep's results), whose report sets the
+# prediction beside the trained ranks. Each point's beam search and E2E metrics are computed as it finishes.
 run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}" --advise
 run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}"
 # The paper's section 7: φ between r = 8 and r = 64 (same seed) and between two seeds of r = 64.

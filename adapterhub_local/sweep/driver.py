@@ -86,14 +86,26 @@ def run_sweep(registry: Registry, recipe: Recipe, config: SweepConfig, *, progre
         from adapterhub_local.sweep.concurrent_run import train_concurrently
 
         train_concurrently(registry, plan, state, data, sweep_dir, progress=progress, log=log)
-    elif pending:
-        from adapterhub_local.sweep.sequential import train_sequential
-
-        train_sequential(registry, plan, state, data, sweep_dir, progress=progress, log=log, points=to_train)
     advice_file = sweep_dir / "advice.json"
     # A sweep the advisor ran before keeps its advice up to date: the full sweep's report checks it.
     earlier = _advised_rank(advice_file)
     truncate_from = top if config.advise else (config.truncate_from or earlier)
+    if pending and executor.executor != "ray" and (config.mode != "concurrent" or config.advise):
+        from adapterhub_local.sweep.sequential import train_sequential
+
+        def score_when_trained(point: SweepPoint) -> None:
+            # A point's extra scores (and a source's truncations) are computed as soon as it is trained, not after
+            # the whole sweep: a long sweep interrupted later keeps them in its state, and the adapters they need
+            # exist now (runs/ and the registry do not travel to a new machine; the state can).
+            keys = {point.key}
+            if point.rank == truncate_from and point.fraction == max(config.data_fractions):
+                truncated_curve(registry, plan, state, data, log=log, source_rank=truncate_from, sources=[point])
+                keys |= {p.key for p in _truncation_points(plan, point, truncate_from)}
+            if recipe.task.type != "classification" and (config.e2e_metrics or config.num_beams > 1):
+                extra_scoring(registry, plan, state, data, log=log, keys=keys)
+
+        train_sequential(registry, plan, state, data, sweep_dir, progress=progress, log=log, points=to_train,
+                         after_point=score_when_trained)
     if truncate_from is not None:
         truncated_curve(registry, plan, state, data, log=log, source_rank=truncate_from)
     if recipe.task.type != "classification" and (config.e2e_metrics or config.num_beams > 1):
@@ -130,20 +142,22 @@ def _advised_rank(path: Path) -> int | None:
 
 
 def extra_scoring(registry: Registry, plan: SweepPlan, state: SweepState, data: PreparedData,
-                  *, log: Callable[[str], Any] = print) -> None:
-    """E2E metrics for every generation row, and beam-search evaluation of every trained adapter when asked."""
-    from adapterhub_local.sweep.scoring import add_e2e_metrics, beam_metrics
+                  *, log: Callable[[str], Any] = print, keys: set[str] | None = None) -> None:
+    """E2E metrics for every generation row, and beam-search evaluation of every trained adapter when asked;
+    ``keys``: only the rows of these points (default: all)."""
+    from adapterhub_local.sweep.scoring import add_e2e_metrics, beam_metrics, needs_e2e
 
     config = plan.config
+    points = {p.key: p for p in plan.points}
+    rows = [r for r in state.rows() if keys is None or SweepPoint.key_of(r.rank, r.seed, r.fraction) in keys]
+    beam_rows = [r for r in rows if config.num_beams > 1 and r.series == "trained" and "beam_bleu" not in r.metrics]
+    if not beam_rows and not (config.e2e_metrics and any(needs_e2e(r, p) for r in rows for p in ("", "beam_"))):
+        return
     ctx = unit.open_context(registry, plan.recipe, data)
     references = [p.references for p in ctx.encoded.prompts]
-    points = {p.key: p for p in plan.points}
-    rows = state.rows()
     changed: dict[int, PointResult] = {}
-    if config.num_beams > 1:
-        for row in rows:
-            if row.series != "trained" or "beam_bleu" in row.metrics:
-                continue
+    if beam_rows:
+        for row in beam_rows:
             log(f"[{plan.sweep_id}] beam search ({config.num_beams} beams): {row.adapter}")
             scalars, record = beam_metrics(unit.beam_eval(ctx, registry, row.adapter, config.num_beams))
             row.metrics.update(scalars)
@@ -158,9 +172,11 @@ def extra_scoring(registry: Registry, plan: SweepPlan, state: SweepState, data: 
 
 
 def truncated_curve(registry: Registry, plan: SweepPlan, state: SweepState, data: Any,
-                    *, log: Callable[[str], Any] = print, source_rank: int | None = None) -> None:
+                    *, log: Callable[[str], Any] = print, source_rank: int | None = None,
+                    sources: list[SweepPoint] | None = None) -> None:
     """SVD-truncate the ``truncate_from`` adapter (per seed) to every lower swept rank; evaluate each truncation
-    with the runner's final evaluation and register it (parent = the trained adapter, tagged with the sweep)."""
+    with the runner's final evaluation and register it (parent = the trained adapter, tagged with the sweep).
+    ``sources``: only these trained points of the source rank (default: every seed's)."""
     from adapterhub_local.lora import lora_scale
     from adapterhub_local.sweep.state import per_example_of, test_metrics, validation_metrics
     from adapterhub_local.sweep.truncate import truncate_and_register
@@ -168,14 +184,17 @@ def truncated_curve(registry: Registry, plan: SweepPlan, state: SweepState, data
     source_rank = source_rank if source_rank is not None else plan.config.truncate_from
     assert source_rank is not None
     fraction = max(plan.config.data_fractions)
+    if sources is None:
+        sources = [p for p in plan.points if p.rank == source_rank and p.fraction == fraction]
+    if all(state.done(p, "truncated") for s in sources for p in _truncation_points(plan, s, source_rank)):
+        return
     ctx = unit.open_context(registry, plan.recipe, data)
-    for source in [p for p in plan.points if p.rank == source_rank and p.fraction == fraction]:
+    for source in sources:
         parent = state.result(source)
         if parent is None:
             raise UnsupportedError(f"r={source_rank} (seed {source.seed}) was not trained",
                                    "train it first (it is part of the sweep)")
-        for point in [p for p in plan.points
-                      if p.seed == source.seed and p.rank < source_rank and p.fraction == fraction]:
+        for point in _truncation_points(plan, source, source_rank):
             if state.done(point, "truncated"):
                 continue
             name = f"{source.name}-trunc-r{point.rank}"
@@ -196,6 +215,11 @@ def truncated_curve(registry: Registry, plan: SweepPlan, state: SweepState, data
             state.record(point, row)
             log(f"[{plan.sweep_id}] truncated {parent.adapter} → r={point.rank}: {card.ref} "
                 + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("baseline_")))
+
+
+def _truncation_points(plan: SweepPlan, source: SweepPoint, source_rank: int) -> list[SweepPoint]:
+    """The points a source's truncations stand for: its seed's lower swept ranks at its data fraction."""
+    return [p for p in plan.points if p.seed == source.seed and p.rank < source_rank and p.fraction == source.fraction]
 
 
 def _size_mb(registry: Registry, ref: str) -> float:

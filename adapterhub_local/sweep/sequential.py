@@ -43,9 +43,10 @@ def point_row(registry: Registry, point: SweepPoint, result: UnitResult, mode: s
 
 def train_sequential(registry: Registry, plan: SweepPlan, state: SweepState, data: PreparedData, sweep_dir: Path,
                      *, progress: bool = True, log: Callable[[str], Any] = print,
-                     points: list[SweepPoint] | None = None) -> None:
+                     points: list[SweepPoint] | None = None,
+                     after_point: Callable[[SweepPoint], Any] | None = None) -> None:
     """Train every point of ``points`` (default: the whole plan) not yet done, one unit each, recording each as
-    it finishes."""
+    it finishes; ``after_point`` is called with each point once it is recorded."""
     for point in plan.points if points is None else points:
         if state.done(point):
             continue
@@ -59,3 +60,5 @@ def train_sequential(registry: Registry, plan: SweepPlan, state: SweepState, dat
             log(f"[{plan.sweep_id}] r={point.rank} seed={point.seed} → {result.ref} "
                 f"({time.perf_counter() - started:.1f} s" + (", resumed its checkpoint)" if result.resumed else ")"))
         state.record(point, point_row(registry, point, result, "sequential"))
+        if after_point is not None:
+            after_point(point)

@@ -135,3 +135,31 @@ def test_interrupted_sweep_resumes_from_the_registry_and_state(
     assert calls == [1, 2, 2, 4]  # r=1 was not trained again
     ranks = [r["rank"] for r in json.loads((Path(summary["directory"]) / "results.json").read_text())["points"]]
     assert sorted(ranks) == [1, 2, 4]
+
+
+def test_a_points_extra_scores_and_truncations_are_kept_as_it_trains(
+    sweep_registry: Registry, gen_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long sweep interrupted later keeps what each finished point needed its adapter for (beam search, E2E
+    metrics, the source's truncations): computed when the point is trained, they are in the state at once."""
+    from adapterhub_local.train import runner
+
+    recipe = recipe_for("gen", gen_data, tmp_path / "runs", max_steps=2)
+    config = SweepConfig(ranks=[1, 2, 4, 8], sweep_id="sw-scored-as-trained", truncate_from=4, num_beams=2)
+    real_run = runner.run
+
+    def interrupted_at_8(recipe_: object, *args: object, **kwargs: object) -> object:
+        if recipe_.method.r == 8:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+        return real_run(recipe_, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "run", interrupted_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep_registry, recipe, config, progress=False, log=lambda _: None)
+    results = json.loads((tmp_path / "runs" / "sw-scored-as-trained" / "state.json").read_text())["results"]
+    trained = {k: v for k, v in results.items() if k.startswith("trained:")}
+    truncated = {k: v for k, v in results.items() if k.startswith("truncated:")}
+    assert sorted(v["rank"] for v in trained.values()) == [1, 2, 4]
+    assert sorted(v["rank"] for v in truncated.values()) == [1, 2]
+    assert all("beam_bleu" in v["metrics"] and "beam_nist" in v["metrics"] for v in trained.values())
+    assert all("nist" in v["metrics"] and "cider" in v["metrics"] for v in results.values())
