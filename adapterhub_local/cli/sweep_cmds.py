@@ -130,13 +130,25 @@ def sweep_report_cmd(
     out: Path | None = typer.Option(None, "--out", help="Where to write it (default: <directory>/interim)."),
     tolerance: float | None = typer.Option(None, help="Knee margin (default: the sweep's own)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    reference: Path | None = typer.Option(
+        None, "--reference",
+        help="A published rank table (CSV: rank,<metric>,…) to set beside the sweep's: reference.md in the report, "
+             "e.g. recipes/references/lora-paper-table18-e2e.csv."),
 ) -> None:
     """The report of a sweep as it stands — while it runs or after an interruption: the finished points only,
     from its state file, without training or loading anything."""
     from adapterhub_local.sweep.interim import write_interim_report
+    from adapterhub_local.sweep.reference import load_reference, write_reference_report
 
+    if reference is not None:
+        load_reference(reference)  # a bad table is refused before anything is written
     summary = write_interim_report(directory, out, tolerance)
     _print_report(summary, as_json)
+    if reference is not None:
+        written = write_reference_report(Path(summary["directory"]), reference)
+        if not as_json:
+            console.print(written.read_text(encoding="utf-8"), markup=False, highlight=False)
+            console.print(f"beside the reference: {written}")
 
 
 def _print_report(summary: dict[str, Any], as_json: bool) -> None:
