@@ -40,11 +40,19 @@ e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode
 # runs/ and the registry stay on the machine that ran them; a study spanning sessions keeps its progress in the
 # repository: `--save` copies the E2E sweep's state (every finished point's metrics and per-example records) and
 # advice there, and a start on a machine without runs/<sweep> begins from that copy (finished points are skipped).
+# The adapters φ compares (section 7: r = 8 against r = 64, and two seeds of r = 64) are kept too, as PEFT exports
+# with their cards (~15 MB for the three), since the two seeds of r = 64 may train in different sessions.
 kept=benchmarks/results/realscale-e2e-progress
+compared=(e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1)
 if [[ "${1:-}" == "--save" ]]; then
   mkdir -p "$kept"
-  for f in state.json advice.json; do [[ -f runs/$e2e_id/$f ]] && cp "runs/$e2e_id/$f" "$kept/$f"; done
-  echo "saved runs/$e2e_id/{state,advice}.json to $kept/ (commit them)"
+  for f in state.json advice.json; do if [[ -f runs/$e2e_id/$f ]]; then cp "runs/$e2e_id/$f" "$kept/$f"; fi; done
+  for name in "${compared[@]}"; do
+    if [[ ! -d $kept/adapters/$name ]] && adapterhub show "$name" >/dev/null 2>&1; then
+      adapterhub export "$name" "$kept/adapters/$name" --with-card >/dev/null
+    fi
+  done
+  echo "saved the E2E sweep's state, advice and compared adapters to $kept/ (commit them)"
   exit 0
 fi
 
@@ -68,6 +76,12 @@ if [[ ! -f runs/$e2e_id/state.json && -f $kept/state.json ]]; then
   for f in state.json advice.json; do [[ -f $kept/$f ]] && cp "$kept/$f" "runs/$e2e_id/$f"; done
   echo "== E2E sweep resumes from $kept/"
 fi
+for name in "${compared[@]}"; do
+  if [[ -d $kept/adapters/$name ]] && ! adapterhub show "$name" >/dev/null 2>&1; then
+    adapterhub import "$kept/adapters/$name" --name "$name" --base smollm2 --task e2e --no-check >/dev/null
+    echo "== $name restored from $kept/adapters/"
+  fi
+done
 # The advisor first: it trains r = 1024 (each seed) and evaluates its SVD truncations to every lower rank — the
 # truncated curve — as soon as each is trained; then the rest of the sweep (seed 0's eleven ranks are also issue 11's
 # "E2E sweep in ≤ 2 hours" measurement: each point's wall time is in the sweep's results), whose report sets the
