@@ -62,6 +62,10 @@ def truncate_cmd(
                   f"energy kept: mean {info['energy_kept_mean']:.4f}, min {info['energy_kept_min']:.4f}")
 
 
+_REFERENCE_HELP = ("A published rank table (CSV: rank,<metric>,…) to set beside the sweep's: reference.md in the "
+                   "report, e.g. recipes/references/lora-paper-table18-e2e.csv.")
+
+
 @app.command("sweep")
 def sweep_cmd(
     recipe: Path = typer.Argument(..., help="A LoRA training recipe (YAML)."),
@@ -98,6 +102,7 @@ def sweep_cmd(
     max_retries: int = typer.Option(3, "--max-retries", help="Times Ray re-runs a task whose worker died."),
     group_size: int | None = typer.Option(None, "--group-size", help="Concurrent mode on Ray: points per task "
                                           "(default: split evenly over the cluster)."),
+    reference: Path | None = typer.Option(None, "--reference", help=_REFERENCE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train one LoRA adapter per rank (sequentially, or all at once on one shared frozen base; here or on a Ray
@@ -113,6 +118,10 @@ def sweep_cmd(
 
     require_single("adapterhub sweep")  # its runs do not split across processes; N would register N times
     loaded = load_recipe(recipe, parse_overrides([*(overrides or []), *override]))
+    if reference is not None:
+        from adapterhub_local.sweep.reference import load_reference
+
+        load_reference(reference)  # a bad table is refused before hours of training, not after
     config = SweepConfig(
         ranks=parse_ranks(ranks), alpha_policy=alpha_policy, mode=mode, truncate_from=truncate_from,
         seeds=_seeds(seeds), tolerance=tolerance, sweep_id=sweep_id, knee_metric=knee_metric,
@@ -122,6 +131,7 @@ def sweep_cmd(
     summary = run_sweep(get_registry(create=True), loaded, config, progress=progress and is_tty(sys.stderr),
                         log=lambda line: console.print(line, markup=False, highlight=False), executor=options)
     _print_report(summary, as_json)
+    _reference_beside(summary, reference, as_json)
 
 
 @app.command("sweep-report")
@@ -130,25 +140,30 @@ def sweep_report_cmd(
     out: Path | None = typer.Option(None, "--out", help="Where to write it (default: <directory>/interim)."),
     tolerance: float | None = typer.Option(None, help="Knee margin (default: the sweep's own)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    reference: Path | None = typer.Option(
-        None, "--reference",
-        help="A published rank table (CSV: rank,<metric>,…) to set beside the sweep's: reference.md in the report, "
-             "e.g. recipes/references/lora-paper-table18-e2e.csv."),
+    reference: Path | None = typer.Option(None, "--reference", help=_REFERENCE_HELP),
 ) -> None:
     """The report of a sweep as it stands — while it runs or after an interruption: the finished points only,
     from its state file, without training or loading anything."""
     from adapterhub_local.sweep.interim import write_interim_report
-    from adapterhub_local.sweep.reference import load_reference, write_reference_report
+    from adapterhub_local.sweep.reference import load_reference
 
     if reference is not None:
         load_reference(reference)  # a bad table is refused before anything is written
     summary = write_interim_report(directory, out, tolerance)
     _print_report(summary, as_json)
-    if reference is not None:
-        written = write_reference_report(Path(summary["directory"]), reference)
-        if not as_json:
-            console.print(written.read_text(encoding="utf-8"), markup=False, highlight=False)
-            console.print(f"beside the reference: {written}")
+    _reference_beside(summary, reference, as_json)
+
+
+def _reference_beside(summary: dict[str, Any], reference: Path | None, as_json: bool) -> None:
+    """Write (and, unless ``--json``, print) the comparison with a published rank table into the report."""
+    from adapterhub_local.sweep.reference import write_reference_report
+
+    if reference is None:
+        return
+    written = write_reference_report(Path(summary["directory"]), reference)
+    if not as_json:
+        console.print(written.read_text(encoding="utf-8"), markup=False, highlight=False)
+        console.print(f"beside the reference: {written}")
 
 
 def _print_report(summary: dict[str, Any], as_json: bool) -> None:

@@ -104,3 +104,17 @@ def test_bad_data_fractions_and_beam_widths_are_refused(capsys: pytest.CaptureFi
     assert code != 0 and "'0' is not in (0, 1]" in err and "'1.5'" in err and "'x' is not a number" in err
     code, _, err = run(capsys, "-R", reg, "sweep", str(recipe), "--seeds", "0,a")
     assert code != 0 and "seed 'a'" in err
+
+
+def test_a_bad_reference_table_is_refused_before_the_sweep_trains(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nbase: tiny\ntask: {type: generation}\n"
+                      f"data: {{train: {tmp_path / 'd.jsonl'}, template: '{{a}}', completion: '{{b}}'}}\n"
+                      f"output: {{runs_dir: {tmp_path / 'runs'}}}\n")
+    (tmp_path / "d.jsonl").write_text('{"a": "x", "b": "y"}\n')
+    (tmp_path / "ref.csv").write_text("rank,bleu\n1,high\n")
+    code, _, err = run(capsys, "-R", str(tmp_path / "reg"), "sweep", str(recipe), "--reference",
+                       str(tmp_path / "ref.csv"))
+    assert code != 0 and "'high' is not a number" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "reg").exists()
