@@ -190,8 +190,8 @@ def _mean_std(row: dict[str, Any], column: str) -> str:
 
 
 def write_reference_report(report_dir: Path, reference_path: Path) -> Path:
-    """Set the reference beside the report in ``report_dir`` (its ``results.json``); writes ``reference.md`` there
-    (and ``reference.json``) and returns the markdown's path."""
+    """Set the reference beside the report in ``report_dir`` (its ``results.json``); writes ``reference.md``,
+    ``reference.png`` (the curves, each on its own axis) and ``reference.json`` there; returns the markdown's path."""
     import json
 
     results = report_dir / "results.json"
@@ -201,8 +201,11 @@ def write_reference_report(report_dir: Path, reference_path: Path) -> Path:
     per_rank = json.loads(results.read_text(encoding="utf-8")).get("per_rank") or []
     reference = load_reference(reference_path)
     comparison = compare(per_rank, reference)
+    from adapterhub_local.sweep.plots import reference_curves
+
     out = report_dir / "reference.md"
     out.write_text(markdown(per_rank, reference, comparison), encoding="utf-8")
+    reference_curves(per_rank, reference.rows, comparison, reference.title, report_dir / "reference.png")
     (report_dir / "reference.json").write_text(
         json.dumps({"reference": {"facts": reference.facts, "rows": reference.rows}, "comparison": comparison},
                    indent=2, sort_keys=True), encoding="utf-8")

@@ -126,6 +126,7 @@ def test_sweep_report_sets_the_reference_beside_a_real_sweep(
     out = capsys.readouterr().out
     written = (sweep_dir / "interim" / "reference.md").read_text()
     assert "Beside the LoRA paper's Table 18" in written and "beside the reference" in out
+    assert (sweep_dir / "interim" / "reference.png").stat().st_size > 10_000
     comparison = json.loads((sweep_dir / "interim" / "reference.json").read_text())["comparison"]
     assert {c["metric"] for c in comparison} >= {"bleu", "val_loss", "rougeL"}
     assert all(c["ranks"] == [1, 2, 4] for c in comparison)
