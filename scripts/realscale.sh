@@ -19,6 +19,9 @@
 #   bash scripts/realscale.sh --save       # copy the E2E sweep's progress into the repository (a new machine resumes it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The body is one function, read whole before it runs: bash reads a plain script as it goes, so editing this file
+# under a running study (hours long) would otherwise make it resume at a shifted offset of the new text.
+main() {
 if [[ "${1:-}" != "--foreground" && "${1:-}" != "--save" ]]; then
   mkdir -p runs
   nohup setsid bash "$0" --foreground >runs/realscale.log 2>&1 &
@@ -93,3 +96,6 @@ echo "== $(date -u +%FT%TZ) compare"
 adapterhub compare e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1 \
   --out runs/realscale-e2e-compare >>runs/realscale-e2e.log 2>&1
 echo "== $(date -u +%FT%TZ) done"
+}
+main "$@"
+exit $?
