@@ -195,32 +195,33 @@ def params_vs_rank(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def reference_curves(per_rank: list[dict[str, Any]], reference_rows: dict[int, dict[str, float]],
-                     comparison: list[dict[str, Any]], title: str, path: Path) -> Path:
-    """One panel per metric: the sweep's curve (greedy solid with ± std bars, beam dashed) on the left axis and
-    a published table's on the right axis (its own scale: set-ups differ, shapes compare), ranks on a log2 axis."""
+def reference_curves(reference_rows: dict[int, dict[str, float]], comparison: list[dict[str, Any]], title: str,
+                     path: Path) -> Path:
+    """One panel per metric: the sweep's curves (``comparison[i]["ours"]``: trained greedy solid with ± std bars,
+    beam dashed, truncations dotted) on the left axis and a published table's on the right axis (its own scale:
+    set-ups differ, shapes compare), ranks on a log2 axis."""
     plt = _pyplot()
     metrics = list(dict.fromkeys(c["metric"] for c in comparison))
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), squeeze=False, layout="constrained")
-    ours_by_rank = {int(r["rank"]): r for r in per_rank}
+    styles = {"greedy": "-o", "beam": "--s", "truncated": ":x"}
     for ax, metric in zip(axes.flat, metrics, strict=False):
         rhos = []
         for c in (c for c in comparison if c["metric"] == metric):
-            ranks = [r for r in sorted(ours_by_rank) if isinstance(ours_by_rank[r].get(c["column"]), int | float)]
-            values = [float(ours_by_rank[r][c["column"]]) for r in ranks]
-            errors = [float(ours_by_rank[r].get(f"{c['column']}_std") or 0.0) for r in ranks]
-            style = "-o" if c["decoding"] == "greedy" else "--s"
-            ax.errorbar(ranks, values, yerr=errors, fmt=style, ms=3, capsize=2, label=f"ours ({c['decoding']})")
+            ranks = sorted(int(r) for r in c["ours"])
+            values = [c["ours"][str(r)][0] for r in ranks]
+            errors = [c["ours"][str(r)][1] or 0.0 for r in ranks]
+            ax.errorbar(ranks, values, yerr=errors, fmt=styles.get(c["curve"], "-"), ms=3, capsize=2,
+                        label=f"ours ({c['curve']})")
             if c["spearman"] is not None:
-                rhos.append(f"{c['decoding']} ρ={c['spearman']:+.2f}")
+                rhos.append(f"{c['curve']} ρ={c['spearman']:+.2f}")
         theirs = sorted(r for r, v in reference_rows.items() if metric in v)
         twin = ax.twinx()
         twin.plot(theirs, [reference_rows[r][metric] for r in theirs], ":^", color="black", ms=3, label="reference")
         twin.tick_params(labelsize=7)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{metric}" + (f" ({', '.join(rhos)})" if rhos else ""), fontsize=8)
+        ax.set_title(metric + (f"\n{', '.join(rhos)}" if rhos else ""), fontsize=8)
         ax.set_xlabel("rank r", fontsize=8)
         ax.tick_params(labelsize=7)
         handles, labels = ax.get_legend_handles_labels()

@@ -6,8 +6,8 @@ a paper's claim "performance peaks at r = 4 and stays flat" is about the curve, 
 it. A reference is a CSV file: ``#`` lines carry ``key: value`` facts (``title``, ``source``, ``setup`` …; shown
 in the report), then a header whose first column is ``rank`` and whose other columns are metric names as the sweep
 report spells them (``val_loss``, ``bleu``, ``nist``, ``meteor``, ``rougeL``, ``cider``, ``accuracy`` …), one row
-per rank. Each metric is compared with the sweep's greedy column and, where the sweep has one, its beam-search
-column (``beam_<metric>``).
+per rank. Each metric is compared with each curve of the sweep that has it: the trained adapters decoded greedily,
+with beam search (``beam_<metric>``), and the SVD truncations of the top rank (the advisor's predicted curve).
 
 Spearman's ρ over the ranks both tables hold (ties averaged) measures whether the curves order ranks alike; with
 eleven ranks a |ρ| below ~0.6 is within what two unrelated orderings give (two-sided 5 %: 0.62).
@@ -25,7 +25,7 @@ from typing import Any
 from adapterhub_local.errors import ConfigError, NotFoundError
 from adapterhub_local.sweep.report_rows import lower_is_better
 
-DECODINGS = (("", "greedy"), ("beam_", "beam"))
+BEAM_PREFIX = "beam_"
 
 
 @dataclass(frozen=True)
@@ -114,25 +114,41 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return float(spearmanr(xs, ys).statistic)
 
 
-def compare(per_rank: list[dict[str, Any]], reference: ReferenceTable) -> list[dict[str, Any]]:
-    """Per reference metric and decoding the sweep has: best ranks, ranges across ranks, and Spearman's ρ over the
-    ranks both hold. ``per_rank``: the report's per-rank rows (means over seeds)."""
-    ours_by_rank = {int(row["rank"]): row for row in per_rank}
+def our_curves(per_rank: list[dict[str, Any]], per_rank_truncated: list[dict[str, Any]] | None,
+               metric: str) -> dict[str, dict[int, tuple[float, float | None]]]:
+    """The sweep's curves of ``metric``: ``label → {rank: (mean over seeds, std or None)}`` for the trained adapters
+    decoded greedily and with beam search, and for the SVD truncations (the advisor's predicted curve)."""
+    sources = [("greedy", per_rank, metric), ("beam", per_rank, BEAM_PREFIX + metric),
+               ("truncated", per_rank_truncated or [], metric)]
+    curves: dict[str, dict[int, tuple[float, float | None]]] = {}
+    for label, rows, column in sources:
+        curve = {}
+        for row in rows:
+            value, std = row.get(column), row.get(f"{column}_std")
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                curve[int(row["rank"])] = (float(value), float(std) if isinstance(std, int | float) else None)
+        if curve:
+            curves[label] = curve
+    return curves
+
+
+def compare(per_rank: list[dict[str, Any]], reference: ReferenceTable,
+            per_rank_truncated: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per reference metric and curve of ours (:func:`our_curves`): best ranks, ranges across ranks, and Spearman's
+    ρ over the ranks both hold. ``per_rank`` / ``per_rank_truncated``: the report's per-rank rows (seed means)."""
     found: list[dict[str, Any]] = []
     for metric in reference.metrics:
-        for prefix, decoding in DECODINGS:
-            column = prefix + metric
-            ours = {r: float(row[column]) for r, row in ours_by_rank.items()
-                    if isinstance(row.get(column), int | float) and math.isfinite(float(row[column]))}
-            theirs = {r: values[metric] for r, values in reference.rows.items() if metric in values}
-            common = sorted(set(ours) & set(theirs))
+        theirs = {r: values[metric] for r, values in reference.rows.items() if metric in values}
+        for label, curve in our_curves(per_rank, per_rank_truncated, metric).items():
+            common = sorted(set(curve) & set(theirs))
             if not common:
                 continue
             pick = min if lower_is_better(metric) else max
-            ours_common, theirs_common = [ours[r] for r in common], [theirs[r] for r in common]
+            ours_common, theirs_common = [curve[r][0] for r in common], [theirs[r] for r in common]
             found.append({
-                "metric": metric, "decoding": decoding, "column": column, "ranks": common,
-                "ours_best_rank": pick(common, key=lambda r: ours[r]),
+                "metric": metric, "curve": label, "ranks": common,
+                "ours": {str(r): list(v) for r, v in sorted(curve.items())},
+                "ours_best_rank": pick(common, key=lambda r: curve[r][0]),
                 "reference_best_rank": pick(common, key=lambda r: theirs[r]),
                 "ours_range": max(ours_common) - min(ours_common),
                 "reference_range": max(theirs_common) - min(theirs_common),
@@ -147,45 +163,43 @@ def compare(per_rank: list[dict[str, Any]], reference: ReferenceTable) -> list[d
     return found
 
 
-def markdown(per_rank: list[dict[str, Any]], reference: ReferenceTable, comparison: list[dict[str, Any]]) -> str:
-    """The side-by-side table (ours mean ± std over seeds) and the shape comparison, as markdown."""
-    ours_by_rank = {int(row["rank"]): row for row in per_rank}
-    columns = [(c["column"], c["metric"], c["decoding"]) for c in comparison]
+def markdown(reference: ReferenceTable, comparison: list[dict[str, Any]]) -> str:
+    """The side-by-side table (ours mean ± std over seeds, per curve) and the shape comparison, as markdown."""
     metrics_shown = list(dict.fromkeys(c["metric"] for c in comparison))
     lines = [f"# Beside {reference.title}", ""]
     lines += [f"- {key}: {value}" for key, value in reference.facts.items() if key != "title"]
-    lines += ["", "Ours: mean over seeds (± std where there are several); the reference as published.", ""]
+    lines += ["", "Ours: mean over seeds (± std where there are several) of the trained adapters decoded greedily and "
+              "with beam search, and of the SVD truncations of the top rank (the advisor's curve) where the sweep "
+              "has them; the reference as published.", ""]
     head = ["r"]
     for metric in metrics_shown:
-        head += [f"{metric} ({decoding})" for column, m, decoding in columns if m == metric] + [f"{metric} (ref.)"]
+        head += [f"{metric} ({c['curve']})" for c in comparison if c["metric"] == metric] + [f"{metric} (ref.)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rank in sorted(set(ours_by_rank) | set(reference.rows)):
+    ranks = sorted({int(r) for c in comparison for r in c["ours"]} | set(reference.rows))
+    for rank in ranks:
         cells = [str(rank)]
-        row = ours_by_rank.get(rank, {})
         for metric in metrics_shown:
-            for column, m, _ in columns:
-                if m == metric:
-                    cells.append(_mean_std(row, column))
+            cells += [_mean_std(c["ours"].get(str(rank))) for c in comparison if c["metric"] == metric]
             value = reference.rows.get(rank, {}).get(metric)
             cells.append("" if value is None else f"{value:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Shape: where each curve peaks, how far apart its ranks are (best − worst), and Spearman's ρ between "
               "the two orderings of the ranks both hold.", "",
-              "| metric | ours | our best r | ref. best r | our range | ref. range | Spearman ρ (ranks) |",
+              "| metric | our curve | our best r | ref. best r | our range | ref. range | Spearman ρ (ranks) |",
               "|---|---|---|---|---|---|---|"]
     for c in comparison:
         rho = "–" if c["spearman"] is None else f"{c['spearman']:+.2f}"
-        lines.append(f"| {c['metric']} | {c['decoding']} | {c['ours_best_rank']} | {c['reference_best_rank']} | "
+        lines.append(f"| {c['metric']} | {c['curve']} | {c['ours_best_rank']} | {c['reference_best_rank']} | "
                      f"{c['ours_range']:.4g} | {c['reference_range']:.4g} | {rho} ({len(c['ranks'])}) |")
     return "\n".join(lines) + "\n"
 
 
-def _mean_std(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if not isinstance(value, int | float):
+def _mean_std(point: list[float | None] | None) -> str:
+    if point is None:
         return ""
-    std = row.get(f"{column}_std")
-    spread = f" ± {std:.2g}" if isinstance(std, int | float) and std > 0 else ""
+    value, std = point
+    assert value is not None
+    spread = f" ± {std:.2g}" if std else ""
     return f"{value:.4g}{spread}"
 
 
@@ -198,14 +212,14 @@ def write_reference_report(report_dir: Path, reference_path: Path) -> Path:
     if not results.is_file():
         raise NotFoundError(f"{report_dir} holds no sweep report (results.json is missing)",
                             "give a sweep's report directory: runs/<sweep-id> or its interim/ report")
-    per_rank = json.loads(results.read_text(encoding="utf-8")).get("per_rank") or []
+    report = json.loads(results.read_text(encoding="utf-8"))
     reference = load_reference(reference_path)
-    comparison = compare(per_rank, reference)
+    comparison = compare(report.get("per_rank") or [], reference, report.get("per_rank_truncated") or [])
     from adapterhub_local.sweep.plots import reference_curves
 
     out = report_dir / "reference.md"
-    out.write_text(markdown(per_rank, reference, comparison), encoding="utf-8")
-    reference_curves(per_rank, reference.rows, comparison, reference.title, report_dir / "reference.png")
+    out.write_text(markdown(reference, comparison), encoding="utf-8")
+    reference_curves(reference.rows, comparison, reference.title, report_dir / "reference.png")
     (report_dir / "reference.json").write_text(
         json.dumps({"reference": {"facts": reference.facts, "rows": reference.rows}, "comparison": comparison},
                    indent=2, sort_keys=True), encoding="utf-8")

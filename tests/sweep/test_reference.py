@@ -82,7 +82,8 @@ def test_the_same_ordering_at_another_scale_correlates_fully_and_peaks_alike(tmp
     table = load_reference(_write(tmp_path, "rank,bleu,val_loss\n1,60,1.3\n2,64,1.2\n4,70,1.1\n8,66,1.15\n"))
     ours = _per_rank({1: 30.0, 2: 32.0, 4: 35.0, 8: 33.0}, val_loss={1: 2.3, 2: 2.2, 4: 2.1, 8: 2.15},
                      beam_bleu={1: 40.0, 2: 39.0, 4: 38.0, 8: 37.0})
-    found = {(c["metric"], c["decoding"]): c for c in compare(ours, table)}
+    truncated = _per_rank({1: 20.0, 2: 25.0, 4: 31.0})
+    found = {(c["metric"], c["curve"]): c for c in compare(ours, table, truncated)}
     greedy = found["bleu", "greedy"]
     assert greedy["spearman"] == pytest.approx(1.0)
     assert greedy["ours_best_rank"] == greedy["reference_best_rank"] == 4
@@ -92,8 +93,11 @@ def test_the_same_ordering_at_another_scale_correlates_fully_and_peaks_alike(tmp
     # The beam column (falling with rank) orders the ranks nearly the other way round.
     beam = found["bleu", "beam"]
     assert beam["ours_best_rank"] == 1 and beam["spearman"] < 0
-    text = markdown(ours, table, list(found.values()))
-    assert "| 4 | 35 | 38 | 70 |" in text and "Spearman" in text
+    # The truncated curve (the advisor's) is compared on the ranks it has.
+    assert found["bleu", "truncated"]["ranks"] == [1, 2, 4] and found["bleu", "truncated"]["ours_best_rank"] == 4
+    assert ("val_loss", "truncated") not in found  # the truncations carry no val_loss here
+    text = markdown(table, list(found.values()))
+    assert "| 4 | 35 | 38 | 31 | 70 |" in text and "| 8 | 33 | 37 |  | 66 |" in text and "Spearman" in text
 
 
 def test_spearman_needs_three_ranks_and_two_values() -> None:
@@ -113,7 +117,8 @@ def test_sweep_report_sets_the_reference_beside_a_real_sweep(
     sweep_registry: Registry, gen_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = recipe_for("gen", gen_data, tmp_path / "runs", max_steps=2)
-    summary = run_sweep(sweep_registry, recipe, SweepConfig(ranks=[1, 2, 4], sweep_id="sw-ref", e2e_metrics=False),
+    summary = run_sweep(sweep_registry, recipe, SweepConfig(ranks=[1, 2, 4], sweep_id="sw-ref", e2e_metrics=False,
+                                                            truncate_from=4),
                         progress=False, log=lambda _: None)
     sweep_dir = Path(summary["directory"])
     capsys.readouterr()
@@ -129,4 +134,5 @@ def test_sweep_report_sets_the_reference_beside_a_real_sweep(
     assert (sweep_dir / "interim" / "reference.png").stat().st_size > 10_000
     comparison = json.loads((sweep_dir / "interim" / "reference.json").read_text())["comparison"]
     assert {c["metric"] for c in comparison} >= {"bleu", "val_loss", "rougeL"}
-    assert all(c["ranks"] == [1, 2, 4] for c in comparison)
+    assert {c["curve"] for c in comparison} == {"greedy", "truncated"}
+    assert all(c["ranks"] == ([1, 2, 4] if c["curve"] == "greedy" else [1, 2]) for c in comparison)
