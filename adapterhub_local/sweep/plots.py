@@ -205,15 +205,15 @@ def reference_curves(reference_rows: dict[int, dict[str, float]], comparison: li
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), squeeze=False, layout="constrained")
-    styles = {"greedy": "-o", "beam": "--s", "truncated": ":x"}
+    styles = {"greedy": ("-o", "C0"), "beam": ("--s", "C1"), "truncated": (":x", "C2")}  # the same in every panel
     for ax, metric in zip(axes.flat, metrics, strict=False):
         rhos = []
         for c in (c for c in comparison if c["metric"] == metric):
             ranks = sorted(int(r) for r in c["ours"])
             values = [c["ours"][str(r)][0] for r in ranks]
             errors = [c["ours"][str(r)][1] or 0.0 for r in ranks]
-            ax.errorbar(ranks, values, yerr=errors, fmt=styles.get(c["curve"], "-"), ms=3, capsize=2,
-                        label=f"ours ({c['curve']})")
+            fmt, color = styles.get(c["curve"], ("-", "C3"))
+            ax.errorbar(ranks, values, yerr=errors, fmt=fmt, color=color, ms=3, capsize=2, label=f"ours ({c['curve']})")
             if c["spearman"] is not None:
                 rhos.append(f"{c['curve']} ρ={c['spearman']:+.2f}")
         theirs = sorted(r for r, v in reference_rows.items() if metric in v)
