@@ -106,6 +106,23 @@ def test_report_files_knee_and_resume(sweep_registry: Registry, gen_data: Path, 
     assert again["knee"] == summary["knee"]
 
 
+def _interrupt_runs_at(monkeypatch: pytest.MonkeyPatch, rank: int) -> list[int]:
+    """Make every training run record its rank, and the one of ``rank`` stop as a Ctrl-C would; returns the ranks."""
+    from adapterhub_local.train import runner
+
+    real_run = runner.run
+    calls: list[int] = []
+
+    def interrupted(recipe_: object, *args: object, **kwargs: object) -> object:
+        calls.append(recipe_.method.r)  # type: ignore[attr-defined]
+        if recipe_.method.r == rank:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+        return real_run(recipe_, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    return calls
+
+
 def test_interrupted_sweep_resumes_from_the_registry_and_state(
     sweep_registry: Registry, gen_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,15 +131,7 @@ def test_interrupted_sweep_resumes_from_the_registry_and_state(
     recipe = recipe_for("gen", gen_data, tmp_path / "runs", max_steps=2)
     config = SweepConfig(ranks=[1, 2, 4], sweep_id="sw-resume", e2e_metrics=False)
     real_run = runner.run
-    calls: list[int] = []
-
-    def flaky(recipe_: object, *args: object, **kwargs: object) -> object:
-        calls.append(recipe_.method.r)  # type: ignore[attr-defined]
-        if recipe_.method.r == 2:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt
-        return real_run(recipe_, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runner, "run", flaky)
+    calls = _interrupt_runs_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep_registry, recipe, config, progress=False, log=lambda _: None)
     assert calls == [1, 2]
@@ -142,18 +151,9 @@ def test_a_points_extra_scores_and_truncations_are_kept_as_it_trains(
 ) -> None:
     """A long sweep interrupted later keeps what each finished point needed its adapter for (beam search, E2E
     metrics, the source's truncations): computed when the point is trained, they are in the state at once."""
-    from adapterhub_local.train import runner
-
     recipe = recipe_for("gen", gen_data, tmp_path / "runs", max_steps=2)
     config = SweepConfig(ranks=[1, 2, 4, 8], sweep_id="sw-scored-as-trained", truncate_from=4, num_beams=2)
-    real_run = runner.run
-
-    def interrupted_at_8(recipe_: object, *args: object, **kwargs: object) -> object:
-        if recipe_.method.r == 8:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt
-        return real_run(recipe_, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runner, "run", interrupted_at_8)
+    _interrupt_runs_at(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep_registry, recipe, config, progress=False, log=lambda _: None)
     results = json.loads((tmp_path / "runs" / "sw-scored-as-trained" / "state.json").read_text())["results"]
