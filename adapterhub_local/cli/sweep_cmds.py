@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from adapterhub_local.cli.common import app, console, get_registry, parse_overrides, print_json, table
 from adapterhub_local.progress import is_tty
+
+if TYPE_CHECKING:
+    from adapterhub_local.sweep.reference import ReferenceTable
 
 
 @app.command("compare")
@@ -118,10 +121,7 @@ def sweep_cmd(
 
     require_single("adapterhub sweep")  # its runs do not split across processes; N would register N times
     loaded = load_recipe(recipe, parse_overrides([*(overrides or []), *override]))
-    if reference is not None:
-        from adapterhub_local.sweep.reference import load_reference
-
-        load_reference(reference)  # a bad table is refused before hours of training, not after
+    published = _reference_table(reference)  # a bad table is refused before hours of training, not after
     config = SweepConfig(
         ranks=parse_ranks(ranks), alpha_policy=alpha_policy, mode=mode, truncate_from=truncate_from,
         seeds=_seeds(seeds), tolerance=tolerance, sweep_id=sweep_id, knee_metric=knee_metric,
@@ -131,7 +131,7 @@ def sweep_cmd(
     summary = run_sweep(get_registry(create=True), loaded, config, progress=progress and is_tty(sys.stderr),
                         log=lambda line: console.print(line, markup=False, highlight=False), executor=options)
     _print_report(summary, as_json)
-    _reference_beside(summary, reference, as_json)
+    _reference_beside(summary, published, as_json)
 
 
 @app.command("sweep-report")
@@ -145,22 +145,26 @@ def sweep_report_cmd(
     """The report of a sweep as it stands — while it runs or after an interruption: the finished points only,
     from its state file, without training or loading anything."""
     from adapterhub_local.sweep.interim import write_interim_report
-    from adapterhub_local.sweep.reference import load_reference
 
-    if reference is not None:
-        load_reference(reference)  # a bad table is refused before anything is written
+    published = _reference_table(reference)  # a bad table is refused before anything is written
     summary = write_interim_report(directory, out, tolerance)
     _print_report(summary, as_json)
-    _reference_beside(summary, reference, as_json)
+    _reference_beside(summary, published, as_json)
 
 
-def _reference_beside(summary: dict[str, Any], reference: Path | None, as_json: bool) -> None:
+def _reference_table(path: Path | None) -> ReferenceTable | None:
+    from adapterhub_local.sweep.reference import load_reference
+
+    return load_reference(path) if path is not None else None
+
+
+def _reference_beside(summary: dict[str, Any], published: ReferenceTable | None, as_json: bool) -> None:
     """Write (and, unless ``--json``, print) the comparison with a published rank table into the report."""
     from adapterhub_local.sweep.reference import write_reference_report
 
-    if reference is None:
+    if published is None:
         return
-    written = write_reference_report(Path(summary["directory"]), reference)
+    written = write_reference_report(Path(summary["directory"]), published)
     if not as_json:
         console.print(written.read_text(encoding="utf-8"), markup=False, highlight=False)
         console.print(f"beside the reference: {written}")

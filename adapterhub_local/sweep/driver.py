@@ -156,13 +156,12 @@ def extra_scoring(registry: Registry, plan: SweepPlan, state: SweepState, data: 
     ctx = unit.open_context(registry, plan.recipe, data)
     references = [p.references for p in ctx.encoded.prompts]
     changed: dict[int, PointResult] = {}
-    if beam_rows:
-        for row in beam_rows:
-            log(f"[{plan.sweep_id}] beam search ({config.num_beams} beams): {row.adapter}")
-            scalars, record = beam_metrics(unit.beam_eval(ctx, registry, row.adapter, config.num_beams))
-            row.metrics.update(scalars)
-            row.per_example.update(record)
-            changed[id(row)] = row
+    for row in beam_rows:
+        log(f"[{plan.sweep_id}] beam search ({config.num_beams} beams): {row.adapter}")
+        scalars, record = beam_metrics(unit.beam_eval(ctx, registry, row.adapter, config.num_beams))
+        row.metrics.update(scalars)
+        row.per_example.update(record)
+        changed[id(row)] = row
     if config.e2e_metrics:
         for prefix in ("", "beam_"):
             for row in add_e2e_metrics(rows, references, prefix=prefix, log=log):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,17 +204,14 @@ def _mean_std(point: list[float | None] | None) -> str:
     return f"{value:.4g}{spread}"
 
 
-def write_reference_report(report_dir: Path, reference_path: Path) -> Path:
+def write_reference_report(report_dir: Path, reference: ReferenceTable) -> Path:
     """Set the reference beside the report in ``report_dir`` (its ``results.json``); writes ``reference.md``,
     ``reference.png`` (the curves, each on its own axis) and ``reference.json`` there; returns the markdown's path."""
-    import json
-
     results = report_dir / "results.json"
     if not results.is_file():
         raise NotFoundError(f"{report_dir} holds no sweep report (results.json is missing)",
                             "give a sweep's report directory: runs/<sweep-id> or its interim/ report")
     report = json.loads(results.read_text(encoding="utf-8"))
-    reference = load_reference(reference_path)
     comparison = compare(report.get("per_rank") or [], reference, report.get("per_rank_truncated") or [])
     from adapterhub_local.sweep.plots import reference_curves
 
