@@ -24,13 +24,19 @@ def compare_cmd(
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Directory for compare.json/md and PNGs."),
     side: str = typer.Option("right", help="Singular vectors of ΔW to compare: right (input) or left (output)."),
     max_modules: int = typer.Option(6, help="Heatmaps per adapter pair (modules spread over the depth)."),
+    projection_rank: int | None = typer.Option(
+        None, "--projection-rank", min=1,
+        help="k for ΔW vs W (§7.3): project W onto ΔW's top-k directions (default: the adapter's rank, at most a "
+             "quarter of the module's smaller side)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Metrics side by side, spectrum and effective rank of each ΔW, and the normalised subspace similarity
-    φ(i, j) = ||U_iᵀ U_j||²_F / min(i, j) between every pair, per module (LoRA paper §7)."""
+    """Metrics side by side, spectrum and effective rank of each ΔW, how ΔW meets the frozen W (‖U_kᵀ W V_k‖ and
+    the amplification factor, LoRA paper §7.3), and the normalised subspace similarity
+    φ(i, j) = ||U_iᵀ U_j||²_F / min(i, j) between every pair, per module (§7.2)."""
+    from adapterhub_local.sweep.amplification import summarise
     from adapterhub_local.sweep.compare import compare, metric_names, write_comparison
 
-    result = compare(get_registry(), refs, side=side)
+    result = compare(get_registry(), refs, side=side, projection_rank=projection_rank)
     written = write_comparison(result, out, max_modules=max_modules)
     if as_json:
         print_json(result.to_dict())
@@ -47,6 +53,15 @@ def compare_cmd(
     if result.pairs:
         table(f"subspace similarity ({side} singular vectors, mean over modules)", ["a", "b", "φ(1,1)", "φ(k,k)"],
               [[p.a, p.b, _fmt(p.summary()["phi_1_mean"]), _fmt(p.summary()["phi_k_mean"])] for p in result.pairs])
+    amplified = [[a.card.ref, kind, _fmt(row["k"]), _fmt(row["delta_norm"]), _fmt(row["onto_delta"]),
+                  _fmt(row["onto_weight"]), _fmt(row["onto_random"]), _fmt(row["factor"])]
+                 for a in result.adapters for kind, row in summarise(a.amplification).items()]
+    if amplified:
+        table("ΔW vs W (mean over layers): ‖U_kᵀ W V_k‖_F onto ΔW's, W's own and random directions",
+              ["adapter", "module", "k", "‖ΔW‖", "onto ΔW", "onto W", "onto random", "amplification"], amplified)
+    for analysis in result.adapters:
+        if analysis.amplification_note:
+            console.print(f"{analysis.card.ref}: no ΔW vs W — {analysis.amplification_note}")
     console.print(f"wrote {len(written)} file(s) to {out}")
 
 

@@ -1,5 +1,6 @@
 """``adapterhub compare``: registered adapters side by side — their card metrics, each ΔW's spectrum and
-effective rank, and the normalised subspace similarity φ between every pair, per module (LoRA paper §7).
+effective rank, how each ΔW meets the frozen weight it adapts (amplification, LoRA paper §7.3), and the normalised
+subspace similarity φ between every pair, per module (§7.2).
 """
 
 from __future__ import annotations
@@ -12,10 +13,17 @@ from typing import Any
 
 import torch
 
-from adapterhub_local.errors import UnsupportedError
+from adapterhub_local.errors import FormatError, NotFoundError, UnsupportedError
 from adapterhub_local.lora import lora_pairs
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
+from adapterhub_local.sweep.amplification import (
+    Amplification,
+    default_k,
+    module_amplification,
+    read_base_weights,
+    summarise,
+)
 from adapterhub_local.sweep.analysis import (
     SIDES,
     Spectrum,
@@ -34,6 +42,9 @@ class AdapterAnalysis:
     card: AdapterCard
     spectra: dict[str, Spectrum]
     directions: dict[str, torch.Tensor] = field(repr=False)
+    amplification: list[Amplification] = field(default_factory=list)
+    amplification_note: str | None = None
+    """Why there is no amplification (the base's weights could not be read), else ``None``."""
 
     def summary(self) -> dict[str, Any]:
         spectra = list(self.spectra.values())
@@ -47,6 +58,8 @@ class AdapterAnalysis:
             "energy_rank_90_mean": sum(s.energy_rank_90 for s in spectra) / n,
             "energy_rank_99_mean": sum(s.energy_rank_99 for s in spectra) / n,
             "numerical_rank_mean": sum(s.numerical_rank for s in spectra) / n,
+            "amplification": summarise(self.amplification),
+            "amplification_note": self.amplification_note,
         }
 
 
@@ -81,14 +94,18 @@ class Comparison:
         return {
             "side": self.side,
             "adapters": [
-                {**a.summary(), "modules": {m: s.__dict__ for m, s in a.spectra.items()}} for a in self.adapters
+                {**a.summary(), "modules": {m: s.__dict__ for m, s in a.spectra.items()},
+                 "amplification_modules": [row.to_dict() for row in a.amplification]} for a in self.adapters
             ],
             "pairs": [p.summary() for p in self.pairs],
         }
 
 
-def analyse_adapter(registry: Registry, ref: str, side: str = "right") -> AdapterAnalysis:
-    """Spectra and top directions of every LoRA module of ``ref`` (integrity checked on load)."""
+def analyse_adapter(registry: Registry, ref: str, side: str = "right", projection_rank: int | None = None,
+                    weight_spectra: dict[tuple[str, str], torch.Tensor] | None = None) -> AdapterAnalysis:
+    """Spectra, top directions and amplification (§7.3: ``projection_rank`` directions, default
+    :func:`~adapterhub_local.sweep.amplification.default_k`) of every LoRA module of ``ref`` (integrity checked on
+    load). ``weight_spectra`` caches the base weights' singular values across adapters of one base."""
     if side not in SIDES:
         raise UnsupportedError(f"unknown side {side!r}", f"use one of {', '.join(SIDES)}")
     loaded = registry.load_adapter(ref)
@@ -96,12 +113,37 @@ def analyse_adapter(registry: Registry, ref: str, side: str = "right") -> Adapte
         raise UnsupportedError(f"{loaded.card.ref} is a {loaded.card.kind} adapter", "compare LoRA adapters")
     spectra: dict[str, Spectrum] = {}
     dirs: dict[str, torch.Tensor] = {}
+    svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
     for module, pair in sorted(lora_pairs(loaded.tensors, dict(loaded.config)).items()):
         u, s, vh = factored_svd(pair.a, pair.b, pair.scale)
         spectra[module] = spectrum_of_values(s)
         keep = spectra[module].numerical_rank  # directions with zero singular value carry no update
         dirs[module] = u[:, :keep] if side == "left" else vh[:keep].T
-    return AdapterAnalysis(loaded.card, spectra, dirs)
+        svds[module] = (u, s, vh, int(pair.a.shape[0]))
+    analysis = AdapterAnalysis(loaded.card, spectra, dirs)
+    try:
+        weights = _base_weights(registry, loaded.card, list(svds))
+    except (FormatError, NotFoundError, OSError) as error:
+        analysis.amplification_note = f"base weights not read: {error}"
+        return analysis
+    cache = {} if weight_spectra is None else weight_spectra
+    for module, (u, s, vh, rank) in svds.items():
+        weight = weights[module]
+        sigma = cache.get((loaded.card.base_fingerprint, module))
+        if sigma is None:
+            sigma = cache[(loaded.card.base_fingerprint, module)] = torch.linalg.svdvals(weight.to(torch.float64))
+        k = projection_rank if projection_rank is not None else default_k(rank, *weight.shape)
+        analysis.amplification.append(module_amplification(module, weight, u, s, vh, k, sigma))
+    return analysis
+
+
+def _base_weights(registry: Registry, card: AdapterCard, modules: list[str]) -> dict[str, torch.Tensor]:
+    """The frozen weights ``card``'s modules adapt, from its registered base (refused if the base has changed)."""
+    record = registry.base(card.base)
+    if card.base_fingerprint and record.fingerprint != card.base_fingerprint:
+        raise FormatError(f"base {card.base!r} is not the one {card.ref} was trained on (fingerprint differs)",
+                          "register the original base")
+    return read_base_weights(record.path, modules)
 
 
 def pair_similarity(first: AdapterAnalysis, second: AdapterAnalysis) -> PairSimilarity:
@@ -118,17 +160,20 @@ def pair_similarity(first: AdapterAnalysis, second: AdapterAnalysis) -> PairSimi
     return PairSimilarity(first.card.ref, second.card.ref, grids, dims)
 
 
-def compare(registry: Registry, refs: list[str], side: str = "right") -> Comparison:
+def compare(registry: Registry, refs: list[str], side: str = "right",
+            projection_rank: int | None = None) -> Comparison:
     """Analyse each adapter and every pair (a ref given twice is compared with itself)."""
     if not refs:
         raise UnsupportedError("nothing to compare", "give one or more adapter references")
-    analyses = [analyse_adapter(registry, ref, side) for ref in refs]
+    weight_spectra: dict[tuple[str, str], torch.Tensor] = {}
+    analyses = [analyse_adapter(registry, ref, side, projection_rank, weight_spectra) for ref in refs]
     pairs = [pair_similarity(a, b) for a, b in combinations(analyses, 2)]
     return Comparison(analyses, pairs, side)
 
 
 def write_comparison(comparison: Comparison, out_dir: Path, max_modules: int = 6) -> list[Path]:
-    """``compare.json``, ``compare.md``, one φ heatmap PNG per pair and a spectra PNG under ``out_dir``."""
+    """``compare.json``, ``compare.md``, one φ heatmap PNG per pair, the amplification per layer and a spectra PNG
+    under ``out_dir``."""
     from adapterhub_local.sweep import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +184,10 @@ def write_comparison(comparison: Comparison, out_dir: Path, max_modules: int = 6
         path = out_dir / f"similarity-{index}-{_slug(pair.a)}-vs-{_slug(pair.b)}.png"
         plots.similarity_heatmaps(pair.grids, pair.a, pair.b, path, max_modules=max_modules)
         written.append(path)
+    if any(a.amplification for a in comparison.adapters):
+        amplification_path = out_dir / "amplification.png"
+        plots.amplification_plot({a.card.ref: a.amplification for a in comparison.adapters}, amplification_path)
+        written.append(amplification_path)
     spectra_path = out_dir / "spectra.png"
     plots.spectra_plot({a.card.ref: a.spectra for a in comparison.adapters}, spectra_path)
     written.append(spectra_path)
@@ -173,7 +222,24 @@ def comparison_markdown(comparison: Comparison) -> str:
         for pair in comparison.pairs:
             p = pair.summary()
             lines.append(f"| {p['a']} | {p['b']} | {_fmt(p['phi_1_mean'])} | {_fmt(p['phi_k_mean'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + amplification_markdown(comparison)) + "\n"
+
+
+def amplification_markdown(comparison: Comparison) -> list[str]:
+    """§7.3's table: per adapter and kind of module, the projections of W onto k directions (mean over layers)."""
+    lines = ["", "How ΔW meets the frozen W (LoRA paper §7.3): ‖U_kᵀ W V_k‖_F with U_k, V_k the top-k singular "
+             "vectors of ΔW, of W itself, and of random frames (root mean square); amplification = ‖ΔW‖_F / "
+             "‖U_kᵀ W V_k‖_F (ΔW's directions). Mean over the layers of each kind of module.", "",
+             "| adapter | module | k | ‖W‖_F | ‖ΔW‖_F | onto ΔW | onto W | onto random | amplification |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for analysis in comparison.adapters:
+        if analysis.amplification_note:
+            lines.append(f"| {analysis.card.ref} | {analysis.amplification_note} | | | | | | | |")
+        for kind, row in summarise(analysis.amplification).items():
+            lines.append(f"| {analysis.card.ref} | {kind} | {_fmt(row['k'])} | {_fmt(row['weight_norm'])} | "
+                         f"{_fmt(row['delta_norm'])} | {_fmt(row['onto_delta'])} | {_fmt(row['onto_weight'])} | "
+                         f"{_fmt(row['onto_random'])} | {_fmt(row['factor'])} |")
+    return lines
 
 
 def _fmt(value: Any) -> str:

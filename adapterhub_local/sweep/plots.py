@@ -5,6 +5,7 @@ rank × data-size heatmap, a sweep beside a published rank table.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from adapterhub_local.sweep.analysis import Spectrum
 
 if TYPE_CHECKING:
+    from adapterhub_local.sweep.amplification import Amplification
     from adapterhub_local.sweep.verdict import SeriesVerdict
 
 
@@ -89,6 +91,28 @@ def spectra_plot(spectra: dict[str, dict[str, Spectrum]], path: Path) -> Path:
     ax.set_ylabel("σ_i / σ_1 (mean over modules)")
     ax.set_title("spectrum of ΔW")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def amplification_plot(rows: dict[str, list[Amplification]], path: Path) -> Path:
+    """Per kind of module, each adapter's amplification factor ‖ΔW‖_F / ‖U_kᵀ W V_k‖_F against depth (the
+    modules' order in the adapter), log scale."""
+    plt = _pyplot()
+    kinds = sorted({row.module.rsplit(".", 1)[-1] for members in rows.values() for row in members})
+    fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(5 * max(len(kinds), 1), 3.6), squeeze=False)
+    for ax, kind in zip(axes.flat, kinds, strict=False):
+        for ref, members in rows.items():
+            mine = [r for r in members if r.module.rsplit(".", 1)[-1] == kind and math.isfinite(r.factor)]
+            if mine:
+                ax.plot(range(len(mine)), [r.factor for r in mine], marker=".", label=f"{ref} (k={mine[0].k})")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{kind}, by depth")
+        ax.set_ylabel("‖ΔW‖ / ‖U_kᵀ W V_k‖")
+        ax.set_title(f"amplification of W's directions: {kind}", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
