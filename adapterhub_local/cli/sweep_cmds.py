@@ -58,7 +58,8 @@ def compare_cmd(
                  for a in result.adapters for kind, row in summarise(a.amplification).items()]
     if amplified:
         table("ΔW vs W (mean over layers): ‖U_kᵀ W V_k‖_F onto ΔW's, W's own and random directions",
-              ["adapter", "module", "k", "‖ΔW‖", "onto ΔW", "onto W", "onto random", "amplification"], amplified)
+              ["adapter", "module", "k", "‖ΔW‖", "onto ΔW", "onto W", "onto random", "amplification (median)"],
+              amplified)
     for analysis in result.adapters:
         if analysis.amplification_note:
             console.print(f"{analysis.card.ref}: no ΔW vs W — {analysis.amplification_note}")

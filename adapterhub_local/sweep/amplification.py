@@ -15,6 +15,7 @@ The random figure here is exact rather than one draw: for independent uniformly 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,15 +125,15 @@ def read_base_weights(model_dir: Path, modules: Iterable[str]) -> dict[str, torc
 
 
 def summarise(rows: list[Amplification]) -> dict[str, dict[str, float]]:
-    """Per kind of module (the last path component: ``q_proj``, ``v_proj`` …), the mean of each figure over
-    its layers, and the mean factor."""
+    """Per kind of module (the last path component: ``q_proj``, ``v_proj`` …), the mean of each figure over its
+    layers and the **median** amplification factor (per layer it is a ratio with a small denominator, so a few
+    layers where ΔW's directions nearly miss W would swamp a mean)."""
     groups: dict[str, list[Amplification]] = {}
     for row in rows:
         groups.setdefault(row.module.rsplit(".", 1)[-1], []).append(row)
     summary = {}
     for kind, members in sorted(groups.items()):
         n = len(members)
-        finite = [m.factor for m in members if math.isfinite(m.factor)]
         summary[kind] = {
             "modules": float(n), "k": sum(m.k for m in members) / n,
             "weight_norm": sum(m.weight_norm for m in members) / n,
@@ -140,6 +141,6 @@ def summarise(rows: list[Amplification]) -> dict[str, dict[str, float]]:
             "onto_delta": sum(m.onto_delta for m in members) / n,
             "onto_weight": sum(m.onto_weight for m in members) / n,
             "onto_random": sum(m.onto_random for m in members) / n,
-            "factor": sum(finite) / len(finite) if finite else math.inf,
+            "factor": statistics.median(m.factor for m in members),
         }
     return summary

@@ -229,8 +229,9 @@ def amplification_markdown(comparison: Comparison) -> list[str]:
     """§7.3's table: per adapter and kind of module, the projections of W onto k directions (mean over layers)."""
     lines = ["", "How ΔW meets the frozen W (LoRA paper §7.3): ‖U_kᵀ W V_k‖_F with U_k, V_k the top-k singular "
              "vectors of ΔW, of W itself, and of random frames (root mean square); amplification = ‖ΔW‖_F / "
-             "‖U_kᵀ W V_k‖_F (ΔW's directions). Mean over the layers of each kind of module.", "",
-             "| adapter | module | k | ‖W‖_F | ‖ΔW‖_F | onto ΔW | onto W | onto random | amplification |",
+             "‖U_kᵀ W V_k‖_F (ΔW's directions). Mean over the layers of each kind of module; the amplification is the "
+             "median of the layers' factors.", "",
+             "| adapter | module | k | ‖W‖_F | ‖ΔW‖_F | onto ΔW | onto W | onto random | amplification (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for analysis in comparison.adapters:
         if analysis.amplification_note:

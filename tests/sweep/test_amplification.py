@@ -12,7 +12,13 @@ import torch
 from adapterhub_local.errors import FormatError, NotFoundError
 from adapterhub_local.registry import Registry
 from adapterhub_local.registry.cards import CardInfo
-from adapterhub_local.sweep.amplification import default_k, module_amplification, summarise, weight_key
+from adapterhub_local.sweep.amplification import (
+    Amplification,
+    default_k,
+    module_amplification,
+    summarise,
+    weight_key,
+)
 from adapterhub_local.sweep.analysis import factored_svd
 from adapterhub_local.sweep.compare import compare, comparison_markdown, write_comparison
 from tests.peft_factory import lora_model
@@ -163,3 +169,15 @@ def test_a_classifier_adapter_finds_the_bare_encoders_weights(sweep_registry: Re
     layer = dict(model.named_modules())["base_model.model.bert.encoder.layer.1.attention.self.query"]
     row = next(r for r in analysis.amplification if r.module == "bert.encoder.layer.1.attention.self.query")
     assert row.weight_norm == pytest.approx(float(layer.base_layer.weight.double().norm()), rel=1e-6)
+
+
+def test_the_summary_takes_the_median_factor_per_kind_of_module() -> None:
+    def row(module: str, onto_delta: float) -> Amplification:
+        return Amplification(module, 1, weight_norm=10.0, delta_norm=2.0, onto_delta=onto_delta, onto_weight=5.0,
+                             onto_random=0.5)
+
+    rows = [row("l.0.q_proj", 1.0), row("l.1.q_proj", 0.5), row("l.2.q_proj", 0.001), row("l.0.v_proj", 0.0)]
+    summary = summarise(rows)
+    assert summary["q_proj"]["factor"] == pytest.approx(4.0)  # factors 2, 4, 2000: one outlier does not decide
+    assert summary["q_proj"]["onto_delta"] == pytest.approx(1.501 / 3) and summary["q_proj"]["modules"] == 3
+    assert math.isinf(summary["v_proj"]["factor"])
