@@ -95,6 +95,10 @@ run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}"
 echo "== $(date -u +%FT%TZ) compare"
 adapterhub compare e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1 \
   --out runs/realscale-e2e-compare >>runs/realscale-e2e.log 2>&1
+# The whole report beside the paper's Table 18: runs/<sweep>/interim/ (results.md, reference.{md,json,png}, plots).
+echo "== $(date -u +%FT%TZ) report beside Table 18"
+adapterhub sweep-report "runs/$e2e_id" --reference recipes/references/lora-paper-table18-e2e.csv \
+  >>runs/realscale-e2e.log 2>&1
 echo "== $(date -u +%FT%TZ) done"
 }
 main "$@"
