@@ -71,8 +71,16 @@ def _recipe(data: Path, runs: Path, name: str = "tgen") -> Recipe:
 def _sweep(registry: Registry, recipe: Recipe, sweep_id: str, ranks: list[int], mode: str,
            executor: ExecutorOptions, **kwargs: Any) -> dict[int, dict[str, Any]]:
     config = SweepConfig(ranks=ranks, mode=mode, sweep_id=sweep_id, e2e_metrics=False)
-    summary = run_sweep(registry, recipe, config, progress=False, executor=executor,
-                        log=kwargs.get("log", lambda _: None))
+    # A Ray task computes on as many threads as it has CPUs (RAY's 1); a local point computes on this process's
+    # threads. Bit-identical adapters need the same thread count (sums split across threads round differently),
+    # so the local side runs on RAY's count here, whatever an earlier test left this process at.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(RAY.num_cpus))
+    try:
+        summary = run_sweep(registry, recipe, config, progress=False, executor=executor,
+                            log=kwargs.get("log", lambda _: None))
+    finally:
+        torch.set_num_threads(threads)
     points = json.loads((Path(summary["directory"]) / "results.json").read_text())["points"]
     return {p["rank"]: p for p in points}
 
