@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from adapterhub_local.errors import FormatError, NotFoundError, UnsupportedError
-from adapterhub_local.lora import lora_pairs
+from adapterhub_local.lora import LoraPair, lora_pairs
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
 from adapterhub_local.sweep.amplification import (
@@ -32,6 +32,7 @@ from adapterhub_local.sweep.analysis import (
     similarity_summary,
     spectrum_of_values,
     subspace_similarity,
+    svd,
 )
 
 
@@ -105,29 +106,41 @@ def analyse_adapter(registry: Registry, ref: str, side: str = "right", projectio
                     weight_spectra: dict[tuple[str, str], torch.Tensor] | None = None) -> AdapterAnalysis:
     """Spectra, top directions and amplification (§7.3: ``projection_rank`` directions, default
     :func:`~adapterhub_local.sweep.amplification.default_k`) of every LoRA module of ``ref`` (integrity checked on
-    load). ``weight_spectra`` caches the base weights' singular values across adapters of one base."""
+    load). ``weight_spectra`` caches the base weights' singular values across adapters of one base.
+
+    A DoRA module's update is not ``scale·B·A``: its magnitude rescales every output feature of ``W + scale·B·A``,
+    so its ΔW (``W'`` − ``W``, as a merge computes it) is built from the base weight and analysed densely."""
     if side not in SIDES:
         raise UnsupportedError(f"unknown side {side!r}", f"use one of {', '.join(SIDES)}")
     loaded = registry.load_adapter(ref)
     if loaded.card.kind != "lora":
         raise UnsupportedError(f"{loaded.card.ref} is a {loaded.card.kind} adapter", "compare LoRA adapters")
+    config = dict(loaded.config)
+    pairs = lora_pairs(loaded.tensors, config)
+    weights: dict[str, torch.Tensor] = {}
+    note = None
+    try:
+        weights = _base_weights(registry, loaded.card, sorted(pairs), bool(config.get("fan_in_fan_out")))
+    except (FormatError, NotFoundError, OSError) as error:
+        note = f"base weights not read: {error}"
     spectra: dict[str, Spectrum] = {}
     dirs: dict[str, torch.Tensor] = {}
     svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
-    for module, pair in sorted(lora_pairs(loaded.tensors, dict(loaded.config)).items()):
-        u, s, vh = factored_svd(pair.a, pair.b, pair.scale)
+    for module, pair in sorted(pairs.items()):
+        if pair.magnitude is None:
+            u, s, vh = factored_svd(pair.a, pair.b, pair.scale)
+        elif module in weights:
+            u, s, vh = svd(dora_delta(weights[module], pair))
+        else:
+            raise UnsupportedError(f"{loaded.card.ref} is a DoRA adapter: its update depends on the base weight, "
+                                   f"which could not be read ({note})", f"register its base {loaded.card.base!r}")
         spectra[module] = spectrum_of_values(s)
         keep = spectra[module].numerical_rank  # directions with zero singular value carry no update
         dirs[module] = u[:, :keep] if side == "left" else vh[:keep].T
-        svds[module] = (u, s, vh, int(pair.a.shape[0]))
-    analysis = AdapterAnalysis(loaded.card, spectra, dirs)
-    try:
-        weights = _base_weights(registry, loaded.card, list(svds))
-    except (FormatError, NotFoundError, OSError) as error:
-        analysis.amplification_note = f"base weights not read: {error}"
-        return analysis
+        svds[module] = (u, s, vh, pair.rank)
+    analysis = AdapterAnalysis(loaded.card, spectra, dirs, amplification_note=note)
     cache = {} if weight_spectra is None else weight_spectra
-    for module, (u, s, vh, rank) in svds.items():
+    for module, (u, s, vh, rank) in svds.items() if weights else ():
         weight = weights[module]
         sigma = cache.get((loaded.card.base_fingerprint, module))
         if sigma is None:
@@ -137,13 +150,26 @@ def analyse_adapter(registry: Registry, ref: str, side: str = "right", projectio
     return analysis
 
 
-def _base_weights(registry: Registry, card: AdapterCard, modules: list[str]) -> dict[str, torch.Tensor]:
-    """The frozen weights ``card``'s modules adapt, from its registered base (refused if the base has changed)."""
+def dora_delta(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+    """A DoRA module's whole update in float64: ``diag(m / ‖W + scale·B·A‖_row) (W + scale·B·A) − W`` (``weight``
+    as ``[d_out, d_in]``)."""
+    assert pair.magnitude is not None, "dora_delta needs a DoRA pair"
+    w = weight.to(torch.float64)
+    adapted = w + pair.scale * (pair.b.to(torch.float64) @ pair.a.to(torch.float64))
+    factor = pair.magnitude.to(torch.float64) / torch.linalg.norm(adapted, dim=1)
+    return factor[:, None] * adapted - w
+
+
+def _base_weights(registry: Registry, card: AdapterCard, modules: list[str],
+                  fan_in_fan_out: bool) -> dict[str, torch.Tensor]:
+    """The frozen weights ``card``'s modules adapt, as ``[d_out, d_in]`` (a GPT-2 ``Conv1D`` weight, stored
+    ``[d_in, d_out]``, is transposed), from its registered base (refused if the base has changed)."""
     record = registry.base(card.base)
     if card.base_fingerprint and record.fingerprint != card.base_fingerprint:
         raise FormatError(f"base {card.base!r} is not the one {card.ref} was trained on (fingerprint differs)",
                           "register the original base")
-    return read_base_weights(record.path, modules)
+    weights = read_base_weights(record.path, modules)
+    return {m: w.T for m, w in weights.items()} if fan_in_fan_out else weights
 
 
 def pair_similarity(first: AdapterAnalysis, second: AdapterAnalysis) -> PairSimilarity:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from adapterhub_local.errors import FormatError, NotFoundError
+from adapterhub_local.errors import FormatError, NotFoundError, UnsupportedError
 from adapterhub_local.registry import Registry
 from adapterhub_local.registry.cards import CardInfo
 from adapterhub_local.sweep.amplification import (
@@ -181,3 +182,87 @@ def test_the_summary_takes_the_median_factor_per_kind_of_module() -> None:
     assert summary["q_proj"]["factor"] == pytest.approx(4.0)  # factors 2, 4, 2000: one outlier does not decide
     assert summary["q_proj"]["onto_delta"] == pytest.approx(1.501 / 3) and summary["q_proj"]["modules"] == 3
     assert math.isinf(summary["v_proj"]["factor"])
+
+
+def _merged_delta(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's own merge of one module: (W as [d_out, d_in], W' − W), float64."""
+    layer = dict(model.named_modules())[name]
+    before = layer.base_layer.weight.detach().clone().to(torch.float64)
+    layer.merge()
+    after = layer.base_layer.weight.detach().clone().to(torch.float64)
+    layer.unmerge()
+    if getattr(layer, "fan_in_fan_out", False):
+        before, after = before.T, after.T
+    return before, after - before
+
+
+def test_a_dora_adapters_update_is_the_one_a_merge_applies(
+    llama_registry: Registry, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                                      use_dora=True))
+    with torch.no_grad():  # a magnitude that is not ‖W + ΔW‖ itself, so DoRA's rescaling matters
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.3 * torch.rand_like(param))
+    model.save_pretrained(str(tmp_path / "dora"))
+    ref = llama_registry.register_adapter("dora", tmp_path / "dora", "tiny", CardInfo()).ref
+    (analysis,) = compare(llama_registry, [ref], projection_rank=2).adapters
+    name = "base_model.model.model.layers.1.self_attn.q_proj"
+    _, delta = _merged_delta(model, name)
+    module = name.removeprefix("base_model.model.")
+    expected = torch.linalg.svdvals(delta)
+    assert analysis.spectra[module].numerical_rank > 2  # the rescaling reaches beyond B·A's two directions
+    ours = torch.tensor(analysis.spectra[module].singular_values, dtype=torch.float64)
+    assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-6)
+    row = next(r for r in analysis.amplification if r.module == module)
+    assert row.delta_norm == pytest.approx(float(delta.norm()), rel=1e-4)
+
+
+def test_a_dora_adapter_without_its_base_is_refused(
+    llama_registry: Registry, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
+                   LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False, use_dora=True)
+                   ).save_pretrained(str(tmp_path / "dora"))
+    ref = llama_registry.register_adapter("dora", tmp_path / "dora", "tiny", CardInfo()).ref
+
+    def gone(name: str) -> None:
+        raise NotFoundError(f"base {name!r} is not registered", "add it")
+
+    monkeypatch.setattr(llama_registry, "base", gone)
+    with pytest.raises(UnsupportedError, match="DoRA adapter: its update depends on the base weight"):
+        compare(llama_registry, [ref])
+
+
+def test_gpt2_conv1d_weights_are_read_as_d_out_by_d_in(registry: Registry, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(6)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path / "gpt2")
+    registry.add_base("g", str(tmp_path / "gpt2"))
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2")),
+                           LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True,
+                                      init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "lora"))
+    ref = registry.register_adapter("g-lora", tmp_path / "lora", "g", CardInfo()).ref
+    (analysis,) = compare(registry, [ref], projection_rank=2).adapters
+    assert analysis.amplification_note is None and len(analysis.amplification) == 2
+    name = "base_model.model.transformer.h.0.attn.c_attn"
+    weight, delta = _merged_delta(model, name)
+    u, _, vh = torch.linalg.svd(delta, full_matrices=False)
+    row = next(r for r in analysis.amplification if r.module == name.removeprefix("base_model.model."))
+    assert row.onto_delta == pytest.approx(float(torch.linalg.matrix_norm(u[:, :2].T @ weight @ vh[:2].T)), rel=1e-6)
+    assert row.delta_norm == pytest.approx(float(delta.norm()), rel=1e-6)
