@@ -60,8 +60,11 @@ def similarity_heatmaps(grids: dict[str, torch.Tensor], a: str, b: str, path: Pa
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper", aspect="auto",
                           extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5), interpolation="nearest")
         ax.set_title(module, fontsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        for axis, size in ((ax.yaxis, grid.shape[0]), (ax.xaxis, grid.shape[1])):
+            if size <= 10:  # every direction ticked (a locator falls back to fractions below two integers)
+                axis.set_ticks(range(1, size + 1))
+            else:
+                axis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"j ({b})", fontsize=7)
         ax.set_ylabel(f"i ({a})", fontsize=7)
     for ax in list(axes.flat)[len(chosen):]:
