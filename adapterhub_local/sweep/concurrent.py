@@ -6,12 +6,13 @@ same batches (``epoch_batches`` of its seed and epoch), the same AdamW parameter
 AdamW over the stacked adapter parameters — AdamW is elementwise, so each adapter's slice moves as its own
 optimizer would move it), the same linear warm-up/decay schedule, the same gradient accumulation, gradient
 clipping per adapter (vectorised: ``JointModel.clip_grad_norms_``), the same evaluation cadence, best-checkpoint
-keeping and early stopping (``note_evaluation``), and the same loss: the loop's LM head on labelled positions
-only (``train/lm_loss.py``) for causal LMs, cross entropy for classifiers — every adapter's loss at once,
-summed per adapter with one ``index_add`` (:func:`segment_losses`). So with the same seed and the same initial
-weights the adapters equal the ones the sequential runner trains, up to floating-point noise from running the
-base on a larger batch. Dropout is the one exception: with non-zero dropout every adapter draws its own masks
-from the one shared RNG stream, so the masks (not their distribution) differ from a solo run.
+keeping and early stopping (``note_evaluation``), the same ``train.compile`` decision (the base's blocks, with
+their multi-adapter layers, compiled for training steps: ``train/compilation.py``), and the same loss: the loop's
+LM head on labelled positions only (``train/lm_loss.py``) for causal LMs, cross entropy for classifiers — every
+adapter's loss at once, summed per adapter with one ``index_add`` (:func:`segment_losses`). So with the same seed
+and the same initial weights the adapters equal the ones the sequential runner trains, up to floating-point noise
+from running the base on a larger batch. Dropout is the one exception: with non-zero dropout every adapter draws
+its own masks from the one shared RNG stream, so the masks (not their distribution) differ from a solo run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.sweep.multi_lora import JointModel
 from adapterhub_local.train import lm_loss
+from adapterhub_local.train.compilation import compile_for_training
 from adapterhub_local.train.loop import (
     Prefetcher,
     epoch_batches,
@@ -135,10 +137,13 @@ def train_concurrent(
     greater_is_better: bool,
     *,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    log: Callable[[str], Any] = lambda _: None,
 ) -> ConcurrentResult:
     """Train every adapter of ``joint`` (adapter ``i`` with seed ``seeds[i]``); keep each one's best state.
 
     On return each adapter's weights in ``joint`` are its best evaluation's (as the runner's ``load_best``).
+    ``train.compile`` applies as in the loop: the base's blocks (with their multi-adapter layers) run compiled for
+    training steps and eagerly for evaluations.
     """
     accelerator = make_accelerator(cfg.precision)
     model = joint.model.to(accelerator.device)
@@ -156,6 +161,8 @@ def train_concurrent(
     lengths = [len(e.input_ids) for e in examples]
     plans: dict[tuple[int, int], list[list[int]]] = {}
     tokens = 0
+    compiled = compile_for_training(model, cfg.compile, device=accelerator.device, steps=n_steps, processes=1,
+                                    log=log)
     started = time.perf_counter()
 
     def plan_of(run: AdapterRun) -> list[list[int]]:
@@ -168,7 +175,7 @@ def train_concurrent(
     def run_eval(i: int) -> None:
         run = runs[i]
         model.eval()
-        with torch.no_grad(), joint.segments.only(i), forward_context(accelerator, cfg.precision):
+        with compiled.paused(), torch.no_grad(), joint.segments.only(i), forward_context(accelerator, cfg.precision):
             result = evaluate(model)
         model.train()
         value = float(result.get(metric, float("nan")))
@@ -178,58 +185,62 @@ def train_concurrent(
             run.best_state = joint.peft_state(i)
 
     model.train()
+    compiled.on()
     step = 0
-    while step < n_steps and any(r.active for r in runs):
-        active = [i for i, r in enumerate(runs) if r.active]
-        # All adapters share batch_size and the data, so their accumulation groups line up step by step.
-        first = runs[active[0]].batch_in_epoch
-        group = range(first, min(first + cfg.grad_accum, batch_count))
-        step_loss = torch.zeros(count, device=accelerator.device)
-        for b in group:
-            per_adapter = [prefetch.get(plan_of(runs[i])[b]) for i in active]
-            if b + 1 < batch_count:
-                for i in active:
-                    prefetch.want(plan_of(runs[i])[b + 1])
-            joined = concat_batches(per_adapter, pad_id)
-            labels = joined.pop("labels")
-            inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in joined.items()}
-            sizes = [0] * count
-            counts = [1] * count
-            for i, batch in zip(active, per_adapter, strict=True):
-                sizes[i] = batch.tensors["input_ids"].shape[0]
-                own = batch.tensors["labels"]
-                counts[i] = max(1, int((own[:, 1:] != IGNORE).sum()) if own.dim() == 2 else own.shape[0])
-                runs[i].train_tokens += batch.real_tokens
-                tokens += batch.real_tokens
-            row_owner = torch.repeat_interleave(torch.arange(count), torch.tensor(sizes))
-            width = int(joined["input_ids"].shape[1])
-            with joint.segments.use(sizes), forward_context(accelerator, cfg.precision), \
-                    runtime.training_attention(width, accelerator.device):
-                losses = segment_losses(model, inputs, labels, row_owner,
-                                        torch.tensor(counts, dtype=torch.float32).to(accelerator.device), fast)
-            # Parameters of different adapters are disjoint: each gets exactly its own loss's gradient.
-            losses = losses / len(group)
-            accelerator.backward(losses.sum())
-            step_loss += losses.detach().float()
-        step += 1
-        if cfg.max_grad_norm:
-            joint.clip_grad_norms_(cfg.max_grad_norm)  # each adapter on its own, as the loop clips a run
-        # Adapters that stopped early have no rows and zero gradients; AdamW's momentum may still move them,
-        # which changes nothing kept: they are not evaluated again and end on their best state.
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for i in active:
-            run = runs[i]
-            run.step = step
-            run.batch_in_epoch = group.stop
-            if run.batch_in_epoch >= batch_count:
-                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-        for i in active:
-            if step % eval_every == 0 or step == n_steps:
-                run_eval(i)
-        if on_step is not None:
-            on_step(step, step_loss[active].mean())
+    try:
+        while step < n_steps and any(r.active for r in runs):
+            active = [i for i, r in enumerate(runs) if r.active]
+            # All adapters share batch_size and the data, so their accumulation groups line up step by step.
+            first = runs[active[0]].batch_in_epoch
+            group = range(first, min(first + cfg.grad_accum, batch_count))
+            step_loss = torch.zeros(count, device=accelerator.device)
+            for b in group:
+                per_adapter = [prefetch.get(plan_of(runs[i])[b]) for i in active]
+                if b + 1 < batch_count:
+                    for i in active:
+                        prefetch.want(plan_of(runs[i])[b + 1])
+                joined = concat_batches(per_adapter, pad_id)
+                labels = joined.pop("labels")
+                inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in joined.items()}
+                sizes = [0] * count
+                counts = [1] * count
+                for i, batch in zip(active, per_adapter, strict=True):
+                    sizes[i] = batch.tensors["input_ids"].shape[0]
+                    own = batch.tensors["labels"]
+                    counts[i] = max(1, int((own[:, 1:] != IGNORE).sum()) if own.dim() == 2 else own.shape[0])
+                    runs[i].train_tokens += batch.real_tokens
+                    tokens += batch.real_tokens
+                row_owner = torch.repeat_interleave(torch.arange(count), torch.tensor(sizes))
+                width = int(joined["input_ids"].shape[1])
+                with joint.segments.use(sizes), forward_context(accelerator, cfg.precision), \
+                        runtime.training_attention(width, accelerator.device):
+                    losses = segment_losses(model, inputs, labels, row_owner,
+                                            torch.tensor(counts, dtype=torch.float32).to(accelerator.device), fast)
+                # Parameters of different adapters are disjoint: each gets exactly its own loss's gradient.
+                losses = losses / len(group)
+                accelerator.backward(losses.sum())
+                step_loss += losses.detach().float()
+            step += 1
+            if cfg.max_grad_norm:
+                joint.clip_grad_norms_(cfg.max_grad_norm)  # each adapter on its own, as the loop clips a run
+            # Adapters that stopped early have no rows and zero gradients; AdamW's momentum may still move them,
+            # which changes nothing kept: they are not evaluated again and end on their best state.
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for i in active:
+                run = runs[i]
+                run.step = step
+                run.batch_in_epoch = group.stop
+                if run.batch_in_epoch >= batch_count:
+                    run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            for i in active:
+                if step % eval_every == 0 or step == n_steps:
+                    run_eval(i)
+            if on_step is not None:
+                on_step(step, step_loss[active].mean())
+    finally:
+        compiled.off()  # evaluations and later runs use the blocks' own forwards
     prefetch.close()
     for i, run in enumerate(runs):
         if run.last_eval_step != run.step and not run.stopped_early:

@@ -101,7 +101,8 @@ def train_group(registry: Registry, plan: SweepPlan, points: list[SweepPoint], d
 
     log(f"[{plan.sweep_id}] concurrent: training {len(points)} adapters in one joint model")
     result = train_concurrent(joint, ctx.encoded.train, ctx.collate, first.train, [p.seed for p in points],
-                              ctx.pad_id, ctx.periodic, ctx.metric, ctx.greater_is_better, on_step=on_step)
+                              ctx.pad_id, ctx.periodic, ctx.metric, ctx.greater_is_better, on_step=on_step,
+                              log=lambda line: log(f"[{plan.sweep_id}] {line}"))
     joint_peak = peak_rss_mb() if reset else None
     share = result.wall_s / len(points)
     trained_states = [joint.peft_state(i) for i in range(len(points))]

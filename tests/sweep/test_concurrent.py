@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub_local.config import TrainConfig
+from adapterhub_local.config import AutoSwitch, TrainConfig
 from adapterhub_local.lora import lora_scale
 from adapterhub_local.sweep.concurrent import train_concurrent
 from adapterhub_local.sweep.multi_lora import Slot, build_joint_model
@@ -123,3 +123,35 @@ def test_segment_losses_equal_each_adapters_own_loss_alone(tmp_path: Path, fast:
         with joint.segments.only(i):  # type: ignore[attr-defined]
             alone = model(**batch.tensors).loss
         assert torch.allclose(losses[i], alone, atol=1e-5), i
+
+
+def test_a_compiled_joint_run_trains_the_adapters_an_eager_one_does(tmp_path: Path) -> None:
+    """``train.compile: true`` runs the blocks, multi-adapter layers included, compiled for training steps (and
+    eagerly for evaluations); the adapters equal the eager run's within floating-point noise."""
+    from torch._dynamo.utils import counters
+
+    adapters = {}
+    modes_seen: dict[bool, list[bool]] = {}
+    for compiled in (False, True):
+        joint = _joint(tmp_path / str(compiled), torch.float32, [1, 4, 4])
+        block = joint.model.model.layers[0]  # type: ignore[attr-defined]
+        seen: list[bool] = []
+
+        def evaluate(m: torch.nn.Module, block: torch.nn.Module = block, seen: list[bool] = seen) -> dict[str, float]:
+            seen.append("forward" in vars(block))  # a compiled forward is an instance attribute
+            return {"val_loss": 1.0}
+
+        cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=4, eval_every=2, precision="fp32", warmup_steps=0,
+                          compile=AutoSwitch("true" if compiled else "false"))
+        torch._dynamo.reset()
+        counters.clear()
+        train_concurrent(joint, _examples(), lambda ex: collate_generation(ex, 0), cfg, [0, 1, 2], 0,  # type: ignore[arg-type]
+                         evaluate, "val_loss", False)
+        assert (counters["frames"]["ok"] > 0) == compiled  # the blocks really ran compiled, or not at all
+        assert "forward" not in vars(block)  # switched off once training is over
+        adapters[compiled] = [joint.peft_state(i) for i in range(3)]  # type: ignore[attr-defined]
+        modes_seen[compiled] = seen
+    assert modes_seen[True] and not any(modes_seen[True])  # every evaluation ran eagerly
+    for eager, compiled_state in zip(adapters[False], adapters[True], strict=True):
+        for key in eager:
+            assert torch.allclose(eager[key], compiled_state[key], atol=1e-5, rtol=1e-4), key
