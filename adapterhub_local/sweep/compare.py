@@ -23,6 +23,7 @@ from adapterhub_local.sweep.amplification import (
     module_amplification,
     read_base_weights,
     summarise,
+    top_singular_values,
 )
 from adapterhub_local.sweep.analysis import (
     SIDES,
@@ -142,10 +143,10 @@ def analyse_adapter(registry: Registry, ref: str, side: str = "right", projectio
     cache = {} if weight_spectra is None else weight_spectra
     for module, (u, s, vh, rank) in svds.items() if weights else ():
         weight = weights[module]
+        k = min(projection_rank if projection_rank is not None else default_k(rank, *weight.shape), int(s.shape[0]))
         sigma = cache.get((loaded.card.base_fingerprint, module))
-        if sigma is None:
-            sigma = cache[(loaded.card.base_fingerprint, module)] = torch.linalg.svdvals(weight.to(torch.float64))
-        k = projection_rank if projection_rank is not None else default_k(rank, *weight.shape)
+        if sigma is None or sigma.shape[0] < min(k, *weight.shape):
+            sigma = cache[(loaded.card.base_fingerprint, module)] = top_singular_values(weight, k)
         analysis.amplification.append(module_amplification(module, weight, u, s, vh, k, sigma))
     return analysis
 

@@ -266,3 +266,27 @@ def test_gpt2_conv1d_weights_are_read_as_d_out_by_d_in(registry: Registry, tmp_p
     row = next(r for r in analysis.amplification if r.module == name.removeprefix("base_model.model."))
     assert row.onto_delta == pytest.approx(float(torch.linalg.matrix_norm(u[:, :2].T @ weight @ vh[:2].T)), rel=1e-6)
     assert row.delta_norm == pytest.approx(float(delta.norm()), rel=1e-6)
+
+
+def test_large_weights_get_their_top_singular_values_without_a_full_float64_svd(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterhub_local.sweep import amplification
+
+    generator = torch.Generator().manual_seed(7)
+    u, _ = torch.linalg.qr(torch.randn(300, 200, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(240, 200, generator=generator, dtype=torch.float64))
+    sigma = 10.0 / torch.arange(1, 201, dtype=torch.float64) ** 0.7  # a decaying spectrum, as trained weights have
+    weight = (u * sigma) @ v.T
+    monkeypatch.setattr(amplification, "EXACT_SPECTRUM_SIDE", 100)  # 240 > 100: not the exact float64 path
+    calls: list[int] = []
+    original = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **kw: calls.append(kw["q"]) or original(*a, **kw))
+    before = torch.random.get_rng_state()
+    top = amplification.top_singular_values(weight, 8)
+    assert calls == [32] and torch.equal(torch.random.get_rng_state(), before)  # randomized, nobody's RNG consumed
+    assert float(top.norm()) == pytest.approx(float(sigma[:8].norm()), rel=1e-4)
+    assert torch.allclose(top, sigma[:8], rtol=1e-3)
+    assert torch.equal(top, amplification.top_singular_values(weight, 8))  # the same figures every time
+    wide = amplification.top_singular_values(weight, 40)  # a sketch over a quarter of the side: exact float32 SVD
+    assert calls == [32, 32] and torch.allclose(wide, sigma[:40], rtol=1e-5)
