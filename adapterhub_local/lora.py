@@ -30,9 +30,9 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · B @ A`` computed in fp32 (``[d_out, d_in]``)."""
-    return (b.to(torch.float32) @ a.to(torch.float32)) * scale
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale · B @ A`` computed in ``dtype`` (fp32 unless asked; ``[d_out, d_in]``)."""
+    return (b.to(dtype) @ a.to(dtype)) * scale
 
 
 @dataclass
@@ -54,19 +54,28 @@ class LoraPair:
         return lora_delta(self.a, self.b, self.scale)
 
 
-def dora_factor(weight: torch.Tensor, pair: LoraPair, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """DoRA's per-output-feature factor ``m / ‖W + scale·B·A‖_row`` in fp32 (``[d_out]``).
+def dora_factor(weight: torch.Tensor, pair: LoraPair, fan_in_fan_out: bool = False,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DoRA's per-output-feature factor ``m / ‖W + scale·B·A‖_row`` in ``dtype`` (fp32 unless asked; ``[d_out]``).
 
     ``weight`` is the base weight as stored (``[d_out, d_in]``; ``[d_in, d_out]`` for ``Conv1D`` with
     ``fan_in_fan_out``). The norm runs over the input features, as PEFT's ``DoraLinearLayer.get_weight_norm``.
     """
     assert pair.magnitude is not None, "dora_factor needs a DoRA pair"
-    dense = weight.to(torch.float32)
+    dense = weight.to(dtype)
     if fan_in_fan_out:
         dense = dense.T
-    delta = lora_delta(pair.a.to(weight.device), pair.b.to(weight.device), pair.scale)
+    delta = lora_delta(pair.a.to(weight.device), pair.b.to(weight.device), pair.scale, dtype)
     norm = torch.linalg.norm(dense + delta, dim=1)  # [d_out]
-    return pair.magnitude.to(weight.device, torch.float32) / norm
+    return pair.magnitude.to(weight.device, dtype) / norm
+
+
+def dora_delta(weight: torch.Tensor, pair: LoraPair, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A DoRA module's whole update, as a merge applies it: ``diag(m / ‖W + scale·B·A‖_row) (W + scale·B·A) − W``
+    (``weight`` as ``[d_out, d_in]``; float64 unless asked)."""
+    w = weight.to(dtype)
+    adapted = w + lora_delta(pair.a, pair.b, pair.scale, dtype)
+    return dora_factor(weight, pair, dtype=dtype)[:, None] * adapted - w
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from adapterhub_local.errors import FormatError, NotFoundError, UnsupportedError
-from adapterhub_local.lora import LoraPair, lora_pairs
+from adapterhub_local.lora import dora_delta, lora_pairs
 from adapterhub_local.registry.cards import AdapterCard
 from adapterhub_local.registry.store import Registry
 from adapterhub_local.sweep.amplification import (
@@ -149,16 +149,6 @@ def analyse_adapter(registry: Registry, ref: str, side: str = "right", projectio
             sigma = cache[(loaded.card.base_fingerprint, module)] = top_singular_values(weight, k)
         analysis.amplification.append(module_amplification(module, weight, u, s, vh, k, sigma))
     return analysis
-
-
-def dora_delta(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
-    """A DoRA module's whole update in float64: ``diag(m / ‖W + scale·B·A‖_row) (W + scale·B·A) − W`` (``weight``
-    as ``[d_out, d_in]``)."""
-    assert pair.magnitude is not None, "dora_delta needs a DoRA pair"
-    w = weight.to(torch.float64)
-    adapted = w + pair.scale * (pair.b.to(torch.float64) @ pair.a.to(torch.float64))
-    factor = pair.magnitude.to(torch.float64) / torch.linalg.norm(adapted, dim=1)
-    return factor[:, None] * adapted - w
 
 
 def _base_weights(registry: Registry, card: AdapterCard, modules: list[str],
