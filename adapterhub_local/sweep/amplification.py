@@ -146,11 +146,15 @@ def read_base_weights(model_dir: Path, modules: Iterable[str]) -> dict[str, torc
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
                 located[key] = path
-    weights: dict[str, torch.Tensor] = {}
+    wanted: dict[Path, list[tuple[str, str]]] = {}  # file -> (key, module): each file opened once more
     for module in modules:
         key = weight_key(module, located)
-        with safe_open(str(located[key]), framework="pt") as handle:
-            weights[module] = handle.get_tensor(key)
+        wanted.setdefault(located[key], []).append((key, module))
+    weights: dict[str, torch.Tensor] = {}
+    for path, keys in wanted.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for key, module in keys:
+                weights[module] = handle.get_tensor(key)
     return weights
 
 

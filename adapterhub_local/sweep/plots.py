@@ -108,7 +108,8 @@ def amplification_plot(rows: dict[str, list[Amplification]], path: Path) -> Path
     fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(5 * max(len(kinds), 1), 3.6), squeeze=False)
     for ax, kind in zip(axes.flat, kinds, strict=False):
         for ref, members in rows.items():
-            mine = [r for r in members if r.module.rsplit(".", 1)[-1] == kind and math.isfinite(r.factor)]
+            mine = sorted((r for r in members if r.module.rsplit(".", 1)[-1] == kind and math.isfinite(r.factor)),
+                          key=lambda r: natural_key(r.module))  # layers.2 before layers.10
             if mine:
                 ax.plot(range(len(mine)), [r.factor for r in mine], marker=".", label=f"{ref} (k={mine[0].k})")
         ax.set_yscale("log")
