@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from adapterhub_local import metrics
-from adapterhub_local.train.tasks import Example, GenerationPrompt, collate_classification, collate_generation
+from adapterhub_local.train import lm_loss
+from adapterhub_local.train.tasks import IGNORE, Example, GenerationPrompt, collate_classification, collate_generation
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -71,24 +72,59 @@ def classification_eval(model: torch.nn.Module, examples: Sequence[Example], lab
 @torch.no_grad()
 def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], batch_size: int,
                           pad_id: int) -> tuple[list[float], list[int]]:
-    """Per example: the summed negative log-likelihood of its labelled tokens and their count (causal LM, shifted)."""
+    """Per example: the summed negative log-likelihood of its labelled tokens and their count (causal LM, shifted).
+
+    Where the model is a plain causal LM (:func:`lm_loss.supports`), the LM head runs on the labelled positions
+    only — the prompt and padding positions' ``vocab``-wide logits were most of the cost — and each token's
+    loss is the same fp32 cross entropy of the same logits row as through the model's full forward."""
     device = _device(model)
     nll = [0.0] * len(examples)
     counts = [0] * len(examples)
     for indices in _chunks(_length_order(examples), batch_size):
         batch = collate_generation([examples[i] for i in indices], pad_id)
-        inputs = {k: v.to(device) for k, v in batch.tensors.items()}
-        labels = inputs.pop("labels")
-        logits = model(**inputs).logits.float()
-        # A prompt-tuning model prepends virtual tokens to the logits; the real positions are the last ones.
-        logits = logits[:, -labels.shape[1] :, :]
-        shift_labels = labels[:, 1:]  # [B, T-1]
-        mask = shift_labels != -100
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels.clamp_min(0),
-                                                   reduction="none")  # [B, T-1]
-        for i, value, count in zip(indices, (losses * mask).sum(1).tolist(), mask.sum(1).tolist(), strict=True):
+        if lm_loss.supports(model, batch.tensors):
+            losses, mask = _labelled_token_losses(model, batch.tensors, device)
+        else:
+            losses, mask = _full_token_losses(model, batch.tensors, device)
+        for i, value, count in zip(indices, losses.sum(1).tolist(), mask.sum(1).tolist(), strict=True):
             nll[i], counts[i] = float(value), int(count)  # back in the examples' own order
     return nll, counts
+
+
+def _labelled_token_losses(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([rows, width - 1]`` per-token NLL, zero where unlabelled; the labelled mask``)`` through the LM head
+    on the labelled positions only; the losses land in the full grid so each row sums in the same order as
+    :func:`_full_token_losses`'."""
+    labels = tensors["labels"]
+    targets = lm_loss.label_targets(labels)
+    inputs = {k: v.to(device) for k, v in tensors.items() if k != "labels"}
+    on_device = targets.to(device)
+    hidden, head = lm_loss.labelled_hidden(model, inputs, on_device)
+    # The cross entropy over a [1, vocab, n] view: the same CPU log-softmax kernel (over a non-last dimension) as
+    # the full path's [rows, vocab, width], so every token's loss is bit-identical to it and validation losses
+    # stay comparable with runs evaluated before (the last-dimension kernel is nearer float64 by ~1e-4 per
+    # token — a change to make in both paths at once, not in one).
+    logits = head(hidden).float().t().unsqueeze(0)
+    token = torch.nn.functional.cross_entropy(logits, on_device.tokens.unsqueeze(0), reduction="none")[0]
+    rows, width = labels.shape[0], labels.shape[1] - 1
+    grid = torch.zeros(rows * width, dtype=token.dtype, device=device).index_copy_(0, on_device.positions, token)
+    return grid.view(rows, width), (labels[:, 1:] != IGNORE)
+
+
+def _full_token_losses(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as :func:`_labelled_token_losses` through the model's own forward (every position's logits)."""
+    inputs = {k: v.to(device) for k, v in tensors.items()}
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits.float()
+    # A prompt-tuning model prepends virtual tokens to the logits; the real positions are the last ones.
+    logits = logits[:, -labels.shape[1] :, :]
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    mask = shift_labels != IGNORE
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels.clamp_min(0),
+                                               reduction="none")  # [B, T-1]
+    return losses * mask, mask.cpu()
 
 
 def token_nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> tuple[float, int]:

@@ -113,13 +113,7 @@ def test_generation_eval_keeps_per_example_scores_and_the_copy_baseline(tiny: tu
 
 
 def test_loss_eval_keeps_per_example_sums_that_add_up_to_the_loss(tiny: tuple[torch.nn.Module, object]) -> None:
-    pass
-
-
-def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.nn.Module, object]) -> None:
-    """Evaluation batches by length (less padding); predictions still come back in the examples' order and the
-    summed token loss is the one-at-a-time sum."""
-    from adapterhub_local.train.evaluate import classify, token_nll
+    """The per-example record sums to the reported loss, and batching does not change an example's own sums."""
     from adapterhub_local.train.tasks import Example
 
     model, _ = tiny
@@ -130,11 +124,59 @@ def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.n
     record = result["per_example"]
     assert record["tokens"] == [2, 2, 2]
     assert sum(record["nll"]) / sum(record["tokens"]) == pytest.approx(result["val_loss"])
-    # Batching does not change an example's own sums.
     alone = [loss_eval(model, [e], 1, 0)["per_example"]["nll"][0] for e in examples]
     assert alone == pytest.approx(record["nll"], rel=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_validation_loss_through_the_labelled_positions_is_the_full_forwards(
+        tiny: tuple[torch.nn.Module, object], precision: str) -> None:
+    """The LM head runs on the labelled positions only (a LoRA model, padded batches of several lengths), and
+    every example's summed NLL is the one through the model's full-vocabulary logits: the same per-token
+    cross entropy, up to the GEMM's rounding of a head run on fewer rows (bit-identical on the E2E study's
+    bf16 SmolLM2 evaluation; here within a few fp32 ulps)."""
+    from adapterhub_local import runtime
+    from adapterhub_local.train import evaluate as ev
+    from adapterhub_local.train.tasks import Example
+
+    base, _ = tiny
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    examples = []
+    for n in [3, 9, 2, 7, 5, 8, 4, 6, 10, 3]:
+        ids = torch.randint(1, 48, (n,), generator=gen).tolist()
+        cut = max(1, n // 2)
+        examples.append(Example(ids, [-100] * cut + ids[cut:]))
+    head_rows: list[int] = []
+    hook = base.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _o: head_rows.append(int(args[0].reshape(-1, args[0].shape[-1]).shape[0])))
+    with runtime.autocast(precision):
+        fast, fast_counts = ev.token_nll_per_example(model, examples, 4, 0)
+        hook.remove()
+        full_losses = []
+        for k in range(0, len(examples), 4):
+            batch = ev.collate_generation([examples[i] for i in ev._length_order(examples)[k : k + 4]], 0)
+            losses, _ = ev._full_token_losses(model, batch.tensors, torch.device("cpu"))
+            full_losses.extend(losses.sum(1).tolist())
+    order = ev._length_order(examples)
+    full = [0.0] * len(examples)
+    for position, i in enumerate(order):
+        full[i] = full_losses[position]
+    assert fast == pytest.approx(full, rel=1e-6)
+    assert fast_counts == [len(e.input_ids) - max(1, len(e.input_ids) // 2) for e in examples]
+    assert sum(head_rows) == sum(fast_counts)  # the head saw only the labelled positions
+
+
+def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.nn.Module, object]) -> None:
+    """Evaluation batches by length (less padding); predictions still come back in the examples' order and the
+    summed token loss is the one-at-a-time sum."""
+    from adapterhub_local.train.evaluate import classify, token_nll
+    from adapterhub_local.train.tasks import Example
+
+    model, _ = tiny
+    model.eval()
     lengths = [3, 9, 2, 7, 5, 8, 1, 6]
     gen = [Example(list(range(2, 2 + n)), [-100, *range(3, 2 + n)]) for n in lengths]
     nll, count = token_nll(model, gen, 3, 0)
