@@ -154,6 +154,8 @@ def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequenc
     """Completions of ``prompts`` (left-padded batches, prompts tokenized as in training) and, per prompt,
     whether it stopped on EOS (False: it ran to ``max_new_tokens``). ``num_beams > 1`` decodes with beam
     search (length penalty 1, stopping when every beam has finished), as the LoRA paper's E2E results did."""
+    from adapterhub_local.inference.head_input import contiguous_head_inputs  # not the engine at import time
+
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     device = _device(model)
@@ -180,14 +182,15 @@ def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequenc
         for i, e in enumerate(encoded):
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
-        generated = model.generate(  # type: ignore[operator]
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, num_beams=num_beams,
-            **({"early_stopping": True} if num_beams > 1 else {}),
-            # With the KV cache, PEFT 0.21 prompt-tuning generation drifts from plain greedy decoding after a
-            # few tokens (tests/train/test_evaluate.py); recomputing without the cache is slower but exact.
-            use_cache=not prompt_learning,
-        )
+        with contiguous_head_inputs(model):  # the prefill's last-position slice (head_input.py)
+            generated = model.generate(  # type: ignore[operator]
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, num_beams=num_beams,
+                **({"early_stopping": True} if num_beams > 1 else {}),
+                # With the KV cache, PEFT 0.21 prompt-tuning generation drifts from plain greedy decoding after
+                # a few tokens (tests/train/test_evaluate.py); recomputing without the cache is slower but exact.
+                use_cache=not prompt_learning,
+            )
         generated = generated.cpu()
         # Plain models return prompt + new tokens; some PEFT wrappers (prompt tuning) return only new ones.
         echoes = generated.shape[1] >= width and torch.equal(generated[:, :width], ids)
