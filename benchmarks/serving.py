@@ -465,8 +465,8 @@ def markdown(r: dict[str, Any], preset: str) -> str:
              f"Llama-shaped, random weights: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
              f"{c['kv_heads']} KV heads, vocab {c['vocab']}, {c['dtype']}; {c['rows']} rows, {c['prompt']}-token "
              f"prompts, {c['new']} new tokens, greedy; {c['adapters']} distinct rank-{c['rank']} adapters on q,k,v,o.",
-             "", "| system | decode tokens/s (best of N) | median | bound tokens/s | % of bound | bound by |",
-             "|---|---:|---:|---:|---:|---|"]
+             "", "| system | decode tokens/s (best of N) | median | bound tokens/s | % of bound | bound by | "
+             "first token (prefill) ms |", "|---|---:|---:|---:|---:|---|---:|"]
     bound, kinds = r["bound_tokens_per_s"], r["bound_kind"]
     server = r["open_batch_decoder"]
     default, other = r["strategy"]["default"], r["strategy"]["other"]
@@ -493,7 +493,7 @@ def markdown(r: dict[str, Any], preset: str) -> str:
         if key in r:
             tps = r[key]["tokens_per_s"]
             lines.append(f"| {label} | {tps:,.0f} | {r[key]['median_tokens_per_s']:,.0f} | {bound[b]:,.0f} | "
-                         f"{100 * tps / bound[b]:.1f} % | {kinds[b]} |")
+                         f"{100 * tps / bound[b]:.1f} % | {kinds[b]} | {1e3 * r[key]['first_token_s']:,.0f} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f}× |" for k, v in r["ratios"].items()]
     lines += ["", "| cold load → first token (1 row) | cold ms | warm ms | adapter bytes |", "|---|---:|---:|---:|"]

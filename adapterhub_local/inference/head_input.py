@@ -1,12 +1,14 @@
 """Contiguous inputs for the LM head while Hugging Face ``generate`` runs.
 
 ``generate`` asks the model for the last position's logits only (``logits_to_keep=1``), and the model slices
-its hidden states to ``[rows, 1, hidden]`` — a view that is not contiguous. torch's CPU ``matmul`` cannot fold
-such a view into one matrix product, so it broadcasts the LM head's weight to ``[rows, hidden, vocab]``,
-copies it, and runs a batched product (pytorch/pytorch#151934; a fix is open as #197851). On a
-SmolLM2-135M-shaped head (49,152 × 576, bf16, one thread) that is 1.6 s for a 16-row prefill and 5.6 s for
-48 rows (beam search, 3 beams × 16 prompts), against 12–23 ms for the same product on a contiguous copy of
-the ``rows × hidden`` input, with bit-identical bf16 logits (fp32 differs in the last bits: another kernel).
+its hidden states to ``[rows, 1, hidden]`` — a view that is not contiguous. When the head's weight does not
+require a gradient (a frozen base: every PEFT model, every evaluation of an adapter), torch's CPU ``matmul``
+does not fold that view into one matrix product: it broadcasts the weight to ``[rows, hidden, vocab]``, copies
+it, and runs a batched product (pytorch/pytorch#151934; a fix is open as #197851). On SmolLM2-135M's head
+(49,152 × 576, bf16, one thread) that is 1.6 s for a 16-row prefill, 3–4 s for 32 rows and 5.6 s for 48 (beam
+search, 3 beams × 16 prompts), against 12–23 ms for the same product on a contiguous copy of the
+``rows × hidden`` input, with bit-identical bf16 logits (fp32 differs in the last bits: another kernel). A head
+whose weight requires a gradient (a plain model fresh from ``from_pretrained``) takes the fast path already.
 
 :func:`contiguous_head_inputs` hooks the LM head for the duration of a ``generate`` call and hands it a
 contiguous input; the decode steps' inputs are contiguous already and pass through untouched. Our own engine
