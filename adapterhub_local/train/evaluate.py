@@ -71,18 +71,19 @@ def classification_eval(model: torch.nn.Module, examples: Sequence[Example], lab
 
 @torch.no_grad()
 def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], batch_size: int,
-                          pad_id: int) -> tuple[list[float], list[int]]:
+                          pad_id: int, *, head_on_labelled: bool = True) -> tuple[list[float], list[int]]:
     """Per example: the summed negative log-likelihood of its labelled tokens and their count (causal LM, shifted).
 
     Where the model is a plain causal LM (:func:`lm_loss.supports`), the LM head runs on the labelled positions
     only — the prompt and padding positions' ``vocab``-wide logits were most of the cost — and each token's
-    loss is the same fp32 cross entropy of the same logits row as through the model's full forward."""
+    loss is the same fp32 cross entropy of the same logits row as through the model's full forward
+    (``head_on_labelled=False``: that full forward, the reference the fast path is checked against)."""
     device = _device(model)
     nll = [0.0] * len(examples)
     counts = [0] * len(examples)
     for indices in _chunks(_length_order(examples), batch_size):
         batch = collate_generation([examples[i] for i in indices], pad_id)
-        if lm_loss.supports(model, batch.tensors):
+        if head_on_labelled and lm_loss.supports(model, batch.tensors):
             losses, mask = _labelled_token_losses(model, batch.tensors, device)
         else:
             losses, mask = _full_token_losses(model, batch.tensors, device)
