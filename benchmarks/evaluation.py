@@ -56,24 +56,14 @@ def randomise_lora_b(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
-def left_padded(tokenizer: Any, prompts: list[str], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e):] = torch.tensor(e)
-        mask[i, width - len(e):] = 1
-    return ids, mask
-
-
 def hf_generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, new: int, beams: int,
                 contiguous_head: bool) -> list[str]:
     """HF ``generate`` on left-padded batches, as evaluation calls it, with or without the head hook."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_padded(tokenizer, prompts[start:start + batch_size], pad)
+        encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts[start:start + batch_size]]
+        ids, mask = ev.left_padded(encoded, pad)
         with contiguous_head_inputs(model) if contiguous_head else torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, num_beams=beams,

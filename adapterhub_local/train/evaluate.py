@@ -149,6 +149,17 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
     return generate_with_stops(model, tokenizer, prompts, max_new_tokens, batch_size, num_beams)[0]
 
 
+def left_padded(token_ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of prompts padded on the left to the longest (as ``generate`` wants)."""
+    width = max(len(e) for e in token_ids)
+    ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(token_ids):
+        ids[i, width - len(e) :] = torch.tensor(list(e), dtype=torch.long)
+        mask[i, width - len(e) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                         batch_size: int, num_beams: int = 1) -> tuple[list[str], list[bool]]:
@@ -176,13 +187,8 @@ def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequenc
     stopped: dict[int, bool] = {}
     eos = tokenizer.eos_token_id
     for group in groups:
-        encoded = [all_ids[i] for i in group]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
+        ids, mask = left_padded([all_ids[i] for i in group], pad)
+        width = ids.shape[1]
         with contiguous_head_inputs(model):  # the prefill's last-position slice (head_input.py)
             generated = model.generate(  # type: ignore[operator]
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
