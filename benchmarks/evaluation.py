@@ -72,6 +72,10 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int,
     return texts
 
 
+def decoding(beams: int) -> str:
+    return "greedy" if beams == 1 else f"beam{beams}"
+
+
 def timed(sides: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Seconds per side per round (sides interleaved within each round) and each side's last result."""
     seconds: dict[str, list[float]] = {name: [] for name in sides}
@@ -103,9 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for beams in sorted({1, args.beams}):
             for hooked in (False, True):
-                key = f"{'greedy' if beams == 1 else f'beam{beams}'}_{'contiguous_head' if hooked else 'as_is'}"
-                sides[key] = (lambda b=beams, h=hooked:  # type: ignore[misc]
-                              hf_generate(model, ctx.tokenizer, prompts, bs, new, b, h))
+                name = f"{decoding(beams)}_{'contiguous_head' if hooked else 'as_is'}"
+                sides[name] = (lambda b=beams, h=hooked:  # type: ignore[misc]
+                               hf_generate(model, ctx.tokenizer, prompts, bs, new, b, h))
         with torch.no_grad(), runtime.autocast(recipe.train.precision):
             load_before = os.getloadavg()
             for side in sides.values():  # warm-up
@@ -115,8 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           for beams in sorted({1, args.beams})}
             load_after = os.getloadavg()
     pairs = [("val_loss_full_logits", "val_loss_labelled_positions")]
-    pairs += [(f"{d}_as_is", f"{d}_contiguous_head") for d in ["greedy"] + ([f"beam{args.beams}"] if args.beams > 1
-                                                                             else [])]
+    pairs += [(f"{decoding(b)}_as_is", f"{decoding(b)}_contiguous_head") for b in sorted({1, args.beams})]
     rows = []
     for before, after in pairs:
         a, b = last[before], last[after]
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "speedup_median": statistics.median(seconds[before]) / statistics.median(seconds[after]),
                      "same_results": same})
     checks = {f"evaluate.generate (beams={b}) = contiguous-head side": production[b] == last[
-        f"{'greedy' if b == 1 else f'beam{b}'}_contiguous_head"] for b in production}
+        f"{decoding(b)}_contiguous_head"] for b in production}
     recipe_path = args.recipe.resolve()
     shown = recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path
     return {"recipe": str(shown), "precision": runtime.resolve_precision(recipe.train.precision),
