@@ -1,14 +1,15 @@
 """The causal-LM training loss without the full-vocabulary logits: the LM head runs only on the positions that
-have a target (completion tokens, never padding or prompt), and the cross entropy stays in the compute dtype
-(bf16 under bf16 autocast) per token, summed in fp32.
+have a target (completion tokens, never padding or prompt), and the cross entropy over them runs in fp32 a few rows
+at a time (:mod:`.chunked_ce`), per token, summed in fp32.
 
 Why: on the SmolLM2-135M shape (49,152-token vocabulary) the model's own loss upcasts logits for every position,
 padding included, to fp32 — the log-softmax and its backward over ``batch × width × vocab`` fp32 values were a
 fifth of a bf16 training step (``benchmarks/train_throughput.py`` profile). Here they cover only the labelled
-positions, in bf16.
+positions, and never all of them in fp32 at once. (CPU autocast runs ``F.cross_entropy`` in fp32 too, after
+copying the whole bf16 logits to fp32; the chunks avoid that copy and the fp32 activation it kept.)
 
 The result equals ``model(**inputs).loss`` (the mean over labelled positions of the next-token cross entropy,
-HF's ``ForCausalLMLoss``) up to bf16 rounding of each token's log-probability; in fp32 it is the same figure.
+HF's ``ForCausalLMLoss``) up to the rounding of the bf16 logits and of fp32 sums taken in another order.
 The fast path is taken only where the model's forward is exactly "backbone, then LM head" (checked by
 :func:`supports`); anything else (prompt-learning PEFT methods, logit soft-capping or scaling, classifiers,
 multi-process runs) keeps the model's own loss.
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
+from adapterhub_local.train.chunked_ce import cross_entropy_per_token
 from adapterhub_local.train.tasks import IGNORE
 
 _LOGIT_CHANGERS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -108,9 +109,9 @@ def labelled_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor], tar
 
 def token_losses(hidden: torch.Tensor, tokens: torch.Tensor, head: Any) -> torch.Tensor:
     """Per-token next-token cross entropy (fp32 values) of the labelled positions: the LM head in the compute
-    dtype (bf16 under autocast) and the log-softmax in that dtype; callers sum them in fp32."""
-    logits = head(hidden)
-    return F.cross_entropy(logits, tokens, reduction="none").float()
+    dtype (bf16 under autocast), the cross entropy in fp32 a few rows at a time (:mod:`.chunked_ce`: never the
+    whole ``n × vocab`` in fp32); callers sum them in fp32."""
+    return cross_entropy_per_token(head(hidden), tokens)
 
 
 def causal_lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: Targets) -> torch.Tensor:
