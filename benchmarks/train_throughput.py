@@ -46,13 +46,15 @@ prepare_openmp_env()
 import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_grouped", "ours_bf16_compiled")
+SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_grouped", "ours_bf16_compiled",
+         "ours_bf16_compiled_torch_loss")
 LABELS = {"trainer_fp32": "HF Trainer + PEFT, fp32", "trainer_bf16": "HF Trainer + PEFT, bf16 autocast",
           "ours_fp32": "adapterhub loop, fp32", "ours_bf16": "adapterhub loop, bf16 base + fp32 LoRA",
           "ours_bf16_grouped": "adapterhub loop, bf16, group_by_length",
-          "ours_bf16_compiled": "adapterhub loop, bf16, train.compile: true"}
+          "ours_bf16_compiled": "adapterhub loop, bf16, train.compile: true",
+          "ours_bf16_compiled_torch_loss": "the same with torch's cross entropy (before train/chunked_ce.py)"}
 COMPUTE_DTYPE = {"trainer_fp32": "fp32", "ours_fp32": "fp32", "trainer_bf16": "bf16", "ours_bf16": "bf16",
-                 "ours_bf16_grouped": "bf16", "ours_bf16_compiled": "bf16"}
+                 "ours_bf16_grouped": "bf16", "ours_bf16_compiled": "bf16", "ours_bf16_compiled_torch_loss": "bf16"}
 LORA_R = 8
 LORA_TARGETS = ["q_proj", "v_proj"]
 
@@ -198,12 +200,22 @@ def run_trainer(args: argparse.Namespace, data: list[list[int]], bf16: bool) -> 
     return meter.result()
 
 
+def torch_token_losses(hidden: torch.Tensor, tokens: torch.Tensor, head: Any) -> torch.Tensor:
+    """The loop's per-token loss as it was before ``train/chunked_ce.py``: torch's cross entropy on all the
+    labelled logits at once (under CPU autocast: an fp32 copy of them, its log-softmax kept for the backward)."""
+    return torch.nn.functional.cross_entropy(head(hidden), tokens, reduction="none").float()
+
+
 def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, grouped: bool,
-             compiled: bool = False) -> dict[str, Any]:
+             compiled: bool = False, torch_loss: bool = False) -> dict[str, Any]:
     from adapterhub_local import runtime
     from adapterhub_local.config import AutoSwitch, TrainConfig
+    from adapterhub_local.train import lm_loss
     from adapterhub_local.train.loop import train_loop
     from adapterhub_local.train.tasks import Example, collate_generation
+
+    if torch_loss:  # this side's own process: the A/B of the loss alone
+        lm_loss.token_losses = torch_token_losses
 
     # As the runner loads a frozen base: in the precision's dtype (bf16 here), LoRA and optimizer fp32.
     model = lora(make_model(args.model, runtime.base_dtype(precision)))
@@ -230,7 +242,7 @@ def side(args: argparse.Namespace) -> None:
         out = run_trainer(args, data, bf16=args.side == "trainer_bf16")
     else:
         out = run_ours(args, data, COMPUTE_DTYPE[args.side], grouped=args.side.endswith("grouped"),
-                       compiled=args.side.endswith("compiled"))
+                       compiled="compiled" in args.side, torch_loss=args.side.endswith("torch_loss"))
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
     out["threads"] = torch.get_num_threads()
     if torch.cuda.is_available():
