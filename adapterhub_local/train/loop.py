@@ -6,11 +6,12 @@ adapter). The optimizer, schedule and early-stopping pieces are shared with the 
 (``sweep/concurrent.py``).
 
 Speed (profiled on the SmolLM2-135M shape, LoRA q, v, batch 8, lengths 40–100, bf16, 2 CPU threads): a causal
-LM's loss comes from the LM head on labelled positions only, cross entropy in bf16 summed in fp32
-(``lm_loss.py``; the model's own loss upcast all ``batch × width × 49,152`` logits to fp32 — about a fifth of the
-step); short batches use the math attention kernel on CPU, whose backward is twice as fast there as the flash
-kernel's (``runtime.training_attention``); under autocast PEFT's fp32 round trip of LoRA inputs is skipped
-(bit-identical); the next batch is collated on a worker thread; losses stay on the device until a log line.
+LM's loss comes from the LM head on labelled positions only, cross entropy in fp32 a few rows at a time, summed in
+fp32 (``lm_loss.py``, ``chunked_ce.py``; the model's own loss upcast all ``batch × width × 49,152`` logits to fp32 —
+about a fifth of the step); short batches use the math attention kernel on CPU, whose backward is twice as fast
+there as the flash kernel's (``runtime.training_attention``); under autocast PEFT's fp32 round trip of LoRA inputs
+is skipped (bit-identical); the next batch is collated on a worker thread; losses stay on the device until a log
+line.
 
 Exact resumption rests on three things saved at an optimizer-step boundary: the trainable tensors and
 optimizer/scheduler state, the torch RNG state (LoRA dropout draws from it), and the position in the
