@@ -12,7 +12,7 @@ The result equals ``model(**inputs).loss`` (the mean over labelled positions of 
 HF's ``ForCausalLMLoss``) up to the rounding of the bf16 logits and of fp32 sums taken in another order.
 The fast path is taken only where the model's forward is exactly "backbone, then LM head" (checked by
 :func:`supports`); anything else (prompt-learning PEFT methods, logit soft-capping or scaling, classifiers,
-multi-process runs) keeps the model's own loss.
+multi-process runs, FSDP-sharded parameters) keeps the model's own loss.
 """
 
 from __future__ import annotations
@@ -60,10 +60,20 @@ def _looks_causal(lm: Any) -> bool:
     return type(lm).__name__.endswith("ForCausalLM") or type(lm).__name__ == "GPT2LMHeadModel"
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards ``model``'s parameters (DTensors): only the root module's own forward gathers them,
+    so its backbone and head cannot be called on their own."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support shards nothing
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def supports(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> bool:
     """Whether :func:`causal_lm_loss` computes this model's loss for these inputs."""
     labels = inputs.get("labels")
-    return labels is not None and labels.dim() == 2 and _parts(model) is not None
+    return labels is not None and labels.dim() == 2 and _parts(model) is not None and not _sharded(model)
 
 
 @dataclass(frozen=True)
