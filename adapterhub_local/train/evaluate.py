@@ -81,9 +81,11 @@ def token_nll_per_example(model: torch.nn.Module, examples: Sequence[Example], b
     device = _device(model)
     nll = [0.0] * len(examples)
     counts = [0] * len(examples)
+    # Causal-LM batches always carry 2-D labels: whether the model allows the fast path is decided once.
+    labelled_only = head_on_labelled and lm_loss.supports(model, {"labels": torch.zeros(1, 1)})
     for indices in _chunks(_length_order(examples), batch_size):
         batch = collate_generation([examples[i] for i in indices], pad_id)
-        if head_on_labelled and lm_loss.supports(model, batch.tensors):
+        if labelled_only:
             losses, mask = _labelled_token_losses(model, batch.tensors, device)
         else:
             losses, mask = _full_token_losses(model, batch.tensors, device)
