@@ -139,6 +139,7 @@ def train(
 
             parity = run_check(get_registry(), card.ref, device=check_device(None))
             report_check(parity)
+    processes.finish()
     if not processes.is_main:
         return
     if as_json:

@@ -152,6 +152,18 @@ class Processes:
             with self.guard():
                 torch.distributed.barrier()
 
+    def finish(self) -> None:
+        """End of a successful run, on every process: wait for the others (the main process registers and checks
+        while they wait), then destroy the process group. A process that exits with the group alive leaves gloo's
+        worker threads holding tensors during interpreter shutdown, which aborts it now and then (SIGABRT,
+        "terminate called without an active exception"; pytorch/pytorch#190489). Not called on a failure: the
+        launcher stops the other processes then, and a destroy that waits on a dead peer would hang."""
+        if self.world_size == 1:
+            return
+        self.barrier()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
         """Turn a failed collective (another process died, or hung past the timeout) into a

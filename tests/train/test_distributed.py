@@ -240,6 +240,43 @@ def test_a_dead_or_hung_process_fails_the_others_within_the_timeout(mode: str) -
     assert waited < 10  # the 3 s timeout, not torch's 30 minutes
 
 
+def _finisher(rank: int, port: int, out: Any) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2",
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "",
+                       distributed.TIMEOUT_ENV: "20"})
+    processes = distributed.from_env()
+    processes.main_says(True)  # a collective, as the training's last ones
+    if rank == 0:
+        time.sleep(1.0)  # the main process registers and checks while the others wait
+    entered = time.time()
+    processes.finish()
+    out.put((rank, entered, time.time(), torch.distributed.is_initialized()))
+
+
+def test_a_finished_run_waits_for_the_main_process_then_closes_the_process_group() -> None:
+    """Every process ends a successful run by waiting for the others and destroying its process group (a process
+    that exits with gloo's group alive can abort at interpreter shutdown)."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    port = _free_port()
+    procs = [context.Process(target=_finisher, args=(rank, port, out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        reports = {rank: (entered, left, alive) for rank, entered, left, alive in (out.get(timeout=60),
+                                                                                     out.get(timeout=60))}
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert not reports[0][2] and not reports[1][2]  # both groups destroyed
+    assert reports[1][1] >= reports[0][0]  # the other process left only once the main one had finished too
+    Processes().finish()  # a single process has nothing to close
+
+
 def test_launches_that_would_not_do_what_they_say_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
