@@ -54,15 +54,36 @@ def spectrum_summary(registry: Registry, refs: list[str]) -> dict[str, Any]:
 def advise(registry: Registry, rows: list[PointResult], source_rank: int, metric: str, tolerance: float,
            fraction: float = 1.0) -> dict[str, Any] | None:
     """The advice (see the module docstring) from a sweep's rows; None when the high-rank run is missing."""
-    sources = [r for r in rows if r.series == "trained" and r.rank == source_rank and r.fraction == fraction]
-    truncs = [r for r in rows if r.series == "truncated" and r.fraction == fraction]
+    sources = _sources(rows, source_rank, fraction)
     if not sources:
         return None
+    spectrum = spectrum_summary(registry, [r.adapter for r in sources])
+    return advice_from_rows(rows, spectrum, source_rank, metric, tolerance, fraction)
+
+
+def reassess(advice: dict[str, Any], rows: list[PointResult], tolerance: float) -> dict[str, Any]:
+    """``advice`` (as stored) judged again on the sweep's current rows — the recommendation, the curve and the
+    check against trained ranks, which more trained points or a revised test change — keeping its spectrum (read
+    from the adapters when it was made). Unchanged when its high-rank runs are no longer among the rows."""
+    source_rank, fraction = int(advice["source_rank"]), float(advice.get("fraction", 1.0))
+    if not _sources(rows, source_rank, fraction):
+        return advice
+    return advice_from_rows(rows, advice["spectrum"], source_rank, str(advice["metric"]), tolerance, fraction)
+
+
+def _sources(rows: list[PointResult], source_rank: int, fraction: float) -> list[PointResult]:
+    return [r for r in rows if r.series == "trained" and r.rank == source_rank and r.fraction == fraction]
+
+
+def advice_from_rows(rows: list[PointResult], spectrum: dict[str, Any], source_rank: int, metric: str,
+                     tolerance: float, fraction: float) -> dict[str, Any]:
+    """The advice from the rows and the high-rank updates' ``spectrum`` (:func:`spectrum_summary`)."""
+    sources = _sources(rows, source_rank, fraction)
+    truncs = [r for r in rows if r.series == "truncated" and r.fraction == fraction]
     flag_rows(rows, metric)
     curve_rows = [*truncs, *[_as_truncated(r) for r in sources]]
     verdict = judge(curve_rows, metric, tolerance, series="truncated", fraction=fraction)
     curve = per_rank(curve_rows, "truncated", fraction)
-    spectrum = spectrum_summary(registry, [r.adapter for r in sources])
     ranks = sorted(r["rank"] for r in curve)
     head = statistics.fmean(float(r.trainable_params or 0) for r in sources)
     lora_top = spectrum["lora_params_per_rank"] * source_rank
@@ -77,6 +98,7 @@ def advise(registry: Registry, rows: list[PointResult], source_rank: int, metric
     advice: dict[str, Any] = {
         "source_rank": source_rank, "metric": metric, "fraction": fraction,
         "sources": [r.adapter for r in sources], "recommended_rank": recommended, "basis": basis,
+        "separable": verdict.verdict.separable,
         "expected": {metric: at.get(metric), "val_loss": at.get("val_loss"), "test_loss": at.get("test_loss"),
                      "trainable_params": cost(recommended) if recommended else None,
                      "adapter_mb": at.get("adapter_mb")},
@@ -86,7 +108,7 @@ def advise(registry: Registry, rows: list[PointResult], source_rank: int, metric
                    "trainable_params": cost(r["rank"]), "adapter_mb": r.get("adapter_mb")} for r in curve],
     }
     advice["check"] = _check(rows, [r for r in curve if r["rank"] != source_rank], metric, tolerance, fraction,
-                             recommended)
+                             recommended, verdict.verdict.separable)
     return advice
 
 
@@ -114,7 +136,7 @@ def _as_truncated(row: PointResult) -> PointResult:
 
 
 def _check(rows: list[PointResult], curve: list[dict[str, Any]], metric: str, tolerance: float, fraction: float,
-           recommended: int | None) -> dict[str, Any] | None:
+           recommended: int | None, separable: bool) -> dict[str, Any] | None:
     trained = per_rank(rows, "trained", fraction)
     predicted = {r["rank"]: r.get(metric) for r in curve}
     pairs: list[tuple[int, float, float]] = []
@@ -132,7 +154,18 @@ def _check(rows: list[PointResult], curve: list[dict[str, Any]], metric: str, to
             "mean_signed_error": statistics.fmean(sign * (p - t) for _, p, t in pairs),
             "trained_knee": verdict.verdict.knee, "trained_separable": verdict.verdict.separable,
             "trained_statement": verdict.verdict.statement(),
-            "agrees": verdict.verdict.knee == recommended if verdict.verdict.separable and recommended else None}
+            "agrees": advice_agrees(recommended, separable, verdict.verdict.knee, verdict.verdict.separable)}
+
+
+def advice_agrees(recommended: int | None, separable: bool, trained_knee: int | None,
+            trained_separable: bool) -> bool | None:
+    """Whether the advice and the trained sweep say the same: the same knee, or both that the evaluation cannot
+    separate the ranks; None when the advisor made no recommendation."""
+    if recommended is None:
+        return None
+    if separable and trained_separable:
+        return trained_knee == recommended
+    return separable == trained_separable
 
 
 def advice_markdown(advice: dict[str, Any]) -> list[str]:
@@ -157,9 +190,11 @@ def advice_markdown(advice: dict[str, Any]) -> list[str]:
                   "|---|---|---|"]
         lines += [f"| {c['rank']} | {_num(c['predicted'])} | {_num(c['trained'])} |" for c in check["per_rank"]]
         agrees = {True: "agrees with", False: "differs from", None: "cannot be checked against"}[check["agrees"]]
+        both_inseparable = check["agrees"] and not check["trained_separable"]
+        why = " (neither the truncations nor the trained ranks can be told apart)" if both_inseparable else ""
         lines += ["", f"Mean absolute error {_num(check['mean_abs_error'])} (signed, positive = prediction better "
                   f"than training: {_num(check['mean_signed_error'])}). The recommendation {agrees} the trained "
-                  f"sweep's verdict: {check['trained_statement']}"]
+                  f"sweep's verdict{why}: {check['trained_statement']}"]
     else:
         lines += ["", "No trained adapters of the other ranks yet: run the same sweep without --advise to check "
                   "the prediction."]

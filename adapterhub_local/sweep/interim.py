@@ -3,7 +3,8 @@ write the usual report files for the points finished so far, without the recipe,
 sweep that runs for days (``scripts/realscale.sh``) can be read while it runs, from any process.
 
 The report goes to ``<sweep dir>/interim/`` by default, never over the sweep's own report, and says how many of
-the planned points it holds; the verdicts use only those points (a missing rank is simply absent).
+the planned points it holds; the verdicts use only those points (a missing rank is simply absent). A stored
+rank advice (``advice.json``) is judged again on those points, so its check against trained ranks is current.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ def write_interim_report(sweep_dir: Path, out: Path | None = None,
         except json.JSONDecodeError as exc:
             raise ConfigError([f"{advice_file} is not JSON ({exc})"], "delete it and run the advisor again",
                               what="sweep advice") from exc
+    tolerance = tolerance if tolerance is not None else float(config.get("tolerance", 0.01))
+    if advice is not None:  # judged again on the points finished since it was written, with today's test
+        from adapterhub_local.sweep.advisor import reassess
+
+        advice = reassess(advice, rows, tolerance)
     meta = {"recipe": recipe.get("name"), "mode": config.get("mode"), "alpha_policy": config.get("alpha_policy"),
             "seeds": sorted({r.seed for r in rows}), "ranks": sorted({r.rank for r in rows}),
             "steps": recipe.get("train", {}).get("max_steps"), "epochs": recipe.get("train", {}).get("epochs"),
             "directory": str(out or sweep_dir / INTERIM_DIR),
             "progress": f"{trained} of {planned} planned points trained (interim report)"}
     return write_report(out or sweep_dir / INTERIM_DIR, str(plan.get("sweep_id") or sweep_dir.name), rows,
-                        tolerance if tolerance is not None else float(config.get("tolerance", 0.01)), meta,
-                        config.get("knee_metric"), advice)
+                        tolerance, meta, config.get("knee_metric"), advice)

@@ -186,8 +186,9 @@ def _beam_lines(tables: dict[float, list[dict[str, Any]]]) -> list[str]:
 def _notes(summary: dict[str, Any], tables: dict[float, list[dict[str, Any]]]) -> list[str]:
     lines = ["How to read this: the per-seed interval is a 95% percentile bootstrap over the evaluation examples; "
              "\"vs best\" is the rank's 95% interval with examples and seeds resampled, and \"worse\" means the "
-             "one-sided paired test put the rank below the best (the best is chosen on the same data and the "
-             "comparisons are not corrected for multiplicity, so treat a borderline \"worse\" with care). "
+             "paired bootstrap put the rank below another by more than the margin with bounds that hold for every "
+             "pair of ranks at once (max-t, 95% one-sided), so comparing many ranks against a best picked on the "
+             "same data does not inflate the chance of a false \"worse\". "
              f"Flags: below_baseline (not above the majority class / copy-the-input), collapsed (one answer for "
              f"every input), diverged (a non-finite loss, or the last training loss above {DIVERGED_FACTOR}× the "
              f"first), never_stops (under {MIN_STOPPED:.0%} of generations ended on EOS); flagged runs are "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from adapterhub_local.cli import main
 from adapterhub_local.registry import Registry
 from adapterhub_local.sweep.driver import run_sweep
 from adapterhub_local.sweep.plan import SweepConfig
@@ -34,7 +35,8 @@ def test_advisor_trains_one_rank_predicts_the_rest_and_is_checked_later(
     summary = run_sweep(sweep_registry, recipe, config, progress=False, log=lambda _: None)
     assert trained == [8]  # only the highest rank is trained
     directory = Path(summary["directory"])
-    advice = json.loads((directory / "advice.json").read_text())
+    stored = (directory / "advice.json").read_text()
+    advice = json.loads(stored)
     assert advice["recommended_rank"] in (1, 2, 8) and advice["source_rank"] == 8
     assert [c["rank"] for c in advice["curve"]] == [1, 2, 8]
     # Cost: the LoRA part is linear in rank, on top of the classifier head the r=8 run also trained.
@@ -54,6 +56,13 @@ def test_advisor_trains_one_rank_predicts_the_rest_and_is_checked_later(
     check = json.loads((directory / "advice.json").read_text())["check"]
     assert [c["rank"] for c in check["per_rank"]] == [1, 2]  # r=8 is its own prediction: left out
     assert check["mean_abs_error"] >= 0 and "Prediction against trained ranks" in (directory / "results.md").read_text()
+    # The report of the sweep as it stands judges a stored advice again on the points trained since it was
+    # written (here: the advice-only run's, which had nothing to check against).
+    (directory / "advice.json").write_text(stored)
+    assert main(["sweep-report", str(directory), "--json"]) == 0
+    interim = json.loads((directory / "interim" / "results.json").read_text())["advice"]
+    assert interim["check"] == check and interim["recommended_rank"] == advice["recommended_rank"]
+    assert "Prediction against trained ranks" in (directory / "interim" / "results.md").read_text()
     # Every run kept its per-example record: the verdict pairs runs example by example.
     verdict = json.loads((directory / "results.json").read_text())["verdicts"][0]
     assert "paired bootstrap over evaluation examples" in verdict["test"]
@@ -114,3 +123,11 @@ def test_the_advisor_evaluates_bf16_runs_as_training_did(kind: str, sweep_regist
     summary = run_sweep(sweep_registry, recipe, config, progress=False, log=lambda _: None)
     advice = json.loads((Path(summary["directory"]) / "advice.json").read_text())
     assert [c["rank"] for c in advice["curve"]] == [1, 4]
+
+
+def test_the_advice_agrees_with_a_trained_sweep_that_says_the_same() -> None:
+    from adapterhub_local.sweep.advisor import advice_agrees
+
+    assert advice_agrees(4, True, 4, True) and advice_agrees(1, False, None, False)  # same knee; both cannot separate
+    assert advice_agrees(4, True, 8, True) is False and advice_agrees(1, False, 4, True) is False
+    assert advice_agrees(4, True, None, False) is False and advice_agrees(None, False, None, False) is None
