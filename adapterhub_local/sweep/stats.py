@@ -19,9 +19,9 @@ is the smallest rank that is not distinguishably worse; when no rank is, the dat
 knee is named ("not separable").
 
 Why simultaneous: a sweep compares ten ranks or more against a best that is itself picked on the same noisy data.
-Tested one by one at 95 % against that best, eleven ranks drawn from one distribution were "separated" in 40–60 %
-of synthetic sweeps (a false knee); the max-t bounds keep that near the nominal 5 % (``tests/sweep/test_stats.py``).
-"""
+Tested one by one at 95 % against that best, eleven ranks of equal accuracy were "separated" in about half of
+synthetic sweeps (a false knee); the max-t bounds keep that at or below the nominal 5 %
+(``benchmarks/knee_calibration.py``, ``tests/sweep/test_stats.py``)."""
 
 from __future__ import annotations
 
