@@ -40,7 +40,8 @@ def test_interval_narrows_with_more_examples() -> None:
 def test_knee_is_withheld_when_ranks_share_one_distribution(seeds: int, ranks: int, tolerance: float) -> None:
     # Different seeds of the same classifier quality at every rank: any "knee" would be noise. Eleven ranks make
     # ten comparisons against a best picked on the same data; tested one by one at 95 % they named a knee in
-    # 40-60 % of such sweeps (85 % without a margin), which the simultaneous bounds must bring near 5 %.
+    # about half of such sweeps (nearly all without a margin; benchmarks/knee_calibration.py), which the
+    # simultaneous bounds must bring to about 5 % or less.
     rng = np.random.default_rng(2)
     separable = 0
     repeats = 60
