@@ -96,8 +96,9 @@ def sweep_cmd(
     mode: str = typer.Option("sequential", "--mode", help="sequential | concurrent."),
     truncate_from: int | None = typer.Option(None, "--truncate-from", help="Also SVD-truncate this rank's adapter "
                                              "to every lower swept rank and report that curve."),
-    tolerance: float = typer.Option(0.01, help="Knee margin: a rank counts as worse than the best only when its "
-                                    "deficit exceeds this fraction of the best score at 95% confidence."),
+    tolerance: float = typer.Option(0.01, help="Knee margin: a rank counts as worse only when its deficit to "
+                                    "another rank exceeds this fraction of the best score, at 95% confidence "
+                                    "for all pairs of ranks at once."),
     data_fractions: str | None = typer.Option(None, "--data-fractions", help="Rank × data size: train every "
                                               "rank on these fractions of the training rows, e.g. 0.1,0.3,1.0 "
                                               "(same validation and test split for all)."),
