@@ -158,7 +158,7 @@ def _check(rows: list[PointResult], curve: list[dict[str, Any]], metric: str, to
 
 
 def advice_agrees(recommended: int | None, separable: bool, trained_knee: int | None,
-            trained_separable: bool) -> bool | None:
+                  trained_separable: bool) -> bool | None:
     """Whether the advice and the trained sweep say the same: the same knee, or both that the evaluation cannot
     separate the ranks; None when the advisor made no recommendation."""
     if recommended is None:

@@ -134,7 +134,7 @@ class Verdict:
     knee: int | None = None
     separable: bool = False
     worse: dict[int, bool] = field(default_factory=dict)
-    """Rank → distinguishably worse than the best."""
+    """Rank → distinguishably worse than some other rank (in practice, the best)."""
     deficit_low: dict[int, float] = field(default_factory=dict)
     """Rank → the largest simultaneous lower confidence bound of its deficit to another rank (in the metric's
     units, positive = worse); it is distinguishably worse when this exceeds the margin."""
@@ -148,8 +148,8 @@ class Verdict:
         if not self.separable or self.knee is None:
             return f"**Knee: not separable** — {self.reason}"
         return (f"**Knee: r = {self.knee}** — the smallest rank whose {self.metric} is not distinguishably worse "
-                f"than the best rank's (r = {self.best}); {self.test}, {self.confidence:.0%} one-sided, margin "
-                f"{self.margin:.4g}.")
+                f"than any other rank's (the best: r = {self.best}); {self.test}, {self.confidence:.0%} one-sided, "
+                f"margin {self.margin:.4g}.")
 
 
 def knee_test(runs: dict[int, list[np.ndarray]], statistic: Statistic, metric: str, *, lower_is_better: bool,
