@@ -97,10 +97,12 @@ def test_a_rows_result_does_not_depend_on_the_batch(dtype: torch.dtype) -> None:
 @needs_kernel
 def test_bad_calls_are_refused_not_run() -> None:
     x, a, b, out = operands(torch.bfloat16, 4, 4, 8, 32, 24, seed=1)
+    before = out.clone()
     with pytest.raises(KernelError, match="out of range"):
         bgmv_add_(out, x, a, b, 8, torch.tensor([0, 1, 2, 4]))  # 4 entries: index 4 does not exist
     with pytest.raises(KernelError, match="out of range"):
         bgmv_add_(out, x, a, b, 8, None, torch.tensor([0, -1]))
+    assert torch.equal(out, before)  # a refused call writes nothing, not even the entries before the bad one
     with pytest.raises(KernelError, match="padded rank"):
         bgmv_add_(out, x, a, b, 9)
     with pytest.raises(KernelError, match="bad operands"):
