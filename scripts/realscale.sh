@@ -13,7 +13,7 @@
 #    about one epoch of the whole training split), sequential, 99 points.
 # 2. E2E / SmolLM2-135M-Instruct, LoRA on q and v, alpha fixed at 32: 11 ranks × 1 epoch × 2 seeds, with the
 #    E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), greedy and beam-3 decoding, 22 points; then φ (the paper's
-#    section 7) between r = 8 and r = 64 and between seeds of r = 64.
+#    section 7) between r = 8 and r = 64 and between the two seeds of each.
 # 3. The rank advisor on both, beside the trained sweeps: its SVD truncations of r = 1024 are the truncated curve.
 #
 #   bash scripts/realscale.sh --save       # copy the E2E sweep's progress into the repository (a new machine resumes it)
@@ -43,10 +43,10 @@ e2e=(recipes/sweep-e2e-smollm2-lora.yaml --alpha-policy fixed --seeds 0,1 --mode
 # runs/ and the registry stay on the machine that ran them; a study spanning sessions keeps its progress in the
 # repository: `--save` copies the E2E sweep's state (every finished point's metrics and per-example records) and
 # advice there, and a start on a machine without runs/<sweep> begins from that copy (finished points are skipped).
-# The adapters φ compares (section 7: r = 8 against r = 64, and two seeds of r = 64) are kept too, as PEFT exports
-# with their cards (~15 MB for the three), since the two seeds of r = 64 may train in different sessions.
+# The adapters φ compares (section 7: r = 8 against r = 64, and two seeds of each) are kept too, as PEFT exports
+# with their cards (~17 MB for the four), since the two seeds may train in different sessions.
 kept=benchmarks/results/realscale-e2e-progress
-compared=(e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1)
+compared=(e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r8-s1 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1)
 if [[ "${1:-}" == "--save" ]]; then
   mkdir -p "$kept"
   for f in state.json advice.json; do if [[ -f runs/$e2e_id/$f ]]; then cp "runs/$e2e_id/$f" "$kept/$f"; fi; done
@@ -91,10 +91,9 @@ done
 # prediction beside the trained ranks. Each point's beam search and E2E metrics are computed as it finishes.
 run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}" --advise
 run "${REALSCALE_E2E_THREADS:-2}" runs/realscale-e2e.log "${e2e[@]}"
-# The paper's section 7: φ between r = 8 and r = 64 (same seed) and between two seeds of r = 64.
+# The paper's section 7: φ between r = 8 and r = 64 (each seed against each) and between the two seeds of each rank.
 echo "== $(date -u +%FT%TZ) compare"
-adapterhub compare e2e-smollm2-sweep-r8-s0 e2e-smollm2-sweep-r64-s0 e2e-smollm2-sweep-r64-s1 \
-  --out runs/realscale-e2e-compare >>runs/realscale-e2e.log 2>&1
+adapterhub compare "${compared[@]}" --out runs/realscale-e2e-compare >>runs/realscale-e2e.log 2>&1
 # The whole report beside the paper's Table 18: runs/<sweep>/interim/ (results.md, reference.{md,json,png}, plots).
 echo "== $(date -u +%FT%TZ) report beside Table 18"
 adapterhub sweep-report "runs/$e2e_id" --reference recipes/references/lora-paper-table18-e2e.csv \
