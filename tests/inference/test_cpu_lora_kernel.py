@@ -55,11 +55,13 @@ def assert_as_torch(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("n", "rank", "padded", "d_in", "d_out"), [
-    (1, 1, 1, 16, 16), (5, 3, 8, 33, 17), (32, 16, 16, 576, 192), (7, 64, 64, 100, 1100), (3, 8, 32, 64, 513)])
+    (1, 1, 1, 16, 16), (5, 3, 8, 33, 17), (32, 16, 16, 576, 192), (7, 64, 64, 100, 1100), (3, 8, 32, 64, 513),
+    (70, 2048, 2048, 8, 8)])
 def test_kept_operands_equal_torch(dtype: torch.dtype, n: int, rank: int, padded: int, d_in: int,
                                    d_out: int) -> None:
     """Operands gathered per row (entry j is row j), odd widths, outputs wider than the kernel's chunk, a padded
-    rank larger than the one computed."""
+    rank larger than the one computed, and more entries than one block of the kernel's shrink buffer holds
+    (65,536 floats: 32 entries at rank 2,048)."""
     x, a, b, out = operands(dtype, n, n, padded, d_in, d_out, seed=n + rank)
     want = reference(out, x, a, b, rank, None, None)
     bgmv_add_(out, x, a, b, rank)
