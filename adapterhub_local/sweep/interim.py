@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_local.errors import ConfigError, NotFoundError
+from adapterhub_local.sweep.advisor import reassess
 from adapterhub_local.sweep.report import PointResult, write_report
 from adapterhub_local.sweep.state import STATE_FILE
 
@@ -50,8 +51,6 @@ def write_interim_report(sweep_dir: Path, out: Path | None = None,
                               what="sweep advice") from exc
     tolerance = tolerance if tolerance is not None else float(config.get("tolerance", 0.01))
     if advice is not None:  # judged again on the points finished since it was written, with today's test
-        from adapterhub_local.sweep.advisor import reassess
-
         advice = reassess(advice, rows, tolerance)
     meta = {"recipe": recipe.get("name"), "mode": config.get("mode"), "alpha_policy": config.get("alpha_policy"),
             "seeds": sorted({r.seed for r in rows}), "ranks": sorted({r.rank for r in rows}),
