@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from adapterhub_local import runtime
+from adapterhub_local.decode_attention import use_decode_attention
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.registry.bases import BaseRecord
 
@@ -66,4 +67,7 @@ def load_base_model(
         raise UnsupportedError(f"unknown task type {task_type!r}", f"use one of {', '.join(TASK_TYPES)}")
     model.eval()
     module: torch.nn.Module = model
-    return module.to(device)
+    module = module.to(device)
+    if task_type == "causal_lm" and torch.device(device).type == "cpu":
+        use_decode_attention(module)  # decode steps by packed matmuls, not the CPU flash kernel
+    return module

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from adapterhub_local.decode_attention import DECODE_ATTENTION
 from adapterhub_local.inference import Engine, Request, SamplingParams, cpu_lora_kernel
 from adapterhub_local.registry import CardInfo, Registry
 
@@ -320,6 +321,19 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
             return go
         systems["engine_adapters_torch_bmm"] = in_mode("swap", without_kernel(adapters_run))
 
+    # the CPU decode-step attention against transformers' sdpa on the same engine (ours: show that it pays)
+    model: Any = engine.runner.model
+    if getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION:
+        def with_sdpa(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+            def go() -> tuple[float, float]:
+                model.set_attn_implementation("sdpa")
+                try:
+                    return run_once()
+                finally:
+                    model.set_attn_implementation(DECODE_ATTENTION)
+            return go
+        systems["engine_base_sdpa"] = in_mode("swap", with_sdpa(base_run))
+
     # the other decoder: on CUDA the default replays a captured graph, so time the dynamic cache beside it;
     # on CPUs the default is the dynamic cache, so time the static one (the step a GPU would capture)
     alt = "dynamic" if engine.decoder == "graph" else "static"
@@ -447,6 +461,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     if "engine_adapters_torch_bmm" in tps:
         out["adapters: CPU kernel / torch bmm"] = tps["engine_adapters"] / tps["engine_adapters_torch_bmm"]
         out["adapters with torch bmm / engine base"] = tps["engine_adapters_torch_bmm"] / tps["engine_base"]
+    if "engine_base_sdpa" in tps:
+        out["base: CPU decode attention / transformers sdpa"] = tps["engine_base"] / tps["engine_base_sdpa"]
     default, alt = r["decoder"]["default"], r["decoder"]["other"]
     out[f"base: {default} decoder / {alt} decoder"] = tps["engine_base"] / tps[f"engine_base_{alt}"]
     out[f"adapters: {default} decoder / {alt} decoder"] = tps["engine_adapters"] / tps[f"engine_adapters_{alt}"]
@@ -479,6 +495,8 @@ def markdown(r: dict[str, Any], preset: str) -> str:
                           ("engine_adapters_torch_bmm",
                            f"engine, {c['adapters']} distinct adapters ({default} op, torch bmm, CPU kernel off)",
                            "adapters"),
+                          ("engine_base_sdpa", f"engine, base ({dec} decoder, transformers sdpa attention)",
+                           "base"),
                           (f"engine_base_{alt}", f"engine, base ({alt} decoder)", "base"),
                           (f"engine_adapters_{alt}", f"engine, {c['adapters']} distinct adapters ({alt} decoder)",
                            "adapters"),

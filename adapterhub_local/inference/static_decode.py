@@ -21,7 +21,8 @@ Under left padding every row's keys are its own real tokens; a padding *query* (
 itself alone so its values stay finite, and no real query ever attends to padding: each row sees exactly
 what it sees alone. Extra bucket rows carry the pad token, no adapter, and only their own columns.
 
-Works for decoder bases whose attention takes a 4-D mask (``sdpa`` and ``eager``) with a full-attention
+Works for decoder bases whose attention takes a 4-D mask (``sdpa``, ``eager`` and the CPU decode attention of
+:mod:`adapterhub_local.decode_attention`) with a full-attention
 ``StaticCache`` (no sliding-window layers); :func:`static_support` says why when a base does not qualify.
 """
 
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from adapterhub_local.decode_attention import DECODE_ATTENTION
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.generation import RowState, Sampler, cache_keyword, last_position
 from adapterhub_local.inference.multi_lora import BatchContext
@@ -46,7 +48,7 @@ from adapterhub_local.inference.soft_prompt import Batch
 log = logging.getLogger("adapterhub_local.inference")
 
 DECODERS = ("auto", "dynamic", "static", "graph")
-_MASKED_ATTENTION = ("sdpa", "eager")
+_MASKED_ATTENTION = ("sdpa", "eager", DECODE_ATTENTION)
 LENGTH_BUCKET = 64
 CAPTURE_AFTER_STEPS = 4
 """Batches decoding at most this many tokens run the static step eagerly: a capture costs more than it saves."""

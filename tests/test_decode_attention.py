@@ -1,0 +1,165 @@
+"""decode_attention: one query token on a CPU goes to the packed kernel call; everything else to sdpa, unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapterhub_local import decode_attention as da
+from adapterhub_local.models import load_base_model
+from adapterhub_local.registry import Registry
+from tests.conftest import make_tiny_llama
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+          **kwargs: Any) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = query.shape[1] // key.shape[1]  # type: ignore[assignment]
+    out: torch.Tensor = sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
+    return out
+
+
+def _qkv(batch: int, heads: int, kv_heads: int, queries: int, keys: int, dtype: torch.dtype,
+         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, queries, 16, generator=generator).to(dtype)
+    k = torch.randn(batch, kv_heads, keys, 16, generator=generator).to(dtype)
+    v = torch.randn(batch, kv_heads, keys, 16, generator=generator).to(dtype)
+    return q, k, v
+
+
+def _masks(batch: int, heads: int, keys: int) -> dict[str, torch.Tensor | None]:
+    """The mask forms transformers hands an attention function: none, boolean per row or per head, additive,
+    and one wider than the keys (a static cache's mask before slicing)."""
+    generator = torch.Generator().manual_seed(1)
+    allowed = torch.rand(batch, 1, 1, keys, generator=generator) > 0.3
+    allowed[..., -1] = True  # the query attends at least to itself
+    per_head = torch.rand(batch, heads, 1, keys, generator=generator) > 0.3
+    per_head[..., -1] = True
+    additive = torch.zeros(batch, 1, 1, keys).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    wider = torch.cat([allowed, torch.zeros(batch, 1, 1, 5, dtype=torch.bool)], dim=-1)
+    return {"none": None, "row": allowed, "head": per_head, "additive": additive, "wider": wider}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keys", [1, 9, 100, 200])
+def test_an_unpadded_decode_step_in_half_precision_is_bit_identical_to_sdpa(dtype: torch.dtype, keys: int) -> None:
+    q, k, v = _qkv(6, 9, 3, 1, keys, dtype)
+    ours, _ = da.decode_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25)
+    assert ours.shape == (6, 1, 9, 16)
+    assert torch.equal(ours, _sdpa(q, k, v, None, scaling=0.25))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "row", "head", "additive", "wider"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_mask_form_gives_sdpa_s_answer(mask_kind: str, dtype: torch.dtype) -> None:
+    q, k, v = _qkv(5, 8, 2, 1, 40, dtype)
+    mask = _masks(5, 8, 40)[mask_kind]
+    ours, _ = da.decode_attention_forward(torch.nn.Module(), q, k, v, mask, scaling=None)
+    reference_mask = None if mask is None else mask[..., :40]
+    if reference_mask is not None and reference_mask.is_floating_point():
+        reference_mask = reference_mask.double()
+    reference = _sdpa(q.double(), k.double(), v.double(), reference_mask, scaling=None)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.double(), reference, atol=tolerance, rtol=0)
+    if mask is not None and mask_kind != "wider":  # sdpa packs masked steps itself: the same call, the same bits
+        assert torch.equal(ours, _sdpa(q, k, v, mask, scaling=None))
+
+
+@pytest.mark.parametrize("case", ["prefill", "dropout", "softcap", "sinks", "equal_heads", "meta"])
+def test_what_the_packed_call_does_not_cover_goes_to_sdpa_unchanged(case: str, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    seen: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        seen.append(case)
+        return torch.zeros(1), None
+
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", spy)
+    q, k, v = _qkv(2, 4, 2, 3 if case == "prefill" else 1, 8, torch.float32)
+    kwargs: dict[str, Any] = {"dropout": 0.1 if case == "dropout" else 0.0}
+    if case == "softcap":
+        kwargs["softcap"] = 30.0
+    if case == "sinks":
+        kwargs["s_aux"] = torch.zeros(4)
+    if case == "equal_heads":
+        q, k, v = _qkv(2, 4, 4, 1, 8, torch.float32)
+    if case == "meta":
+        q, k, v = q.to("meta"), k.to("meta"), v.to("meta")
+    da.decode_attention_forward(torch.nn.Module(), q, k, v, None, **kwargs)
+    assert seen == [case]
+
+
+def test_a_decode_step_takes_the_packed_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the module: no ``enable_gqa`` call with one query row per head."""
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append((tuple(query.shape), bool(kwargs.get("enable_gqa", False))))
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(da.F, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv(3, 9, 3, 1, 20, torch.bfloat16)
+    da.decode_attention_forward(torch.nn.Module(), q, k, v, None)
+    assert calls == [((3, 3, 3, 16), False)]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Registry:
+    registry = Registry(tmp_path / "registry")
+    registry.add_base("tl", str(make_tiny_llama(tmp_path / "tl", hidden=64)))
+    return registry
+
+
+def test_a_causal_base_loaded_on_a_cpu_attends_with_it_and_other_kinds_keep_sdpa(tiny: Registry) -> None:
+    causal: Any = load_base_model(tiny.base("tl"))
+    assert causal.config._attn_implementation == da.DECODE_ATTENTION
+    feature: Any = load_base_model(tiny.base("tl"), task_type="feature")
+    assert feature.config._attn_implementation == "sdpa"
+
+
+def test_only_sdpa_models_are_switched() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    eager: Any = LlamaForCausalLM._from_config(config, attn_implementation="eager")
+    assert not da.use_decode_attention(eager)
+    assert eager.config._attn_implementation == "eager"
+    assert not da.use_decode_attention(torch.nn.Linear(2, 2))
+    sdpa: Any = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    assert da.use_decode_attention(sdpa)
+    assert da.use_decode_attention(sdpa) is False  # already switched: nothing to do
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_generate_gives_sdpa_s_tokens_padded_or_not(tiny: Registry, dtype: torch.dtype) -> None:
+    ours: Any = load_base_model(tiny.base("tl"), dtype=dtype)
+    theirs: Any = load_base_model(tiny.base("tl"), dtype=dtype)
+    theirs.set_attn_implementation("sdpa")
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 96, (4, 12), generator=generator)
+    padded = torch.ones_like(ids)
+    padded[1, :5] = 0
+    padded[3, :2] = 0
+    for mask in (torch.ones_like(ids), padded):
+        kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 24, "do_sample": False,
+                  "pad_token_id": 0}
+        assert torch.equal(ours.generate(**kwargs), theirs.generate(**kwargs))
+
+
+def test_a_model_saved_from_it_names_no_implementation(tiny: Registry, tmp_path: Path) -> None:
+    model: Any = load_base_model(tiny.base("tl"))
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text(encoding="utf-8"))
+    assert da.DECODE_ATTENTION not in json.dumps(config)
