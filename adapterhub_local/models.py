@@ -45,7 +45,9 @@ def load_base_model(
     ``num_labels`` outputs, which the adapter trains and stores) or ``feature`` (the bare backbone).
 
     ``dtype`` is a torch dtype or a precision name (``auto``, ``fp32``, ``bf16``, ``fp16``) resolved for
-    ``device`` by :func:`adapterhub_local.runtime.base_dtype` — ``auto`` is bf16 where bf16 matmul is native."""
+    ``device`` by :func:`adapterhub_local.runtime.base_dtype` — ``auto`` is bf16 where bf16 matmul is native.
+    A causal LM loaded on a CPU attends with :data:`adapterhub_local.decode_attention.DECODE_ATTENTION` (``sdpa``
+    but for the layout of one-token decode steps)."""
     _offline()
     if isinstance(dtype, str):
         dtype = runtime.base_dtype(dtype, str(device))
@@ -69,5 +71,5 @@ def load_base_model(
     module: torch.nn.Module = model
     module = module.to(device)
     if task_type == "causal_lm" and torch.device(device).type == "cpu":
-        use_decode_attention(module)  # decode steps by packed matmuls, not the CPU flash kernel
+        use_decode_attention(module)  # one-token steps in the packed GQA layout (decode_attention.py)
     return module

@@ -22,8 +22,8 @@ itself alone so its values stay finite, and no real query ever attends to paddin
 what it sees alone. Extra bucket rows carry the pad token, no adapter, and only their own columns.
 
 Works for decoder bases whose attention takes a 4-D mask (``sdpa``, ``eager`` and the CPU decode attention of
-:mod:`adapterhub_local.decode_attention`) with a full-attention
-``StaticCache`` (no sliding-window layers); :func:`static_support` says why when a base does not qualify.
+:mod:`adapterhub_local.decode_attention`) with a full-attention ``StaticCache`` (no sliding-window layers);
+:func:`static_support` says why when a base does not qualify.
 """
 
 from __future__ import annotations
