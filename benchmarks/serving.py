@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapterhub_local.decode_attention import DECODE_ATTENTION
-from adapterhub_local.inference import Engine, Request, SamplingParams, cpu_lora_kernel
+from adapterhub_local.inference import Engine, Request, SamplingParams, cpu_lora_kernel, packed_linear
 from adapterhub_local.registry import CardInfo, Registry
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -321,6 +321,17 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
             return go
         systems["engine_adapters_torch_bmm"] = in_mode("swap", without_kernel(adapters_run))
 
+    # prepacked bf16 weights against oneDNN's per-call reorder on the same engine (ours: show that it pays)
+    results["packed_weights"] = {"linears": engine.runner.packed_linears, "bytes": engine.packed_weight_bytes,
+                                 "off_because": packed_linear.unavailable_reason() if p.device == "cpu" else None}
+    if engine.runner.packed_linears:
+        def unpacked(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+            def go() -> tuple[float, float]:
+                with packed_linear.suspended():
+                    return run_once()
+            return go
+        systems["engine_base_unpacked"] = in_mode("swap", unpacked(base_run))
+
     # the CPU decode-step attention against transformers' sdpa on the same engine (ours: show that it pays)
     model: Any = engine.runner.model
     if getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION:
@@ -461,6 +472,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     if "engine_adapters_torch_bmm" in tps:
         out["adapters: CPU kernel / torch bmm"] = tps["engine_adapters"] / tps["engine_adapters_torch_bmm"]
         out["adapters with torch bmm / engine base"] = tps["engine_adapters_torch_bmm"] / tps["engine_base"]
+    if "engine_base_unpacked" in tps:
+        out["base: packed weights / per-call reorder"] = tps["engine_base"] / tps["engine_base_unpacked"]
     if "engine_base_sdpa" in tps:
         out["base: CPU decode attention / transformers sdpa"] = tps["engine_base"] / tps["engine_base_sdpa"]
     default, alt = r["decoder"]["default"], r["decoder"]["other"]
@@ -495,6 +508,8 @@ def markdown(r: dict[str, Any], preset: str) -> str:
                           ("engine_adapters_torch_bmm",
                            f"engine, {c['adapters']} distinct adapters ({default} op, torch bmm, CPU kernel off)",
                            "adapters"),
+                          ("engine_base_unpacked", f"engine, base ({dec} decoder, weights not prepacked)",
+                           "base"),
                           ("engine_base_sdpa", f"engine, base ({dec} decoder, transformers sdpa attention)",
                            "base"),
                           (f"engine_base_{alt}", f"engine, base ({alt} decoder)", "base"),

@@ -14,6 +14,7 @@ import torch
 import typer
 from rich.markup import escape
 
+from adapterhub_local import runtime
 from adapterhub_local.cli.common import (
     app,
     check_device,
@@ -27,14 +28,17 @@ from adapterhub_local.cli.common import (
 from adapterhub_local.errors import ConfigError
 from adapterhub_local.task_spec import TaskSpec, spec_from_card
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RAW_HELP = "Send the input unchanged: no template, no trained stop strings, the output as generated."
 
 
-def _dtype(name: str) -> torch.dtype:
+def _dtype(name: str, device: str | None = None) -> torch.dtype:
+    """``auto``: bf16 where ``device`` multiplies bf16 natively (a GPU, or a CPU with AMX/AVX512-BF16), else fp32."""
     if name not in _DTYPES:
         raise ConfigError([f"dtype {name!r} is not one of {', '.join(_DTYPES)}"], "pick one of those",
                           what="options")
+    if name == "auto":
+        return runtime.base_dtype("auto", device)
     dtype: torch.dtype = getattr(torch, name)
     return dtype
 
@@ -87,7 +91,8 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Format the prompt with the base's chat template."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the device multiplies it natively, else float32), "
+                              "float32, bfloat16 or float16."),
     decoder: str = typer.Option("auto", help="auto | dynamic | static | graph (CUDA graphs; auto picks it on cuda)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -96,8 +101,9 @@ def generate(
 
     target = _target(ref, base, raw)
     text = target.prompt(prompt)
-    engine = Engine(get_registry(), target.base, mode="merge" if merge else "swap", device=check_device(device),
-                    dtype=_dtype(dtype), decoder=decoder)
+    chosen = check_device(device)
+    engine = Engine(get_registry(), target.base, mode="merge" if merge else "swap", device=chosen,
+                    dtype=_dtype(dtype, chosen), decoder=decoder)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=target.stops(list(stop)), seed=seed)
     request = Request(prompt=text, adapter=target.adapter, sampling=params, chat=chat)

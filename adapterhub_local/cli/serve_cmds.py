@@ -7,6 +7,7 @@ from typing import cast
 
 import typer
 
+from adapterhub_local import runtime
 from adapterhub_local.cli.common import app, get_registry
 from adapterhub_local.errors import ConfigError
 from adapterhub_local.inference.static_decode import DECODERS
@@ -27,7 +28,8 @@ def serve(
     protect_public: bool = typer.Option(False, "--protect-public", help="Require the key on /v1/* as well."),
     mode: str = typer.Option("auto", help="merge | swap | auto."),
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on cuda, else float32)."),
+    dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bfloat16 where the device "
+                              "multiplies it natively: GPUs, CPUs with AMX or AVX512-BF16; else float32)."),
     pool_mb: int = typer.Option(256, help="Device memory for resident adapters (MiB; LRU beyond it)."),
     decoder: str = typer.Option("auto", help="auto | dynamic | static | graph: how batches decode (auto: CUDA graphs "
                                              "of a static-cache step on cuda, the dynamic cache elsewhere)."),
@@ -91,10 +93,9 @@ def serve(
     # serve's own --threads, else the global --threads / $ADAPTERHUB_THREADS, else the usable-CPU default
     configure_threads(threads if threads is not None else requested_threads())
     chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if chosen.startswith("cuda") else "float32"
+    weights = runtime.base_dtype("auto", chosen) if dtype == "auto" else getattr(torch, dtype)
     engine = Engine(registry, base, mode=cast(Mode, mode), device=chosen, pool_bytes=pool_mb << 20,
-                    dtype=getattr(torch, dtype), decoder=decoder)
+                    dtype=weights, decoder=decoder)
     for ref in adapter:
         engine.load(ref)
     config = ServerConfig(

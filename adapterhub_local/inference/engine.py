@@ -135,6 +135,11 @@ class Engine:
         return self.runner.tokenizer
 
     @property
+    def packed_weight_bytes(self) -> int:
+        """Memory of the base linears' prepacked bf16 copies (CPU bf16 only; see :mod:`packed_linear`)."""
+        return self.runner.packed_weight_bytes
+
+    @property
     def can_generate(self) -> bool:
         return self.runner.is_causal
 

@@ -16,6 +16,7 @@ from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import Head, PreparedAdapter
 from adapterhub_local.inference.merge import Merger
 from adapterhub_local.inference.multi_lora import BatchContext, wrap
+from adapterhub_local.inference.packed_linear import pack_linears, packed_bytes
 from adapterhub_local.inference.serve_kinds import install_extras, refuse_swap, staged_modules, uninstall_extras
 from adapterhub_local.inference.soft_prompt import Batch, Row, build_batch
 from adapterhub_local.inference.types import Request
@@ -43,6 +44,9 @@ class EngineModel:
         model: Any = load_base_model(record, "causal_lm" if self.is_causal else "feature", dtype=dtype, device=device)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        self.packed_linears = pack_linears(model)
+        """Base linears answering from a prepacked bf16 weight (CPU; 0 elsewhere, in fp32, or switched off:
+        :mod:`packed_linear`)."""
         self.model: Any = model
         self.tokenizer: Any = load_tokenizer(record) if _has_tokenizer(record) else None
         self.context = BatchContext(device, strategy=lora_strategy)
@@ -59,6 +63,11 @@ class EngineModel:
             pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self.backbone: Any = getattr(model, model.base_model_prefix, model) if self.is_causal else model
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Memory the prepacked copies of the base linears take (beside the weights themselves)."""
+        return packed_bytes(self.model)
 
     def _relayout(self) -> None:
         """Modules were replaced (merge mode): captured CUDA graphs must be captured again."""

@@ -169,6 +169,7 @@ def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequenc
     whether it stopped on EOS (False: it ran to ``max_new_tokens``). ``num_beams > 1`` decodes with beam
     search (length penalty 1, stopping when every beam has finished), as the LoRA paper's E2E results did."""
     from adapterhub_local.inference.head_input import contiguous_head_inputs  # not the engine at import time
+    from adapterhub_local.inference.packed_linear import packed_linears
 
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
@@ -191,7 +192,8 @@ def generate_with_stops(model: torch.nn.Module, tokenizer: Any, prompts: Sequenc
     for group in groups:
         ids, mask = left_padded([all_ids[i] for i in group], pad)
         width = ids.shape[1]
-        with contiguous_head_inputs(model):  # the prefill's last-position slice (head_input.py)
+        # bf16 CPU base linears from prepacked weights (same bits; packed_linear.py); the head's hook after that
+        with packed_linears(model), contiguous_head_inputs(model):  # the prefill's last-position slice (head_input.py)
             generated = model.generate(  # type: ignore[operator]
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, num_beams=num_beams,

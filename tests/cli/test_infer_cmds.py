@@ -117,3 +117,19 @@ def test_an_unavailable_device_is_one_line(world: World, capsys: pytest.CaptureF
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and device.split(":")[0] in lines[0]
     assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_generate_and_serve_auto_dtype_is_bf16_where_the_cpu_multiplies_it_natively(
+        monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    from adapterhub_local import runtime
+    from adapterhub_local.cli.infer_cmds import _dtype
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda flags=None: native)
+    assert _dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert _dtype("float32", "cpu") == torch.float32 and _dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_generate_refuses_an_unknown_dtype_before_loading(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    failed = run(capsys, "generate", "tgen", "hello", "--dtype", "bf16", "-R", world.reg)
+    assert failed.code != 0 and "dtype 'bf16' is not one of auto, float32, bfloat16, float16" in failed.err

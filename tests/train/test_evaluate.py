@@ -189,3 +189,28 @@ def test_length_sorted_evaluation_keeps_each_examples_result(tiny: tuple[torch.n
     cls = [Example([i + 1] * n, i % 2) for i, n in enumerate(lengths)]
     predicted, _ = classify(Head(), cls, 3, 0)
     assert predicted == [(i + 1) % 2 for i in range(len(lengths))]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_bf16_generation_packs_the_base_for_the_call_only_and_changes_no_token(
+        tiny: tuple[torch.nn.Module, object], monkeypatch: pytest.MonkeyPatch, num_beams: int) -> None:
+    from adapterhub_local.inference import packed_linear
+
+    if packed_linear.unavailable_reason() is not None:
+        pytest.skip(f"packing unavailable: {packed_linear.unavailable_reason()}")
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights=False)).eval()
+    modules = dict(peft_model.named_modules())
+    calls: list[int] = []
+    real = packed_linear._packed_call
+    monkeypatch.setattr(packed_linear, "_packed_call", lambda x, w, b: calls.append(1) or real(x, w, b))
+    packed = generate_with_stops(peft_model, tokenizer, PROMPTS, 6, 4, num_beams)
+    assert calls  # the base linears (and the head) answered from packed copies ...
+    assert dict(peft_model.named_modules()) == modules  # ... and the model holds its own modules again
+    with monkeypatch.context() as patch:
+        patch.setenv(packed_linear.SWITCH_ENV, "off")
+        calls.clear()
+        assert generate_with_stops(peft_model, tokenizer, PROMPTS, 6, 4, num_beams) == packed
+        assert not calls
