@@ -24,11 +24,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+
+from adapterhub_local.inference.suspension import Suspension
 
 log = logging.getLogger(__name__)
 
@@ -167,26 +168,20 @@ def unavailable_reason() -> str | None:
     return _LIBRARY.reason
 
 
-_suspended = 0
+_SUSPENSION = Suspension()
 
 
-@contextmanager
-def suspended() -> Iterator[None]:
+def suspended() -> AbstractContextManager[None]:
     """Within this block (this process, every thread) callers use torch instead of the kernel: the side-by-side
     baseline of ``benchmarks/serving.py``."""
-    global _suspended
-    _suspended += 1
-    try:
-        yield
-    finally:
-        _suspended -= 1
+    return _SUSPENSION.block()
 
 
 def applies(x: torch.Tensor, out: torch.Tensor, rank: int) -> bool:
     """Whether :func:`bgmv_add_` can take this step: a CPU decode step (``x``: ``[rows, 1, d_in]``, one token per
     row) in bf16 or fp32 with no autograd, a rank within the kernel's limit, the kernel available, and no
     ``torch.compile`` tracing the step."""
-    if _suspended or torch.compiler.is_compiling():  # dynamo traces torch ops; a foreign call breaks the graph
+    if _SUSPENSION.active or torch.compiler.is_compiling():  # dynamo traces torch ops; a foreign call breaks the graph
         return False
     return (x.device.type == "cpu" and x.dim() == 3 and x.shape[1] == 1 and x.dtype in DTYPES
             and out.dtype == x.dtype and rank <= MAX_RANK and not (x.requires_grad or out.requires_grad)

@@ -29,11 +29,13 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from adapterhub_local.inference.suspension import Suspension
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +97,13 @@ def unavailable_reason() -> str | None:
     return _PROBE.reason()
 
 
-_suspended = 0
+_SUSPENSION = Suspension()
 
 
-@contextmanager
-def suspended() -> Iterator[None]:
+def suspended() -> AbstractContextManager[None]:
     """Within this block (this process, every thread) packed layers call plain ``F.linear``: the side-by-side
     baseline of ``benchmarks/serving.py``."""
-    global _suspended
-    _suspended += 1
-    try:
-        yield
-    finally:
-        _suspended -= 1
+    return _SUSPENSION.block()
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -158,8 +154,8 @@ class PackedLinear(nn.Linear):
 
     def _exact(self, x: torch.Tensor) -> bool:
         weight = self.weight
-        return (not _suspended and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-                and weight.dtype in PACKED_DTYPES and x.is_contiguous()
+        return (not _SUSPENSION.active and x.device.type == "cpu" and weight.device.type == "cpu"
+                and x.dtype == weight.dtype and weight.dtype in PACKED_DTYPES and x.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
