@@ -50,11 +50,59 @@ def _group_mask(mask: torch.Tensor, kv_heads: int, keys: int) -> torch.Tensor:
     return mask.reshape(mask.shape[0], kv_heads, mask.shape[1] // kv_heads, keys)
 
 
+def _tracing() -> bool:
+    """Whether a dispatch mode (``make_fx``, fake tensors) is recording torch ops: a foreign call would be lost."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
+def kernel_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  scaling: float | None) -> torch.Tensor | None:
+    """The C kernel's attention for a bf16 decode step (``kernels/decode_attention.c``), or ``None`` where it does
+    not apply: another dtype, autograd, ``torch.compile`` or a dispatch mode recording ops, a query that is not
+    contiguous, keys and values with different strides, a mask that is not boolean per row (``[B|1, 1, 1,
+    ≥L]``), a row with no key to attend to, or no kernel here (``ADAPTERHUB_CPU_KERNELS=off``, no C compiler)."""
+    from adapterhub_local.inference import cpu_lora_kernel  # not at import: the inference package imports models
+
+    batch, heads, _, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    if ({query.dtype, key.dtype, value.dtype} != {torch.bfloat16} or key.shape != value.shape
+            or key.shape[0] != batch or key.stride() != value.stride() or key.stride(3) != 1
+            or not query.is_contiguous()
+            or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+            or torch.compiler.is_compiling() or _tracing()):
+        return None
+    rows, row_stride = None, 0
+    if mask is not None:
+        if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] < keys
+                or mask.shape[0] not in (1, batch)):
+            return None
+        rows = mask[:, 0, 0, :keys]
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        row_stride = rows.stride(0) if rows.shape[0] > 1 else 0
+    function = cpu_lora_kernel.attention_function()
+    if function is None:
+        return None
+    out = torch.empty(batch, 1, heads, dim, dtype=query.dtype)
+    scores = torch.empty((heads // kv_heads) * keys, dtype=torch.float32)
+    code = function(batch, kv_heads, heads // kv_heads, dim, keys, query.data_ptr(), key.data_ptr(),
+                    value.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+                    None if rows is None else rows.data_ptr(), row_stride,
+                    dim ** -0.5 if scaling is None else scaling, out.data_ptr(), scores.data_ptr())
+    return out if code == 0 else None
+
+
 def packed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                   scaling: float | None) -> torch.Tensor:
     """Attention of one query token per row with the query heads packed by key/value head: ``query [B, H, 1,
     D]``, ``key``/``value [B, KVH, L, D]``, ``mask`` boolean (True = attend) or additive, broadcastable to
-    ``[B, H, 1, L]``. Returns ``[B, 1, H, D]``, the layout transformers' attention functions return."""
+    ``[B, H, 1, L]``. Returns ``[B, 1, H, D]``, the layout transformers' attention functions return. In bf16 the
+    C kernel answers where it applies (:func:`kernel_decode`), else torch's kernel."""
+    answer = kernel_decode(query, key, value, mask, scaling)
+    if answer is not None:
+        return answer
     batch, heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)

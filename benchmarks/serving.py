@@ -332,6 +332,17 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
             return go
         systems["engine_base_unpacked"] = in_mode("swap", unpacked(base_run))
 
+    # the C decode-attention kernel against torch's packed call on the same engine (ours: show that it pays)
+    results["attention_kernel"] = ("used" if cpu_lora_kernel.attention_function() is not None else
+                                   cpu_lora_kernel.unavailable_reason()) if p.device == "cpu" else None
+    if p.device == "cpu" and cpu_lora_kernel.attention_function() is not None:
+        def torch_attention(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+            def go() -> tuple[float, float]:
+                with cpu_lora_kernel.attention_suspended():
+                    return run_once()
+            return go
+        systems["engine_base_torch_attention"] = in_mode("swap", torch_attention(base_run))
+
     # the CPU decode-step attention against transformers' sdpa on the same engine (ours: show that it pays)
     model: Any = engine.runner.model
     if getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION:
@@ -474,6 +485,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         out["adapters with torch bmm / engine base"] = tps["engine_adapters_torch_bmm"] / tps["engine_base"]
     if "engine_base_unpacked" in tps:
         out["base: packed weights / per-call reorder"] = tps["engine_base"] / tps["engine_base_unpacked"]
+    if "engine_base_torch_attention" in tps:
+        out["base: attention kernel / torch's packed call"] = tps["engine_base"] / tps["engine_base_torch_attention"]
     if "engine_base_sdpa" in tps:
         out["base: CPU decode attention / transformers sdpa"] = tps["engine_base"] / tps["engine_base_sdpa"]
     default, alt = r["decoder"]["default"], r["decoder"]["other"]
@@ -510,6 +523,8 @@ def markdown(r: dict[str, Any], preset: str) -> str:
                            "adapters"),
                           ("engine_base_unpacked", f"engine, base ({dec} decoder, weights not prepacked)",
                            "base"),
+                          ("engine_base_torch_attention",
+                           f"engine, base ({dec} decoder, torch's attention call, C kernel off)", "base"),
                           ("engine_base_sdpa", f"engine, base ({dec} decoder, transformers sdpa attention)",
                            "base"),
                           (f"engine_base_{alt}", f"engine, base ({alt} decoder)", "base"),
@@ -535,7 +550,8 @@ def markdown(r: dict[str, Any], preset: str) -> str:
     lines += ["", f"Load average (1/5/15 min) before the timed rounds: {r['load_average_before']}, after: "
               f"{r['load_average_after']}; {c['repeats']} interleaved rounds; ratios use the best of them (other "
               "processes only ever add time).",
-              "", f"CPU decode kernel for per-row LoRA: {r.get('cpu_lora_kernel')}.",
+              "", f"CPU decode kernel for per-row LoRA: {r.get('cpu_lora_kernel')}; "
+              f"for a decode step's attention: {r.get('attention_kernel')}.",
               "", f"Merge switch (unmerge + merge, adapter in host cache): {r['merge_switch_ms']:.1f} ms. "
               f"Measured in this run: copy bandwidth {r['bandwidth_GBps']:.1f} GB/s, square-GEMM "
               + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in r["gemm_GFLOPs"].items())

@@ -1,4 +1,6 @@
-"""The CPU decode kernel for per-row LoRA (``kernels/bgmv.c``): build it once, call it, or say why not.
+"""The CPU decode kernels — per-row LoRA (``kernels/bgmv.c``) and a decode step's attention
+(``kernels/decode_attention.c``, called by :mod:`adapterhub_local.decode_attention`): build them once, call
+them, or say why not.
 
 At a decode step (one token per row) torch's bf16 ``bmm`` on a CPU calls one oneDNN matmul per batch entry, and
 that per-entry overhead (about 3 µs each, plus ~25 µs per call, measured on the project machine) is most of
@@ -6,8 +8,8 @@ the cost of 32 distinct adapters: a rank-16 576→576 module took ~215 µs for i
 kernel ~70 µs with the same result bits (``benchmarks/serving.py`` has the end-to-end figures). The kernel
 reads each row's operands once, accumulates in fp32 and rounds where torch's two ``bmm`` and the add round.
 
-The shared library is compiled from the shipped C source at first use with the system C compiler
-(``cc -O3 -march=native``; no Python headers, well under a second) into a per-user cache keyed by the source,
+The shared library is compiled from the shipped C sources at first use with the system C compiler
+(``cc -O3 -march=native``; no Python headers, about a second) into a per-user cache keyed by the sources,
 the compiler and the CPU's feature flags, so a cache shared between different machines never loads code built
 for another CPU. Where there is no compiler, the build fails, or ``ADAPTERHUB_CPU_KERNELS=off`` is set, callers
 fall back to torch (:func:`available` is ``False``; the reason is in :func:`unavailable_reason`).
@@ -34,6 +36,8 @@ from adapterhub_local.inference.suspension import Suspension
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "bgmv.c"
+ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
+SOURCES = (SOURCE, ATTENTION_SOURCE)
 SWITCH_ENV = "ADAPTERHUB_CPU_KERNELS"
 """``off`` (or ``0``/``false``/``no``) disables the kernel; torch's ``bmm`` is used instead."""
 CACHE_ENV = "ADAPTERHUB_KERNEL_CACHE"
@@ -55,6 +59,7 @@ class _Library:
         self._lock = threading.Lock()
         self._loaded = False
         self._functions: dict[torch.dtype, ctypes._CFuncPtr] = {}  # type: ignore[name-defined]
+        self.attention: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
         self.reason: str | None = None
 
     def functions(self) -> dict[torch.dtype, ctypes._CFuncPtr]:  # type: ignore[name-defined]
@@ -73,7 +78,7 @@ class _Library:
             path = build()
             library = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            self.reason = f"could not build or load {SOURCE.name}: {error}"
+            self.reason = f"could not build or load {', '.join(s.name for s in SOURCES)}: {error}"
             log.warning("CPU LoRA kernel unavailable (%s); per-row LoRA uses torch.bmm", self.reason)
             return
         for dtype, name in DTYPES.items():
@@ -82,6 +87,11 @@ class _Library:
             function.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p] + [
                 ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
             self._functions[dtype] = function
+        attention = library.decode_attention_bf16
+        attention.restype = ctypes.c_int
+        attention.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+        self.attention = attention
 
 
 _LIBRARY = _Library()
@@ -124,7 +134,7 @@ def _check_private(path: Path) -> None:
 
 
 def build() -> Path:
-    """The kernel's shared library, compiled into :func:`cache_dir` unless this source, compiler and CPU already
+    """The kernels' shared library, compiled into :func:`cache_dir` unless these sources, compiler and CPU already
     have one there; concurrent builders each write a private file and rename it into place. A cache directory or
     library that another user owns or may write is refused (loading a library runs its code)."""
     compiler = _compiler()
@@ -132,7 +142,7 @@ def build() -> Path:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     _check_private(directory)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
@@ -144,7 +154,7 @@ def build() -> Path:
         fd, scratch = tempfile.mkstemp(prefix=".bgmv-", suffix=".so", dir=directory)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", scratch, str(SOURCE)],
+            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", scratch, *map(str, SOURCES)],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.chmod(scratch, 0o700)  # the linker's mode follows the umask; only the owner may write it
@@ -160,6 +170,24 @@ def build() -> Path:
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call)."""
     return bool(_LIBRARY.functions())
+
+
+_ATTENTION_SUSPENSION = Suspension()
+
+
+def attention_function() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The decode-attention kernel (``decode_attention_bf16``), or ``None`` where the kernels are unavailable or
+    inside :func:`attention_suspended`."""
+    if _ATTENTION_SUSPENSION.active:
+        return None
+    _LIBRARY.functions()
+    return _LIBRARY.attention
+
+
+def attention_suspended() -> AbstractContextManager[None]:
+    """Within this block (this process, every thread) decode steps attend with torch's kernel: the side-by-side
+    baseline of ``benchmarks/serving.py``."""
+    return _ATTENTION_SUSPENSION.block()
 
 
 def unavailable_reason() -> str | None:

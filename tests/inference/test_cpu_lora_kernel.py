@@ -123,11 +123,16 @@ def test_the_build_is_cached_per_source(tmp_path: Path, monkeypatch: pytest.Monk
     first = cpu_lora_kernel.build()
     stamp = first.stat().st_mtime_ns
     assert cpu_lora_kernel.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
-    edited = tmp_path / "src" / "bgmv.c"
-    edited.parent.mkdir()
-    edited.write_text(cpu_lora_kernel.SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(cpu_lora_kernel, "SOURCE", edited)
-    assert cpu_lora_kernel.build() != first
+    built = {first}
+    (tmp_path / "src").mkdir()
+    for k, source in enumerate(cpu_lora_kernel.SOURCES):  # an edit to either source is a new build
+        edited = tmp_path / "src" / source.name
+        edited.write_text(source.read_text() + "\n/* edited */\n")
+        sources = list(cpu_lora_kernel.SOURCES)
+        sources[k] = edited
+        monkeypatch.setattr(cpu_lora_kernel, "SOURCES", tuple(sources))
+        built.add(cpu_lora_kernel.build())
+    assert len(built) == 3
     assert not list(tmp_path.glob(".bgmv-*"))  # no scratch file left behind
 
 
