@@ -15,9 +15,17 @@ prefill, training, dropout, soft-capping, attention sinks, position biases, base
 devices — goes to ``sdpa`` unchanged. :func:`use_decode_attention` switches a loaded model to it. The name is
 not written into a saved ``config.json``, so a merged model saved from such a model loads anywhere.
 
-Computing the step by hand (two matmuls, fp32 softmax) measured 25 % faster than the packed kernel at 100
-keys and no faster at 256, with 26 % more error in bf16 when its weights are rounded to bf16 before the
-weighted sum, and equal speed when they are not; the kernel is kept, so tokens stay those of ``sdpa``.
+In bf16 the packed step goes to a C kernel where it applies (:func:`kernel_decode`, ``inference/kernels/
+decode_attention.c``, built with the per-row LoRA kernel): per row and key/value head it scores every key in fp32,
+takes the softmax over all of them at once and sums the values in fp32, rounding once at the end. torch's CPU
+flash kernel spent ~1 ms a layer on this step (32 rows, 100 keys, cache out of L3), a quarter of the base's decode
+step once its matmuls were prepacked; the kernel ~0.65 ms (scratch, AMD EPYC, one thread). Its answers are not
+sdpa's bits: torch rounds the softmax weights to bf16 before the weighted sum, the kernel does not, and its mean
+error against an fp64 reference is ~30 % lower (1.7e-4 vs 2.6e-4 at 100 keys; tests bound it by torch's). Each
+row's answer depends on that row only. Everything the kernel does not take (other dtypes, per-head or additive
+masks, autograd, tracing, ``ADAPTERHUB_CPU_KERNELS=off``) gets torch's packed call, with ``sdpa``'s bits.
+Computing the step with two torch matmuls (fp32 softmax) was also tried: 25 % faster than torch's kernel at 100
+keys, no faster at 256, and less accurate when the weights are rounded to bf16 before the weighted sum.
 """
 
 from __future__ import annotations
@@ -29,7 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 DECODE_ATTENTION = "adapterhub_cpu_decode"
-"""The registered implementation's name (as ``config._attn_implementation``)."""
+"""The registered implementation's name (as ``config._attn_implementation``): torch's packed call, ``sdpa``'s bits."""
+KERNEL_ATTENTION = "adapterhub_cpu_decode_kernel"
+"""The same with bf16 decode steps given to the C kernel where it applies (the serving engine's choice; training
+and evaluation keep :data:`DECODE_ATTENTION`, so their numbers stay those of transformers' own stack)."""
+IMPLEMENTATIONS = (DECODE_ATTENTION, KERNEL_ATTENTION)
 
 _REPLACES = "sdpa"
 
@@ -52,8 +64,10 @@ def _group_mask(mask: torch.Tensor, kv_heads: int, keys: int) -> torch.Tensor:
 
 def _tracing() -> bool:
     """Whether a dispatch mode (``make_fx``, fake tensors) is recording torch ops: a foreign call would be lost."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # a torch without this helper: assume the worst, keep to torch ops
+        return True
     return _get_current_dispatch_mode() is not None
 
 
@@ -95,12 +109,12 @@ def kernel_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
 
 def packed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                  scaling: float | None) -> torch.Tensor:
+                  scaling: float | None, kernel: bool = False) -> torch.Tensor:
     """Attention of one query token per row with the query heads packed by key/value head: ``query [B, H, 1,
     D]``, ``key``/``value [B, KVH, L, D]``, ``mask`` boolean (True = attend) or additive, broadcastable to
-    ``[B, H, 1, L]``. Returns ``[B, 1, H, D]``, the layout transformers' attention functions return. In bf16 the
-    C kernel answers where it applies (:func:`kernel_decode`), else torch's kernel."""
-    answer = kernel_decode(query, key, value, mask, scaling)
+    ``[B, H, 1, L]``. Returns ``[B, 1, H, D]``, the layout transformers' attention functions return. With
+    ``kernel`` the C kernel answers where it applies (:func:`kernel_decode`), else torch's kernel does."""
+    answer = kernel_decode(query, key, value, mask, scaling) if kernel else None
     if answer is not None:
         return answer
     batch, heads, _, dim = query.shape
@@ -113,9 +127,10 @@ def packed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
 def decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                             scaling: float | None = None, kernel: bool = False,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: the packed call for a CPU decode step of a grouped-query
-    attention, else ``sdpa``."""
+    attention (the C kernel first with ``kernel``), else ``sdpa``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     heads, kv_heads = query.shape[1], key.shape[1]
@@ -123,29 +138,41 @@ def decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         result: tuple[torch.Tensor, None] = sdpa_attention_forward(module, query, key, value, attention_mask,
                                                                    dropout=dropout, scaling=scaling, **kwargs)
         return result
-    return packed_decode(query, key, value, attention_mask, scaling), None
+    return packed_decode(query, key, value, attention_mask, scaling, kernel), None
+
+
+def kernel_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:data:`KERNEL_ATTENTION`: :func:`decode_attention_forward` with the C kernel first."""
+    return decode_attention_forward(module, query, key, value, attention_mask, dropout, scaling, True, **kwargs)
 
 
 def register() -> None:
-    """Register :data:`DECODE_ATTENTION` with transformers (idempotent): the function and the sdpa mask builder."""
+    """Register :data:`DECODE_ATTENTION` and :data:`KERNEL_ATTENTION` with transformers (idempotent): the functions
+    and the sdpa mask builder."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    AttentionInterface.register(KERNEL_ATTENTION, kernel_attention_forward)
+    for name in IMPLEMENTATIONS:
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def use_decode_attention(model: nn.Module) -> bool:
-    """Switch a transformers model that attends with ``sdpa`` to :data:`DECODE_ATTENTION`; True if it did.
-    Models on other implementations (eager, flash, flex) or without the functional attention interface keep
-    theirs."""
+def use_decode_attention(model: nn.Module, kernel: bool = False) -> bool:
+    """Switch a transformers model that attends with ``sdpa`` (or with the other of this module's two) to
+    :data:`KERNEL_ATTENTION` if ``kernel``, else :data:`DECODE_ATTENTION`; True if it did. Models on other
+    implementations (eager, flash, flex) or without the functional attention interface keep theirs."""
     config: Any = getattr(model, "config", None)
     setter = getattr(model, "set_attn_implementation", None)
-    if config is None or setter is None or getattr(config, "_attn_implementation", None) != _REPLACES:
+    wanted = KERNEL_ATTENTION if kernel else DECODE_ATTENTION
+    current = getattr(config, "_attn_implementation", None)
+    if config is None or setter is None or current == wanted or current not in (_REPLACES, *IMPLEMENTATIONS):
         return False
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
         return False
     register()
-    setter(DECODE_ATTENTION)
-    return bool(config._attn_implementation == DECODE_ATTENTION)
+    setter(wanted)
+    return bool(config._attn_implementation == wanted)

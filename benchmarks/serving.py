@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapterhub_local.decode_attention import DECODE_ATTENTION
+from adapterhub_local.decode_attention import IMPLEMENTATIONS
 from adapterhub_local.inference import Engine, Request, SamplingParams, cpu_lora_kernel, packed_linear
 from adapterhub_local.registry import CardInfo, Registry
 
@@ -345,14 +345,15 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
 
     # the CPU decode-step attention against transformers' sdpa on the same engine (ours: show that it pays)
     model: Any = engine.runner.model
-    if getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION:
+    ours = getattr(model.config, "_attn_implementation", None)
+    if ours in IMPLEMENTATIONS:
         def with_sdpa(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
             def go() -> tuple[float, float]:
                 model.set_attn_implementation("sdpa")
                 try:
                     return run_once()
                 finally:
-                    model.set_attn_implementation(DECODE_ATTENTION)
+                    model.set_attn_implementation(ours)
             return go
         systems["engine_base_sdpa"] = in_mode("swap", with_sdpa(base_run))
 

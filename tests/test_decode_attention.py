@@ -52,11 +52,9 @@ def _masks(batch: int, heads: int, keys: int) -> dict[str, torch.Tensor | None]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keys", [1, 9, 100, 200])
-def test_torch_s_packed_call_for_an_unpadded_half_precision_step_is_bit_identical_to_sdpa(dtype: torch.dtype,
-                                                                                          keys: int) -> None:
+def test_an_unpadded_decode_step_in_half_precision_is_bit_identical_to_sdpa(dtype: torch.dtype, keys: int) -> None:
     q, k, v = _qkv(6, 9, 3, 1, keys, dtype)
-    with cpu_lora_kernel.attention_suspended():
-        ours, _ = da.decode_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25)
+    ours, _ = da.decode_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25)
     assert ours.shape == (6, 1, 9, 16)
     assert torch.equal(ours, _sdpa(q, k, v, None, scaling=0.25))
 
@@ -74,9 +72,7 @@ def test_every_mask_form_gives_sdpa_s_answer(mask_kind: str, dtype: torch.dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.double(), reference, atol=tolerance, rtol=0)
     if mask is not None and mask_kind != "wider":  # sdpa packs masked steps itself: the same call, the same bits
-        with cpu_lora_kernel.attention_suspended():
-            torch_call, _ = da.decode_attention_forward(torch.nn.Module(), q, k, v, mask, scaling=None)
-        assert torch.equal(torch_call, _sdpa(q, k, v, mask, scaling=None))
+        assert torch.equal(ours, _sdpa(q, k, v, mask, scaling=None))
 
 
 @pytest.mark.parametrize("case", ["prefill", "dropout", "softcap", "sinks", "equal_heads", "meta"])
@@ -116,11 +112,8 @@ def test_a_decode_step_takes_the_packed_layout(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(da.F, "scaled_dot_product_attention", spy)
     q, k, v = _qkv(3, 9, 3, 1, 20, torch.bfloat16)
-    with cpu_lora_kernel.attention_suspended():  # torch's call (in bf16 the kernel answers otherwise)
-        da.decode_attention_forward(torch.nn.Module(), q, k, v, None)
     da.decode_attention_forward(torch.nn.Module(), q, k, v, None)
-    expected = 1 if cpu_lora_kernel.attention_function() is not None else 2
-    assert calls == [((3, 3, 3, 16), False)] * expected
+    assert calls == [((3, 3, 3, 16), False)]
 
 
 @pytest.fixture
@@ -164,8 +157,7 @@ def test_generate_gives_sdpa_s_tokens_padded_or_not(tiny: Registry, dtype: torch
     for mask in (torch.ones_like(ids), padded):
         kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 24, "do_sample": False,
                   "pad_token_id": 0}
-        with cpu_lora_kernel.attention_suspended():  # torch's packed call (the bf16 kernel rounds its own way)
-            assert torch.equal(ours.generate(**kwargs), theirs.generate(**kwargs))
+        assert torch.equal(ours.generate(**kwargs), theirs.generate(**kwargs))
 
 
 def test_a_model_saved_from_it_names_no_implementation(tiny: Registry, tmp_path: Path) -> None:
@@ -232,7 +224,8 @@ def test_each_row_of_a_batch_gets_its_solo_answer() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("case", ["fp32", "fp16", "per_head_mask", "additive_mask", "nothing_to_attend", "autograd",
-                                  "query_not_contiguous", "values_strided_differently", "suspended", "traced"])
+                                  "query_not_contiguous", "values_strided_differently", "head_too_wide", "suspended",
+                                  "traced"])
 def test_what_the_kernel_does_not_take_goes_to_torch(case: str) -> None:
     batch, heads, kv_heads, keys = 4, 6, 2, 12
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16)
@@ -246,6 +239,10 @@ def test_what_the_kernel_does_not_take_goes_to_torch(case: str) -> None:
         q.requires_grad_(True)
     if case == "query_not_contiguous":
         q = torch.randn(batch, heads, 1, 32).to(dtype)[..., :16]
+    if case == "head_too_wide":  # past the kernel's buffers (head size 256)
+        generator = torch.Generator().manual_seed(2)
+        q, k, v = (torch.randn(batch, h, n, 272, generator=generator).to(dtype)
+                   for h, n in ((heads, 1), (kv_heads, keys), (kv_heads, keys)))
     if case == "values_strided_differently":
         v = v.contiguous().transpose(2, 3).contiguous().transpose(2, 3)
     if case == "suspended":
@@ -260,3 +257,30 @@ def test_what_the_kernel_does_not_take_goes_to_torch(case: str) -> None:
         assert seen == [None]
         return
     assert da.kernel_decode(q, k, v, mask, None) is None
+
+
+def test_the_engine_opts_into_the_kernel_and_training_models_do_not(tiny: Registry,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterhub_local.inference import Engine, Request, SamplingParams
+
+    answered: list[bool] = []
+    real = da.kernel_decode
+
+    def spy(*args: Any) -> torch.Tensor | None:
+        answer = real(*args)
+        answered.append(answer is not None)
+        return answer
+
+    monkeypatch.setattr(da, "kernel_decode", spy)
+    engine = Engine(tiny, "tl", dtype=torch.bfloat16)
+    assert engine.runner.model.config._attn_implementation == da.KERNEL_ATTENTION
+    engine.generate([Request(prompt=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4, stop_at_eos=False))])
+    assert len(answered) == 3 * 2  # three decode steps, two layers
+    assert all(answered) == (cpu_lora_kernel.attention_function() is not None)
+    answered.clear()
+    model: Any = load_base_model(tiny.base("tl"), dtype=torch.bfloat16)  # what training and evaluation load
+    assert model.config._attn_implementation == da.DECODE_ATTENTION
+    model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert answered == []
+    assert da.use_decode_attention(model, kernel=True) and model.config._attn_implementation == da.KERNEL_ATTENTION
+    assert da.use_decode_attention(model) and model.config._attn_implementation == da.DECODE_ATTENTION

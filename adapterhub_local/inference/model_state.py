@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from adapterhub_local.decode_attention import use_decode_attention
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.adapters import Head, PreparedAdapter
 from adapterhub_local.inference.merge import Merger
@@ -44,6 +45,8 @@ class EngineModel:
         model: Any = load_base_model(record, "causal_lm" if self.is_causal else "feature", dtype=dtype, device=device)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        if self.is_causal and device.type == "cpu":
+            use_decode_attention(model, kernel=True)  # bf16 decode steps to the C kernel (decode_attention.py)
         self.packed_linears = pack_linears(model)
         """Base linears answering from a prepacked bf16 weight (CPU; 0 elsewhere, in fp32, or switched off:
         :mod:`packed_linear`)."""

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from adapterhub_local.decode_attention import DECODE_ATTENTION
+from adapterhub_local.decode_attention import IMPLEMENTATIONS
 from adapterhub_local.errors import UnsupportedError
 from adapterhub_local.inference.generation import RowState, Sampler, cache_keyword, last_position
 from adapterhub_local.inference.multi_lora import BatchContext
@@ -48,7 +48,7 @@ from adapterhub_local.inference.soft_prompt import Batch
 log = logging.getLogger("adapterhub_local.inference")
 
 DECODERS = ("auto", "dynamic", "static", "graph")
-_MASKED_ATTENTION = ("sdpa", "eager", DECODE_ATTENTION)
+_MASKED_ATTENTION = ("sdpa", "eager", *IMPLEMENTATIONS)
 LENGTH_BUCKET = 64
 CAPTURE_AFTER_STEPS = 4
 """Batches decoding at most this many tokens run the static step eagerly: a capture costs more than it saves."""

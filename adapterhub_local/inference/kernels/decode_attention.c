@@ -16,14 +16,14 @@
  * Why: torch 2.13's CPU flash kernel spends ~1 ms on a SmolLM2-shaped decode step's layer (32 rows, 9 query heads
  * over 3 key/value heads, ~100 keys) — about a quarter of the step once the matmuls are fast.
  *
- * Returns 0, 1 when dim or group exceed the kernel's buffers, 3 when some row may attend to no key at all (checked
- * before anything is written: a refused call writes nothing).
+ * Returns 0, 1 when dim or group exceed the kernel's buffers (MAX_DIM, MAX_GROUP), 3 when some row may attend to
+ * no key at all (checked before anything is written: a refused call writes nothing).
  */
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_DIM 512
-#define MAX_GROUP 64
+#define MAX_DIM 256   /* head size: SmolLM2 64, Llama 128, Gemma 256 */
+#define MAX_GROUP 32  /* query heads per key/value head */
 #define LANES 16
 
 static inline float bf16_to_float(uint16_t h) {
@@ -87,8 +87,8 @@ int decode_attention_bf16(int64_t batch, int64_t kv_heads, int64_t group, int64_
     }
   else if (keys < 1)
     return 3;
-  float query[MAX_GROUP * MAX_DIM];
-  float acc[MAX_GROUP * MAX_DIM];
+  static _Thread_local float query[MAX_GROUP * MAX_DIM]; /* 32 KiB each per thread, off the stack */
+  static _Thread_local float acc[MAX_GROUP * MAX_DIM];
   float row[MAX_DIM];
   float total[MAX_GROUP];
   for (int64_t b = 0; b < batch; b++) {
