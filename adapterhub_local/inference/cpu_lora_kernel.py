@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels") / "bgmv.c"
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
 SOURCES = (SOURCE, ATTENTION_SOURCE)
+HEADERS = (SOURCE.with_name("bf16.h"),)
 SWITCH_ENV = "ADAPTERHUB_CPU_KERNELS"
 """``off`` (or ``0``/``false``/``no``) disables the kernel; torch's ``bmm`` is used instead."""
 CACHE_ENV = "ADAPTERHUB_KERNEL_CACHE"
@@ -142,7 +143,7 @@ def build() -> Path:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     _check_private(directory)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
@@ -154,7 +155,8 @@ def build() -> Path:
         fd, scratch = tempfile.mkstemp(prefix=".bgmv-", suffix=".so", dir=directory)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", scratch, *map(str, SOURCES)],
+            includes = [f"-I{folder}" for folder in dict.fromkeys(str(h.parent) for h in HEADERS)]
+            done = subprocess.run([compiler, *flags, *includes, "-shared", "-fPIC", "-o", scratch, *map(str, SOURCES)],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.chmod(scratch, 0o700)  # the linker's mode follows the umask; only the owner may write it

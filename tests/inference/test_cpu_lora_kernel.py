@@ -125,14 +125,15 @@ def test_the_build_is_cached_per_source(tmp_path: Path, monkeypatch: pytest.Monk
     assert cpu_lora_kernel.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
     built = {first}
     (tmp_path / "src").mkdir()
-    for k, source in enumerate(cpu_lora_kernel.SOURCES):  # an edit to either source is a new build
-        edited = tmp_path / "src" / source.name
-        edited.write_text(source.read_text() + "\n/* edited */\n")
-        sources = list(cpu_lora_kernel.SOURCES)
-        sources[k] = edited
-        monkeypatch.setattr(cpu_lora_kernel, "SOURCES", tuple(sources))
-        built.add(cpu_lora_kernel.build())
-    assert len(built) == 3
+    for group in ("SOURCES", "HEADERS"):  # an edit to any source or header is a new build
+        files = getattr(cpu_lora_kernel, group)
+        for k, source in enumerate(files):
+            edited = tmp_path / "src" / source.name
+            edited.write_text(source.read_text() + "\n/* edited */\n")
+            with monkeypatch.context() as patch:
+                patch.setattr(cpu_lora_kernel, group, (*files[:k], edited, *files[k + 1:]))
+                built.add(cpu_lora_kernel.build())
+    assert len(built) == 1 + len(cpu_lora_kernel.SOURCES) + len(cpu_lora_kernel.HEADERS)
     assert not list(tmp_path.glob(".bgmv-*"))  # no scratch file left behind
 
 

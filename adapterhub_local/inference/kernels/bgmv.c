@@ -17,25 +17,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define LANES 64 /* four 16-wide accumulators: the shrink is not held up by one add chain */
 #define CHUNK 512
 #define MAX_RANK 4096
 #define SHRINK_BUFFER 65536 /* floats of shrunk activations per block of entries (256 KiB per thread) */
-
-static inline float bf16_load(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-static inline uint16_t bf16_round(float f) { /* round to nearest even, NaN kept quiet (torch's rounding) */
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
 static inline float f32_load(float v) { return v; }
 static inline float f32_round(float v) { return v; }

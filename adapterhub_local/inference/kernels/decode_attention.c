@@ -22,24 +22,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_DIM 256   /* head size: SmolLM2 64, Llama 128, Gemma 256 */
 #define MAX_GROUP 32  /* query heads per key/value head */
 #define LANES 16
-
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept quiet (torch's rounding) */
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
 /* e^x for x <= 0 (the softmax's shifted scores): 2^n * p(r) with r = x - n ln 2, |r| <= ln 2 / 2, and Cephes'
  * degree-6 polynomial for e^r (relative error about 1e-7); below -87 the result is 0 to fp32 precision anyway. */
@@ -97,14 +84,14 @@ int decode_attention_bf16(int64_t batch, int64_t kv_heads, int64_t group, int64_
       const int64_t first = (b * kv_heads + h) * group * dim;
       const uint16_t* kh = k + b * kv_batch_stride + h * kv_head_stride;
       const uint16_t* vh = v + b * kv_batch_stride + h * kv_head_stride;
-      for (int64_t i = 0; i < group * dim; i++) query[i] = bf16_to_float(q[first + i]) * scale;
+      for (int64_t i = 0; i < group * dim; i++) query[i] = bf16_load(q[first + i]) * scale;
       for (int64_t l = 0; l < keys; l++) { /* scores */
         if (allowed && !allowed[l]) {
           for (int64_t g = 0; g < group; g++) scores[g * keys + l] = -__builtin_inff();
           continue;
         }
         const uint16_t* key = kh + l * kv_key_stride;
-        for (int64_t d = 0; d < dim; d++) row[d] = bf16_to_float(key[d]);
+        for (int64_t d = 0; d < dim; d++) row[d] = bf16_load(key[d]);
         for (int64_t g = 0; g < group; g++) scores[g * keys + l] = dot(query + g * dim, row, dim);
       }
       for (int64_t g = 0; g < group; g++) { /* softmax numerators, in place, and their sums */
@@ -123,7 +110,7 @@ int decode_attention_bf16(int64_t batch, int64_t kv_heads, int64_t group, int64_
       for (int64_t l = 0; l < keys; l++) { /* weighted values */
         if (allowed && !allowed[l]) continue;
         const uint16_t* value = vh + l * kv_key_stride;
-        for (int64_t d = 0; d < dim; d++) row[d] = bf16_to_float(value[d]);
+        for (int64_t d = 0; d < dim; d++) row[d] = bf16_load(value[d]);
         for (int64_t g = 0; g < group; g++) {
           const float weight = scores[g * keys + l];
           float* a = acc + g * dim;
@@ -132,7 +119,7 @@ int decode_attention_bf16(int64_t batch, int64_t kv_heads, int64_t group, int64_
       }
       for (int64_t g = 0; g < group; g++) {
         const float inverse = 1.0f / total[g];
-        for (int64_t d = 0; d < dim; d++) out[first + g * dim + d] = float_to_bf16(acc[g * dim + d] * inverse);
+        for (int64_t d = 0; d < dim; d++) out[first + g * dim + d] = bf16_round(acc[g * dim + d] * inverse);
       }
     }
   }
