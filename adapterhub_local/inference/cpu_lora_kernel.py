@@ -80,7 +80,8 @@ class _Library:
             library = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             self.reason = f"could not build or load {', '.join(s.name for s in SOURCES)}: {error}"
-            log.warning("CPU LoRA kernel unavailable (%s); per-row LoRA uses torch.bmm", self.reason)
+            log.warning("CPU kernels unavailable (%s): per-row LoRA uses torch.bmm, decode attention torch's kernel",
+                        self.reason)
             return
         for dtype, name in DTYPES.items():
             function = getattr(library, name)
