@@ -74,14 +74,16 @@ def _tracing() -> bool:
 def kernel_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                   scaling: float | None) -> torch.Tensor | None:
     """The C kernel's attention for a bf16 decode step (``kernels/decode_attention.c``), or ``None`` where it does
-    not apply: another dtype, autograd, ``torch.compile`` or a dispatch mode recording ops, a query that is not
-    contiguous, keys and values with different strides, a mask that is not boolean per row (``[B|1, 1, 1,
+    not apply: another device or dtype, autograd, ``torch.compile`` or a dispatch mode recording ops, a query that
+    is not contiguous, keys and values with different strides, a mask that is not boolean per row (``[B|1, 1, 1,
     ≥L]``), a row with no key to attend to, or no kernel here (``ADAPTERHUB_CPU_KERNELS=off``, no C compiler)."""
     from adapterhub_local.inference import cpu_lora_kernel  # not at import: the inference package imports models
 
     batch, heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    if ({query.dtype, key.dtype, value.dtype} != {torch.bfloat16} or key.shape != value.shape
+    tensors = (query, key, value) if mask is None else (query, key, value, mask)
+    if (any(t.device.type != "cpu" for t in tensors)
+            or {query.dtype, key.dtype, value.dtype} != {torch.bfloat16} or key.shape != value.shape
             or key.shape[0] != batch or key.stride() != value.stride() or key.stride(3) != 1
             or not query.is_contiguous()
             or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))

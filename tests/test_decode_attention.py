@@ -223,9 +223,9 @@ def test_each_row_of_a_batch_gets_its_solo_answer() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["fp32", "fp16", "per_head_mask", "additive_mask", "nothing_to_attend", "autograd",
-                                  "query_not_contiguous", "values_strided_differently", "head_too_wide", "suspended",
-                                  "traced"])
+@pytest.mark.parametrize("case", ["meta", "fp32", "fp16", "per_head_mask", "additive_mask", "nothing_to_attend",
+                                  "autograd", "query_not_contiguous", "values_strided_differently", "head_too_wide",
+                                  "suspended", "traced"])
 def test_what_the_kernel_does_not_take_goes_to_torch(case: str) -> None:
     batch, heads, kv_heads, keys = 4, 6, 2, 12
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16)
@@ -239,6 +239,8 @@ def test_what_the_kernel_does_not_take_goes_to_torch(case: str) -> None:
         q.requires_grad_(True)
     if case == "query_not_contiguous":
         q = torch.randn(batch, heads, 1, 32).to(dtype)[..., :16]
+    if case == "meta":  # not CPU memory: never handed to C
+        q, k, v = q.to("meta"), k.to("meta"), v.to("meta")
     if case == "head_too_wide":  # past the kernel's buffers (head size 256)
         generator = torch.Generator().manual_seed(2)
         q, k, v = (torch.randn(batch, h, n, 272, generator=generator).to(dtype)
