@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,14 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
             return run_once()
         return go
 
+    def switched_off(suspension: Callable[[], AbstractContextManager[None]],
+                     run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+        """``run_once`` with one of the engine's CPU fast paths off (the same engine: the side-by-side baseline)."""
+        def go() -> tuple[float, float]:
+            with suspension():
+                return run_once()
+        return go
+
     systems["engine_base"] = in_mode("swap", base_run)
     systems["engine_adapters"] = in_mode("swap", adapters_run)
     systems["engine_merged"] = in_mode("merge", merged_run)
@@ -314,34 +323,20 @@ def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
     # the CPU decode kernel against torch's bmm on the same engine (the kernel is ours: show that it pays)
     results["cpu_lora_kernel"] = (cpu_lora_kernel.unavailable_reason() or "used") if p.device == "cpu" else None
     if p.device == "cpu" and cpu_lora_kernel.available():
-        def without_kernel(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
-            def go() -> tuple[float, float]:
-                with cpu_lora_kernel.suspended():
-                    return run_once()
-            return go
-        systems["engine_adapters_torch_bmm"] = in_mode("swap", without_kernel(adapters_run))
+        systems["engine_adapters_torch_bmm"] = in_mode("swap", switched_off(cpu_lora_kernel.suspended, adapters_run))
 
     # prepacked bf16 weights against oneDNN's per-call reorder on the same engine (ours: show that it pays)
     results["packed_weights"] = {"linears": engine.runner.packed_linears, "bytes": engine.packed_weight_bytes,
                                  "off_because": packed_linear.unavailable_reason() if p.device == "cpu" else None}
     if engine.runner.packed_linears:
-        def unpacked(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
-            def go() -> tuple[float, float]:
-                with packed_linear.suspended():
-                    return run_once()
-            return go
-        systems["engine_base_unpacked"] = in_mode("swap", unpacked(base_run))
+        systems["engine_base_unpacked"] = in_mode("swap", switched_off(packed_linear.suspended, base_run))
 
     # the C decode-attention kernel against torch's packed call on the same engine (ours: show that it pays)
     results["attention_kernel"] = ("used" if cpu_lora_kernel.attention_function() is not None else
                                    cpu_lora_kernel.unavailable_reason()) if p.device == "cpu" else None
     if p.device == "cpu" and cpu_lora_kernel.attention_function() is not None:
-        def torch_attention(run_once: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
-            def go() -> tuple[float, float]:
-                with cpu_lora_kernel.attention_suspended():
-                    return run_once()
-            return go
-        systems["engine_base_torch_attention"] = in_mode("swap", torch_attention(base_run))
+        systems["engine_base_torch_attention"] = in_mode("swap", switched_off(cpu_lora_kernel.attention_suspended,
+                                                                               base_run))
 
     # the CPU decode-step attention against transformers' sdpa on the same engine (ours: show that it pays)
     model: Any = engine.runner.model
