@@ -37,9 +37,13 @@ TARGET = 0.8
 
 
 def run(preset_name: str, out_dir: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="compose-bench-") as tmp:  # its weights go with it
+        return run_in(Path(tmp), preset_name, out_dir)
+
+
+def run_in(work: Path, preset_name: str, out_dir: Path) -> dict[str, Any]:
     p = PRESETS[preset_name]
     dtype = getattr(torch, p.dtype)
-    work = Path(tempfile.mkdtemp(prefix="compose-bench-"))
     registry = Registry(work / "registry")
     registry.add_base("bench", str(make_base(work / "base", p)))
     names = [f"a{i}" for i in range(p.adapters)]
@@ -53,8 +57,8 @@ def run(preset_name: str, out_dir: Path) -> dict[str, Any]:
     single: list[str | None] = [names[i % len(names)] for i in range(p.rows)]
     # 16 distinct two-adapter compositions, each of two adapters the single rows do not use
     pairs = [(names[(half + i) % len(names)], names[(half + (i + 1) % half) % len(names)]) for i in range(half)]
-    composed: list[str | None] = [names[i % len(names)] for i in range(half)] + [
-        f"{a}*0.7+{b}*0.3" for a, b in pairs]
+    composed: list[str | None] = [*(names[i % len(names)] for i in range(half)),
+                                  *(f"{a}*0.7+{b}*0.3" for a, b in pairs)]
 
     def engine_gen(refs: list[str | None]) -> Callable[[], tuple[float, float]]:
         return stream_timer(engine, prompts, refs, p.new, p.device)

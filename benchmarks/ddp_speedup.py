@@ -71,6 +71,24 @@ def run_side(side: str, registry: Path, recipe: Path, overrides: list[str]) -> d
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
+def measure(recipe: Path, steps: int, n_rounds: int, sides: tuple[str, ...], work: Path) -> list[dict[str, Any]]:
+    """Run every side `n_rounds` times, interleaved (the order flips each round), under `work`."""
+    # No periodic evaluation, a small final one, nothing registered: the figure is the training loop's.
+    overrides = [f"train.max_steps={steps}", f"train.eval_every={steps}", "data.max_eval_examples=64",
+                 "eval.max_test_examples=64", "output.register=false", "output.tag=null",
+                 f"output.runs_dir={work / 'runs'}"]
+    registry = work / "registry"
+    run_side("1proc_1thread", registry, recipe, [*overrides, "train.max_steps=1", "train.eval_every=1"])  # warm-up
+    rounds: list[dict[str, Any]] = []
+    for r in range(n_rounds):
+        order = sides if r % 2 == 0 else tuple(reversed(sides))
+        results = {side: run_side(side, registry, recipe, overrides) for side in order}
+        rounds.append(results)
+        print(f"round {r + 1}: " + ", ".join(f"{s} {results[s]['tokens_per_s']:.0f} tok/s" for s in sides),
+              flush=True)
+    return rounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "sentiment-minilm-lora.yaml")
@@ -81,19 +99,8 @@ def main() -> None:
     parser.add_argument("--out", default="ddp_speedup", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     sides = tuple(s for s in SIDES if s in args.sides or s == "1proc_1thread")
-    # No periodic evaluation, a small final one, nothing registered: the figure is the training loop's.
-    overrides = [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", "data.max_eval_examples=64",
-                 "eval.max_test_examples=64", "output.register=false", "output.tag=null",
-                 f"output.runs_dir={tempfile.mkdtemp(prefix='ddp-bench-runs-')}"]
-    registry = Path(tempfile.mkdtemp(prefix="ddp-bench-registry-"))
-    run_side("1proc_1thread", registry, args.recipe, [*overrides, "train.max_steps=1", "train.eval_every=1"])  # base
-    rounds: list[dict[str, Any]] = []
-    for r in range(args.rounds):
-        order = sides if r % 2 == 0 else tuple(reversed(sides))
-        results = {side: run_side(side, registry, args.recipe, overrides) for side in order}
-        rounds.append(results)
-        print(f"round {r + 1}: " + ", ".join(f"{s} {results[s]['tokens_per_s']:.0f} tok/s" for s in sides),
-              flush=True)
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-") as tmp:  # runs and registry go with it
+        rounds = measure(args.recipe, args.steps, args.rounds, sides, Path(tmp))
     summary: dict[str, Any] = {}
     for side in sides:
         rates = [rd[side]["tokens_per_s"] for rd in rounds]

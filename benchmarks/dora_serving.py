@@ -51,13 +51,17 @@ def make_dora(path: Path, p: Preset, rank: int, seed: int) -> Path:
 
 
 def run(preset_name: str, repeats: int | None, new: int | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="dora-bench-") as tmp:  # its weights go with it
+        return run_in(Path(tmp), preset_name, repeats, new)
+
+
+def run_in(work: Path, preset_name: str, repeats: int | None, new: int | None) -> dict[str, Any]:
     p = PRESETS[preset_name]
     if repeats is not None:
         p.repeats = repeats
     if new is not None:
         p.new = new
     dtype = getattr(torch, p.dtype)
-    work = Path(tempfile.mkdtemp(prefix="dora-bench-"))
     registry = Registry(work / "registry")
     registry.add_base("bench", str(make_base(work / "base", p)))
     lora = [f"l{i}" for i in range(p.adapters)]

@@ -59,13 +59,17 @@ def make_kind(path: Path, p: Preset, rank: int, seed: int, tokens: bool) -> Path
 
 
 def run(preset_name: str, repeats: int | None, new: int | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kinds-bench-") as tmp:  # its weights go with it
+        return run_in(Path(tmp), preset_name, repeats, new)
+
+
+def run_in(work: Path, preset_name: str, repeats: int | None, new: int | None) -> dict[str, Any]:
     p = PRESETS[preset_name]
     if repeats is not None:
         p.repeats = repeats
     if new is not None:
         p.new = new
     dtype = getattr(torch, p.dtype)
-    work = Path(tempfile.mkdtemp(prefix="kinds-bench-"))
     registry = Registry(work / "registry")
     registry.add_base("bench", str(make_base(work / "base", p)))
     lora = [f"l{i}" for i in range(p.adapters)]

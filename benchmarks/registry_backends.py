@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +49,17 @@ def timed(action: Callable[[], object]) -> float:
 def measure(make: Callable[[str], Registry], base_dir: Path, lora: Path, versions: int) -> dict[str, float]:
     writer = make("writer")
     add_base_ms = timed(lambda: writer.add_base("tiny", str(base_dir)))
-    imports = [timed(lambda i=i: writer.register_adapter("qa", lora, "tiny", CardInfo(task=f"t{i}")))
-               for i in range(versions)]
+    def register(i: int) -> Callable[[], object]:
+        return lambda: writer.register_adapter("qa", lora, "tiny", CardInfo(task=f"t{i}"))
+
+    imports = [timed(register(i)) for i in range(versions)]
     opens, first, warm = [], [], []
     for i in range(1, versions + 1):
         start = time.perf_counter()
         reader = make(f"reader{i}")  # a new client, empty cache
         opens.append((time.perf_counter() - start) * 1000)
-        first.append(timed(lambda r=reader, v=i: r.load_adapter(f"qa@{v}", base="tiny")))
-        warm.append(timed(lambda r=reader, v=i: r.load_adapter(f"qa@{v}", base="tiny")))
+        first.append(timed(partial(reader.load_adapter, f"qa@{i}", base="tiny")))
+        warm.append(timed(partial(reader.load_adapter, f"qa@{i}", base="tiny")))
     return {"add_base_ms": add_base_ms, "import_ms": statistics.median(imports),
             "open_new_client_ms": statistics.median(opens), "load_first_ms": statistics.median(first),
             "load_warm_ms": statistics.median(warm), "base_bytes": sum(

@@ -244,10 +244,14 @@ def interleaved(systems: dict[str, Callable[[], tuple[float, float]]], p: Preset
 
 
 def run(preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:  # its weights go with it
+        return run_in(Path(tmp), preset_name, out_dir, only_fast)
+
+
+def run_in(work: Path, preset_name: str, out_dir: Path, only_fast: bool) -> dict[str, Any]:
     p = PRESETS[preset_name]
     dtype = getattr(torch, p.dtype)
     element = torch.empty((), dtype=dtype).element_size()
-    work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     registry = Registry(work / "registry")
     registry.add_base("bench", str(make_base(work / "base", p)))
     names = [f"a{i}" for i in range(p.adapters)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -50,7 +51,7 @@ def main() -> None:
                             for f in ("Chinese", "French", "Italian")), encoding="utf-8")
     ranks = [int(r) for r in args.ranks.split(",")]
     started = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     ray_start_s = time.perf_counter() - started
     times: dict[str, list[float]] = {"local": [], "ray": []}
     for round_ in range(args.rounds):

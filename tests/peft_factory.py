@@ -38,7 +38,9 @@ def prompt_model(base_dir: Path, n_virtual: int = 5, seed: int = 2) -> Any:
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual))
     with torch.no_grad():
-        model.prompt_encoder["default"].embedding.weight.normal_()
+        embedding = model.get_submodule("prompt_encoder.default.embedding")
+        assert isinstance(embedding, torch.nn.Embedding)
+        embedding.weight.normal_()
     model.eval()
     return model
 
