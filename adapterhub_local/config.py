@@ -173,6 +173,10 @@ class TrainConfig:
     compile: AutoSwitch = AutoSwitch("auto")
     """``torch.compile`` the base's blocks while training: ``auto`` where it pays (long CPU runs on bases of
     20M+ parameters; ``train/compilation.py``), ``true``, ``false``."""
+    padding_free: AutoSwitch = AutoSwitch("auto")
+    """Lay each causal-LM micro-batch's sequences end to end in one row (no padding; each still attends to itself
+    alone): ``auto``/``true`` where it applies (``train/padding_free.py``; ``true`` refuses a run where it does not),
+    ``false`` keeps padded batches. The same loss up to rounding."""
     num_threads: int | None = None
     """torch CPU threads (default: one per usable core); ``--threads``/``$ADAPTERHUB_THREADS`` win over it."""
 

@@ -12,8 +12,10 @@ hundred keys (torch 2.13); a decode step of an unpadded batch was simply paying 
 (its masks built by the ``sdpa`` mask builder) that always takes the packed layout for one query token on a
 CPU: the same ``scaled_dot_product_attention`` call transformers makes for a masked batch. Everything else —
 prefill, training, dropout, soft-capping, attention sinks, position biases, bases without grouped heads, other
-devices — goes to ``sdpa`` unchanged. :func:`use_decode_attention` switches a loaded model to it. The name is
-not written into a saved ``config.json``, so a merged model saved from such a model loads anywhere.
+devices — goes to ``sdpa`` unchanged, but for a padding-free training row (:mod:`.segment_attention`), which
+both implementations hand to :func:`~.segment_attention.segment_attention`. :func:`use_decode_attention`
+switches a loaded model to it. The name is not written into a saved ``config.json``, so a merged model saved
+from such a model loads anywhere.
 
 In bf16 the packed step goes to a C kernel where it applies (:func:`kernel_decode`, ``inference/kernels/
 decode_attention.c``, built with the per-row LoRA kernel): per row and key/value head it scores every key in fp32,
@@ -35,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adapterhub_local.segment_attention import SLOTS, TOKENS, segment_attention
 
 DECODE_ATTENTION = "adapterhub_cpu_decode"
 """The registered implementation's name (as ``config._attn_implementation``): torch's packed call, ``sdpa``'s bits."""
@@ -135,6 +139,9 @@ def decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     attention (the C kernel first with ``kernel``), else ``sdpa``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if SLOTS in kwargs:  # a padding-free training row (segment_attention.py)
+        return segment_attention(module, query, key, value, kwargs.pop(SLOTS), kwargs.pop(TOKENS), dropout,
+                                 scaling, **kwargs)
     heads, kv_heads = query.shape[1], key.shape[1]
     if not _single_token_cpu(query, dropout, kwargs) or kv_heads == heads or heads % kv_heads:
         result: tuple[torch.Tensor, None] = sdpa_attention_forward(module, query, key, value, attention_mask,

@@ -4,11 +4,14 @@ batch size and sequence lengths, in one run. Reports real (non-padding) tokens/s
 Sides: ``trainer_fp32`` (Trainer + PEFT, fp32), ``trainer_bf16`` (Trainer + PEFT with ``bf16=True``: autocast
 over fp32 weights), ``ours_fp32`` (our loop, ``precision: fp32``), ``ours_bf16`` (our loop, ``precision: bf16``:
 bf16 frozen base, fp32 LoRA and optimizer state), ``ours_bf16_grouped`` (the same with ``group_by_length``) and
-``ours_bf16_compiled`` (the same with ``train.compile: true``: the decoder blocks under ``torch.compile``; the
-warm-up steps absorb the compilation — see ``train/compilation.py`` for its one-off cost).
-The first four use the same plain batching, so they compare like for like. Each side runs in its own
-subprocess so its peak memory is its own (CUDA: max allocated; CPU: the process's max RSS), with the thread count
-pinned; sides are interleaved over ``--rounds`` rounds and each reports its best and median.
+``ours_bf16_compiled`` (the loop as a run trains by default on a CPU: ``train.compile: true`` — the decoder blocks
+under ``torch.compile``; the warm-up steps absorb the compilation, see ``train/compilation.py`` for its one-off cost
+— and padding-free batches, ``train/padding_free.py``), ``ours_bf16_compiled_padded`` (the same with padded
+batches) and ``ours_bf16_compiled_torch_loss`` (the default with torch's cross entropy).
+The first four (and ``ours_bf16_compiled_padded``) use the same padded batches, so they compare like for like;
+padding-free batches hold the same examples and compute the same loss without the padding positions. Each side
+runs in its own subprocess so its peak memory is its own (CUDA: max allocated; CPU: the process's max RSS), with the
+thread count pinned; sides are interleaved over ``--rounds`` rounds and each reports its best and median.
 
 "% of bound": the GEMM FLOP/s of the side's compute dtype (a square matmul measured in the same run, each round)
 over the model FLOPs a trained token needs (frozen base: forward 2·P plus activation backward 2·P for the P
@@ -47,14 +50,16 @@ import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("trainer_fp32", "trainer_bf16", "ours_fp32", "ours_bf16", "ours_bf16_grouped", "ours_bf16_compiled",
-         "ours_bf16_compiled_torch_loss")
+         "ours_bf16_compiled_padded", "ours_bf16_compiled_torch_loss")
 LABELS = {"trainer_fp32": "HF Trainer + PEFT, fp32", "trainer_bf16": "HF Trainer + PEFT, bf16 autocast",
           "ours_fp32": "adapterhub loop, fp32", "ours_bf16": "adapterhub loop, bf16 base + fp32 LoRA",
           "ours_bf16_grouped": "adapterhub loop, bf16, group_by_length",
-          "ours_bf16_compiled": "adapterhub loop, bf16, train.compile: true",
+          "ours_bf16_compiled": "adapterhub loop, bf16, train.compile: true, padding-free batches (the defaults)",
+          "ours_bf16_compiled_padded": "the same with padded batches (train.padding_free: false)",
           "ours_bf16_compiled_torch_loss": "the same with torch's cross entropy (before train/chunked_ce.py)"}
 COMPUTE_DTYPE = {"trainer_fp32": "fp32", "ours_fp32": "fp32", "trainer_bf16": "bf16", "ours_bf16": "bf16",
-                 "ours_bf16_grouped": "bf16", "ours_bf16_compiled": "bf16", "ours_bf16_compiled_torch_loss": "bf16"}
+                 "ours_bf16_grouped": "bf16", "ours_bf16_compiled": "bf16", "ours_bf16_compiled_padded": "bf16",
+                 "ours_bf16_compiled_torch_loss": "bf16"}
 LORA_R = 8
 LORA_TARGETS = ["q_proj", "v_proj"]
 
@@ -207,9 +212,10 @@ def torch_token_losses(hidden: torch.Tensor, tokens: torch.Tensor, head: Any) ->
 
 
 def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, grouped: bool,
-             compiled: bool = False, torch_loss: bool = False) -> dict[str, Any]:
+             compiled: bool = False, torch_loss: bool = False, padding_free: bool = False) -> dict[str, Any]:
     from adapterhub_local import runtime
     from adapterhub_local.config import AutoSwitch, TrainConfig
+    from adapterhub_local.decode_attention import use_decode_attention
     from adapterhub_local.train import lm_loss
     from adapterhub_local.train.loop import train_loop
     from adapterhub_local.train.tasks import Example, collate_generation
@@ -218,12 +224,15 @@ def run_ours(args: argparse.Namespace, data: list[list[int]], precision: str, gr
         lm_loss.token_losses = torch_token_losses
 
     # As the runner loads a frozen base: in the precision's dtype (bf16 here), LoRA and optimizer fp32.
-    model = lora(make_model(args.model, runtime.base_dtype(precision)))
+    base = make_model(args.model, runtime.base_dtype(precision))
+    use_decode_attention(base)  # as models.load_base_model does
+    model = lora(base)
     meter = TokenMeter(model, args.warmup)
     examples = [Example(ids, list(ids)) for ids in data]
     cfg = TrainConfig(lr=2e-4, batch_size=args.batch_size, max_steps=args.steps + args.warmup, warmup_ratio=0.0,
                       eval_every=10**9, log_every=10**9, group_by_length=grouped, max_grad_norm=1.0,
-                      precision=precision, compile=AutoSwitch("true" if compiled else "false"))
+                      precision=precision, compile=AutoSwitch("true" if compiled else "false"),
+                      padding_free=AutoSwitch("true" if padding_free else "false"))
     with tempfile.TemporaryDirectory() as run_dir:
         train_loop(model, examples, lambda ex: collate_generation(ex, 0), cfg, Path(run_dir), lambda m: {},
                    "none", True, progress=False, on_step=lambda step: meter.step_end())
@@ -242,7 +251,8 @@ def side(args: argparse.Namespace) -> None:
         out = run_trainer(args, data, bf16=args.side == "trainer_bf16")
     else:
         out = run_ours(args, data, COMPUTE_DTYPE[args.side], grouped=args.side.endswith("grouped"),
-                       compiled="compiled" in args.side, torch_loss=args.side.endswith("torch_loss"))
+                       compiled="compiled" in args.side, torch_loss=args.side.endswith("torch_loss"),
+                       padding_free=args.side in ("ours_bf16_compiled", "ours_bf16_compiled_torch_loss"))
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
     out["threads"] = torch.get_num_threads()
     if torch.cuda.is_available():

@@ -10,8 +10,9 @@ LM's loss comes from the LM head on labelled positions only, cross entropy in fp
 fp32 (``lm_loss.py``, ``chunked_ce.py``; the model's own loss upcast all ``batch × width × 49,152`` logits to fp32 —
 about a fifth of the step); short batches use the math attention kernel on CPU, whose backward is twice as fast
 there as the flash kernel's (``runtime.training_attention``); under autocast PEFT's fp32 round trip of LoRA inputs
-is skipped (bit-identical); the next batch is collated on a worker thread; losses stay on the device until a log
-line.
+is skipped (bit-identical); a causal LM's micro-batch runs padding-free, its sequences end to end in one row
+(``padding_free.py``: a quarter fewer positions at lengths 40–100); the next batch is collated on a worker thread;
+losses stay on the device until a log line.
 
 Exact resumption rests on three things saved at an optimizer-step boundary: the trainable tensors and
 optimizer/scheduler state, the torch RNG state (LoRA dropout draws from it), and the position in the
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from adapterhub_local import runtime
 from adapterhub_local.config import TrainConfig
 from adapterhub_local.errors import ConfigError
-from adapterhub_local.train import lm_loss, sharding
+from adapterhub_local.train import lm_loss, padding_free, sharding
 from adapterhub_local.train.compilation import compile_for_training
 from adapterhub_local.train.distributed import SINGLE, Processes, loss_units
 from adapterhub_local.train.methods import load_trainable_state, trainable_state
@@ -124,12 +125,23 @@ def training_loss(model: torch.nn.Module, batch: Batch, accelerator: Any, precis
     device = accelerator.device
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
     labels = batch.tensors.get("labels")
-    width = int(batch.tensors["input_ids"].shape[-1])
+    width = padding_free.padded_width(batch.tensors)
     with forward_context(accelerator, precision), runtime.training_attention(width, device):
         if fast and labels is not None and labels.dim() == 2:
             return lm_loss.causal_lm_loss(model, inputs, lm_loss.label_targets(labels).to(device))
         loss: torch.Tensor = model(**inputs).loss
         return loss
+
+
+def padding_free_decision(model: torch.nn.Module, setting: str, fast_loss: bool, processes: int) -> bool:
+    """Whether the loop lays micro-batches out padding-free (``train.padding_free``, :mod:`.padding_free`)."""
+    if setting == "false":
+        return False
+    reason = padding_free.unsupported_reason(model, fast_loss, processes)
+    if reason is not None and setting == "true":
+        raise ConfigError([f"train.padding_free is true, but padding-free batches cannot train this run: {reason}"],
+                          "set train.padding_free to auto (padded batches where it does not apply) or false")
+    return reason is None
 
 
 class EvalTrack(Protocol):
@@ -338,7 +350,8 @@ def train_loop(
     fast_loss = processes.world_size == 1 and lm_loss.supports(model, {"labels": torch.zeros(1, 1)})
     running_loss = torch.zeros((), device=accelerator.device)
     running_n = 0
-    prefetch = Prefetcher(collate, examples)
+    unpadded = padding_free_decision(inner, cfg.padding_free, fast_loss, processes.world_size)
+    prefetch = Prefetcher(padding_free.collating(collate) if unpadded else collate, examples)
     # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is undone by the matmul's own cast
     # to bf16 — two copies of every adapted activation, forward and backward, for bit-identical results.
     casting = contextlib.ExitStack()

@@ -144,20 +144,21 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path: Path, lla
 
 
 def test_run_after_run_in_one_process_each_trains_compiled(tmp_path: Path, llama_tok_registry: Registry,
-                                                            gen_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                            gen_data: Path) -> None:
     """A sequential sweep trains point after point in one process. Dynamo caches graphs per code object, which
     every block of every model shares: without a fresh cache per run, the runs' graphs piled up until dynamo's
     recompile limit and the later points trained eagerly, silently. A low limit makes that happen at once."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
-    raw = gen_raw(gen_data, tmp_path / "runs")
-    raw["train"].update({"max_steps": 2, "eval_every": 2, "batch_size": 2, "precision": "fp32", "compile": True})
-    raw["output"]["register"] = False
-    raw["eval"]["forgetting"] = False
-    recipe = build_recipe(raw)
-    data = check(recipe)
-    for point in range(3):
-        counters.clear()
-        runner.run(recipe, data, llama_tok_registry, run_dir=tmp_path / f"point{point}", progress=False)
-        assert counters["frames"]["ok"] > 0, f"point {point} trained eagerly"
+    # torch's own patcher: pytest's monkeypatch deletes the option on undo, breaking later compiles
+    with torch._dynamo.config.patch(recompile_limit=4):
+        raw = gen_raw(gen_data, tmp_path / "runs")
+        raw["train"].update({"max_steps": 2, "eval_every": 2, "batch_size": 2, "precision": "fp32", "compile": True})
+        raw["output"]["register"] = False
+        raw["eval"]["forgetting"] = False
+        recipe = build_recipe(raw)
+        data = check(recipe)
+        for point in range(3):
+            counters.clear()
+            runner.run(recipe, data, llama_tok_registry, run_dir=tmp_path / f"point{point}", progress=False)
+            assert counters["frames"]["ok"] > 0, f"point {point} trained eagerly"
