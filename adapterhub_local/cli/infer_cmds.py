@@ -132,6 +132,8 @@ def predict(
     base: str | None = typer.Option(None, "--base", help="Base to run on (default: the adapter's own base)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="For generation adapters."),
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the device multiplies it natively, else float32), "
+                              "float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Run an adapter on one input: classifiers print the label and probabilities, generators the completion."""
@@ -140,8 +142,10 @@ def predict(
 
     target = _target(ref, base, raw)
     model_input = target.prompt(text)
+    chosen = check_device(device)
+    weights = _dtype(dtype, chosen)  # a bad --dtype is refused before anything loads
     registry = get_registry()
-    full = (predict_full(registry, target.adapter, model_input, max_new_tokens, check_device(device))
+    full = (predict_full(registry, target.adapter, model_input, max_new_tokens, chosen)
             if target.adapter else None)
     if full is not None:  # a full fine-tune replaces the base's weights, so it runs alone, outside the engine
         if as_json:
@@ -153,7 +157,7 @@ def predict(
         else:
             typer.echo(target.answer(full["text"]))
         return
-    engine = Engine(registry, target.base, device=check_device(device))
+    engine = Engine(registry, target.base, device=chosen, dtype=weights)
     request = Request(prompt=model_input, adapter=target.adapter,
                       sampling=SamplingParams(max_new_tokens=max_new_tokens, stop=target.stops([])))
     is_classifier = target.adapter is not None and engine.load(target.adapter).labels is not None

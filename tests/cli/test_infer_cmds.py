@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -130,6 +131,27 @@ def test_generate_and_serve_auto_dtype_is_bf16_where_the_cpu_multiplies_it_nativ
     assert _dtype("float32", "cpu") == torch.float32 and _dtype("bfloat16", "cpu") == torch.bfloat16
 
 
-def test_generate_refuses_an_unknown_dtype_before_loading(world: World, capsys: pytest.CaptureFixture[str]) -> None:
-    failed = run(capsys, "generate", "tgen", "hello", "--dtype", "bf16", "-R", world.reg)
+@pytest.mark.parametrize("command", [["generate", "tgen", "hello"], ["predict", "tcls", "hello"]])
+def test_an_unknown_dtype_is_refused_before_loading(world: World, capsys: pytest.CaptureFixture[str],
+                                                    command: list[str]) -> None:
+    failed = run(capsys, *command, "--dtype", "bf16", "-R", world.reg)
     assert failed.code != 0 and "dtype 'bf16' is not one of auto, float32, bfloat16, float16" in failed.err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_predict_runs_its_engine_in_the_asked_dtype(world: World, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    import adapterhub_local.inference as inference
+
+    seen: list[torch.dtype] = []
+    real = inference.Engine
+
+    def engine(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "Engine", engine)
+    result = run(capsys, "predict", "tcls", "good movie", "--dtype", dtype, "--json", "-R", world.reg).json()
+    assert seen == [getattr(torch, dtype)]
+    assert set(result["probabilities"]) == {"negative", "positive"}
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-2)
