@@ -169,6 +169,9 @@ def create_app(engine: ServingEngine, registry: Registry, base: str, config: Ser
         state.metrics.set_gauge("adapterhub_queued_requests", "Requests waiting for a batch.", state.scheduler.queued)
         state.metrics.set_gauge("adapterhub_open_rows", "Rows held by open decode batches (0 when idle).",
                                 int(getattr(engine, "open_rows", 0)))
+        state.metrics.set_gauge("adapterhub_packed_weight_bytes", "Base weights held a second time, laid out once "
+                                "for the CPU's bf16 matmul (inference/packed_linear.py); 0 where none are.",
+                                int(getattr(engine, "packed_weight_bytes", 0)))
         # The engine's counters sit behind its lock, which a running batch holds: read them off the loop.
         text = await asyncio.to_thread(state.metrics.render)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from adapterhub_local.inference import packed_linear
+from adapterhub_local.inference.engine import Engine
 from adapterhub_local.registry import Registry
-from adapterhub_local.server import ServerConfig
+from adapterhub_local.server import ServerConfig, create_app
 from adapterhub_local.server.auth import AuthConfig
 from tests.server.conftest import API_KEY, make_app
 
@@ -186,6 +189,22 @@ def test_metrics_count_requests_tokens_and_batches(client: TestClient) -> None:
     assert float(lines['adapterhub_request_latency_seconds_count{endpoint="completions"}']) >= 4
     assert float(lines["adapterhub_pool_misses_total"]) >= 1
     assert "adapterhub_pool_hits_total" in lines and "adapterhub_queued_requests" in lines
+
+
+def test_metrics_report_the_prepacked_weight_bytes(served_registry: Registry) -> None:
+    """A bf16 CPU engine packs its base linears at load where the probe finds the packed call exact; the gauge
+    reports the engine's own figure (an fp32 engine packs nothing)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        engine = Engine(served_registry, "tiny", mode="swap", dtype=dtype)
+        with TestClient(create_app(engine, served_registry, "tiny",
+                                   ServerConfig(auth=AuthConfig(api_key=API_KEY)))) as test_client:
+            text = test_client.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+        gauge = next(line for line in text.splitlines() if line.startswith("adapterhub_packed_weight_bytes "))
+        assert float(gauge.split()[1]) == engine.packed_weight_bytes
+        if dtype == torch.float32 or packed_linear.unavailable_reason() is not None:
+            assert engine.packed_weight_bytes == 0
+        else:
+            assert engine.packed_weight_bytes > 0
 
 
 def test_tags_and_hashes_name_versions(client: TestClient, served_registry: Registry) -> None:
