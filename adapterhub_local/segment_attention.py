@@ -47,7 +47,7 @@ def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         heads, dim = states.shape[1], states.shape[3]
         return states[0].index_select(1, flat).view(heads, rows, width, dim).transpose(0, 1)
 
-    kwargs = {k: v for k, v in kwargs.items() if k not in (SLOTS, TOKENS, "is_causal")}
+    kwargs.pop("is_causal", None)  # always causal: each sequence attends to its own past
     out, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None, dropout=dropout,
                                     scaling=scaling, is_causal=True, **kwargs)  # [rows, width, heads, d]
     heads, dim = out.shape[2], out.shape[3]

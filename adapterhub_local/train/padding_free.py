@@ -14,14 +14,15 @@ and attends each to itself alone. No attention mask is passed: transformers buil
 the restarting positions (not read by the segment attention, but the right mask for any reader).
 
 The loss is the padded batch's: the same labelled positions (:func:`.lm_loss.label_targets` finds them in the
-row), the same per-token cross entropy, the same mean. The numbers differ from the padded step's only by
-rounding (matmuls over a different number of rows may block differently); tests hold losses and gradients to
-fp32 rounding on an fp32 model.
+row), the same per-token cross entropy, the same mean. Without dropout the numbers differ from the padded step's
+only by rounding (matmuls over a different number of rows may block differently); tests hold losses and gradients
+to fp32 rounding on an fp32 model. LoRA dropout draws its masks over the real tokens only: the same distribution as
+padded, other draws (a seed still gives one run, and ``--resume`` continues it exactly).
 
 When (``train.padding_free``): ``auto`` (default) and ``true`` use it where it applies — a causal LM trained with
 the labelled-positions loss (:mod:`.lm_loss`) in one process, attending with this project's attention functions
-(``decode_attention.py``, which hand such a row to the segment attention), on right-padded batches with a full
-first position; ``true`` refuses a run where it does not apply, naming why; ``false`` keeps padded batches.
+(``decode_attention.py``, which hand such a row to the segment attention), on right-padded batches without an
+empty row; ``true`` refuses a run where it does not apply, naming why; ``false`` keeps padded batches.
 """
 
 from __future__ import annotations
