@@ -34,23 +34,20 @@ import torch  # noqa: E402
 
 from adapterhub_local import runtime  # noqa: E402
 from adapterhub_local.decode_attention import use_decode_attention  # noqa: E402
-from adapterhub_local.train import lm_loss, padding_free  # noqa: E402
+from adapterhub_local.train import padding_free  # noqa: E402
 from adapterhub_local.train.compilation import compile_for_training  # noqa: E402
+from adapterhub_local.train.loop import make_accelerator, training_loss  # noqa: E402
 from adapterhub_local.train.tasks import Batch, Example, collate_generation  # noqa: E402
 from benchmarks.train_throughput import lora, make_data, make_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def step_seconds(model: Any, batch: Batch) -> float:
-    """One training forward and backward of ``batch`` as the loop runs it (bf16 autocast, the labelled-positions
-    loss, the loop's attention kernel choice); gradients dropped."""
-    tensors = batch.tensors
+def step_seconds(model: Any, accelerator: Any, batch: Batch) -> float:
+    """One training forward and backward of ``batch`` through the loop's own :func:`training_loss` (bf16
+    autocast, the labelled-positions loss, the loop's attention kernel choice); gradients dropped."""
     started = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16), runtime.training_attention(
-            padding_free.padded_width(tensors), "cpu"):
-        loss = lm_loss.causal_lm_loss(model, dict(tensors), lm_loss.label_targets(tensors["labels"]))
-    loss.backward()
+    training_loss(model, batch, accelerator, "bf16", fast=True).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - started
 
@@ -77,6 +74,7 @@ def main() -> None:
     unpadded = [padding_free.unpad(b) for b in padded]
     compiled = compile_for_training(model.get_base_model(), "false" if args.eager else "true",
                                     device=torch.device("cpu"), steps=10**6, processes=1, log=print)
+    accelerator = make_accelerator("bf16")
     compiled.on()
     model.train()
     load_before = os.getloadavg()[0]
@@ -86,7 +84,7 @@ def main() -> None:
         assert free is not None
         sides = [("padded", padded[i]), ("padding_free", free)]
         for name, batch in sides if i % 2 else sides[::-1]:
-            times[name].append(step_seconds(model, batch))
+            times[name].append(step_seconds(model, accelerator, batch))
     compiled.off()
     measured = {k: v[args.warmup:] for k, v in times.items()}
     per_batch = [p / f for p, f in zip(measured["padded"], measured["padding_free"], strict=True)]
