@@ -181,9 +181,10 @@ def autocast(precision: str, device: str | None = None) -> contextlib.AbstractCo
 
 
 SHORT_ATTENTION_WIDTH = 128
-"""Widest batch for which CPU training uses the plain ("math") scaled-dot-product attention: at short widths
-its backward is about twice as fast as the CPU flash kernel's (8 × 9 heads × 100 positions: 37 vs 79 ms
-forward + backward); past ~200 positions the flash kernel wins."""
+"""Widest batch for which CPU training avoids torch's flash attention kernel, whose backward is slow at short
+widths: padded batches use the plain ("math") scaled-dot-product attention (8 × 9 heads × 100 positions: 37 vs
+79 ms forward + backward), padding-free rows :func:`~adapterhub_local.segment_attention.grouped_causal_attention`
+(faster again); past ~200 positions the flash kernel wins."""
 
 
 def training_attention(width: int, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
