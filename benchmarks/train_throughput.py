@@ -292,9 +292,16 @@ def main() -> None:
     parser.add_argument("--name", default="train_throughput",
                         help="Results file stem under benchmarks/results (default: train_throughput).")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--rewrite-report", action="store_true",
+                        help="Run nothing: rewrite benchmarks/results/<name>.{json,md} from the stored JSON's "
+                             "measurements (after a change to the report's ratios or layout).")
     args = parser.parse_args()
     if args.side:
         side(args)
+        return
+    if args.rewrite_report:
+        stored = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_report(args.name, stored["meta"], stored["results"])
         return
     from adapterhub_local import runtime
 
@@ -322,14 +329,6 @@ def main() -> None:
                          "pct_of_bound": 100 * max(rates) / bound,
                          "peak_memory_mb": max(r["peak_memory_mb"] for r in runs[name]),
                          "peak_memory_kind": runs[name][0]["peak_memory_kind"], "threads": runs[name][0]["threads"]}
-    for ref in ("trainer_fp32", "trainer_bf16"):
-        if ref not in results:
-            continue
-        for name in sides:
-            results[name][f"x_{ref}"] = results[name]["tokens_per_s_best"] / results[ref]["tokens_per_s_best"]
-            results[name][f"x_{ref}_median"] = (results[name]["tokens_per_s_median"]
-                                                / results[ref]["tokens_per_s_median"])
-            results[name][f"peak_memory_x_{ref}"] = results[name]["peak_memory_mb"] / results[ref]["peak_memory_mb"]
     meta = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "batch_size": args.batch_size, "lengths": [args.min_len, args.max_len],
             "lora": f"r={LORA_R} on {','.join(LORA_TARGETS)}", "threads": args.threads,
@@ -338,27 +337,58 @@ def main() -> None:
             "gemm_flops_best": bound_flops, "gemm_flops_rounds": gemm, "flops_per_token": per_token,
             "load_average_after_each_side": load,
             "command": " ".join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]])}
+    write_report(args.name, meta, results)
+
+
+def paired_ratios(side: dict[str, Any], ref: dict[str, Any]) -> list[float]:
+    """``side``'s tokens/s over ``ref``'s, round by round: the two ran minutes apart in each round, so the
+    machine's drift between rounds (±15 % on a shared 2-core host) cancels out of each ratio."""
+    return [a / b for a, b in zip(side["tokens_per_s_rounds"], ref["tokens_per_s_rounds"], strict=True)]
+
+
+def write_report(name: str, meta: dict[str, Any], results: dict[str, Any]) -> None:
+    """Add the ratios against the Trainer sides to ``results`` and write ``benchmarks/results/<name>.{json,md}``."""
+    for ref in ("trainer_fp32", "trainer_bf16"):
+        if ref not in results:
+            continue
+        for side in results.values():
+            side[f"x_{ref}"] = side["tokens_per_s_best"] / results[ref]["tokens_per_s_best"]
+            side[f"x_{ref}_median"] = side["tokens_per_s_median"] / results[ref]["tokens_per_s_median"]
+            side[f"x_{ref}_rounds"] = paired_ratios(side, results[ref])
+            side[f"x_{ref}_rounds_median"] = statistics.median(side[f"x_{ref}_rounds"])
+            side[f"peak_memory_x_{ref}"] = side["peak_memory_mb"] / results[ref]["peak_memory_mb"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     ref_names = [r for r in ("trainer_fp32", "trainer_bf16") if r in results]
-    head = "| loop | tokens/s best | median | % of bound | " + " | ".join(f"× {r} (best / median)" for r in ref_names)
+    head = "| loop | tokens/s best | median | % of bound | " + " | ".join(
+        f"× {r} (best / median / per round, median)" for r in ref_names)
     rows = [head + " | peak memory (MB) | × trainer_fp32 memory |",
             "|---" * (6 + len(ref_names)) + "|"]
-    for name in sides:
-        r = results[name]
-        ratios = " | ".join(f"{r[f'x_{ref}']:.2f} / {r[f'x_{ref}_median']:.2f}" for ref in ref_names)
+    for side_name, r in results.items():
+        ratios = " | ".join(f"{r[f'x_{ref}']:.2f} / {r[f'x_{ref}_median']:.2f} / {r[f'x_{ref}_rounds_median']:.2f}"
+                            for ref in ref_names)
         mem = f"{r['peak_memory_x_trainer_fp32']:.2f}" if "trainer_fp32" in results else "–"
-        rows.append(f"| {LABELS[name]} | {r['tokens_per_s_best']:.0f} | {r['tokens_per_s_median']:.0f} | "
+        rows.append(f"| {LABELS[side_name]} | {r['tokens_per_s_best']:.0f} | {r['tokens_per_s_median']:.0f} | "
                     f"{r['pct_of_bound']:.0f}% | {ratios} | {r['peak_memory_mb']:.0f} | {mem} |")
+    per_round = [f"{LABELS[n]}: " + ", ".join(f"{x:.2f}" for x in r["x_trainer_fp32_rounds"])
+                 for n, r in results.items() if "x_trainer_fp32_rounds" in r and n != "trainer_fp32"]
+    load = meta["load_average_after_each_side"]
+    bound_flops = meta["gemm_flops_best"]
+    lengths = meta["lengths"]
     text = (f"# Training throughput\n\n`{meta['command']}` — {meta['model']}, {meta['device']}, "
-            f"{args.threads} threads, batch {args.batch_size}, lengths {args.min_len}–{args.max_len}, "
-            f"{args.steps} measured steps after {args.warmup} warm-up steps, {args.rounds} interleaved rounds, "
-            f"LoRA {meta['lora']}; real (non-padding) "
+            f"{meta['threads']} threads, batch {meta['batch_size']}, lengths {lengths[0]}–{lengths[1]}, "
+            f"{meta['steps']} measured steps after {meta['warmup']} warm-up steps, {meta['rounds']} interleaved "
+            f"rounds, LoRA {meta['lora']}; real (non-padding) "
             f"tokens/s; peak memory = {next(iter(results.values()))['peak_memory_kind']}. Bound = measured GEMM "
             f"(fp32 {bound_flops['fp32'] / 1e9:.0f}, bf16 {bound_flops['bf16'] / 1e9:.0f} GFLOP/s) / "
-            f"{per_token / 1e6:.0f} MFLOP per trained token. Load average during the run: "
-            f"{min(load):.1f}–{max(load):.1f} (other jobs share the machine).\n\n" + "\n".join(rows) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(text)
+            f"{meta['flops_per_token'] / 1e6:.0f} MFLOP per trained token. Load average during the run: "
+            f"{min(load):.1f}–{max(load):.1f} (this benchmark's own threads included). Ratios: best over best, "
+            f"median over median, and the median of the round-by-round ratios (each round's sides ran minutes "
+            f"apart).\n\n"
+            + "\n".join(rows) + "\n")
+    if per_round:
+        text += "\n× trainer_fp32 round by round — " + "; ".join(per_round) + ".\n"
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 
