@@ -255,7 +255,12 @@ def test_what_the_kernel_does_not_take_goes_to_torch(case: str) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         seen: list[torch.Tensor | None] = []
-        make_fx(lambda a, b, c: seen.append(da.kernel_decode(a, b, c, None, None)) or a)(q, k, v)
+
+        def traced(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            seen.append(da.kernel_decode(a, b, c, None, None))
+            return a
+
+        make_fx(traced)(q, k, v)
         assert seen == [None]
         return
     assert da.kernel_decode(q, k, v, mask, None) is None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from adapterhub_local.errors import FormatError, UnsupportedError
 from adapterhub_local.pooling import (
@@ -113,8 +114,9 @@ def test_pooled_classifier_keeps_the_transformers_names_and_objects(tmp_path: Pa
     wrapped.eval()
     with torch.no_grad():
         out = wrapped(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
-        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        expected = model.classifier(pool(hidden, mask, "mean"))
+        bert = cast(BertForSequenceClassification, model)
+        hidden = bert.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = bert.classifier(pool(hidden, mask, "mean"))
     assert torch.allclose(out.logits, expected, atol=1e-6)
     assert float(out.loss) == pytest.approx(float(torch.nn.functional.cross_entropy(expected, torch.tensor([0, 2]))))
     with torch.no_grad():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+from typer.core import TyperGroup
 
 from adapterhub_local import assets
 from adapterhub_local.cli import main
@@ -80,6 +81,7 @@ def _add_chat_template(directory: Path) -> None:
 def parses(argv: list[str]) -> None:
     """Parse ``argv`` as the CLI would, without running the command."""
     group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
     args = hoist_global_options(argv, group)
     with group.make_context("adapterhub", args) as ctx:
         # The group leaves "<subcommand> <its args>" unparsed (click keeps the subcommand name apart).

@@ -37,10 +37,11 @@ def threads() -> Iterator[None]:
 def test_registry_is_accepted_anywhere(two_registries: tuple[Path, Path], placement: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     full, empty = two_registries
-    argv = {"before": ["--registry", full, "base", "list", "--json"],
-            "after": ["base", "list", "--json", "--registry", full],
-            "after-equals": ["base", "list", f"--registry={full}", "--json"],
-            "short-after": ["base", "list", "-R", full, "--json"]}[placement]
+    argvs: dict[str, list[str | Path]] = {"before": ["--registry", full, "base", "list", "--json"],
+                                          "after": ["base", "list", "--json", "--registry", full],
+                                          "after-equals": ["base", "list", f"--registry={full}", "--json"],
+                                          "short-after": ["base", "list", "-R", full, "--json"]}
+    argv = argvs[placement]
     result = run(capsys, *argv)
     assert result.code == 0, result.err
     assert [b["name"] for b in result.json()] == ["tiny"]
@@ -61,7 +62,12 @@ def test_threads_goes_through_runtime_configure_threads(two_registries: tuple[Pa
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[int | None] = []
-    monkeypatch.setattr("adapterhub_local.runtime.configure_threads", lambda n=None: seen.append(n) or 1)
+
+    def configure_threads(n: int | None = None) -> int:
+        seen.append(n)
+        return 1
+
+    monkeypatch.setattr("adapterhub_local.runtime.configure_threads", configure_threads)
     run(capsys, "base", "list", "--threads", "3", "-R", two_registries[0])
     run(capsys, "base", "list", "-R", two_registries[0])  # no option: the environment decides
     assert seen == [3, None]

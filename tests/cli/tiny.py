@@ -35,7 +35,7 @@ class Result:
         return json.loads(self.out)
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> Result:
     """``adapterhub ARGV`` in-process."""
     capsys.readouterr()
     code = main([str(a) for a in argv])

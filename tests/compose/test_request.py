@@ -76,8 +76,8 @@ def test_mixed_batch_rows_equal_solo_rows(engine: Engine) -> None:
     for adapter, prompt, result in zip(adapters, prompts, batch, strict=True):
         torch.testing.assert_close(result.logits, _logits(engine, adapter, prompt), atol=1e-5, rtol=0)
     generated = engine.generate([Request(prompt=PROMPT, adapter=a) for a in adapters])
-    for adapter, result in zip(adapters, generated, strict=True):
-        assert result.token_ids == engine.generate([Request(prompt=PROMPT, adapter=adapter)])[0].token_ids
+    for adapter, row in zip(adapters, generated, strict=True):
+        assert row.token_ids == engine.generate([Request(prompt=PROMPT, adapter=adapter)])[0].token_ids
 
 
 def test_pool_builds_a_composition_once_and_keys_it_by_content(engine: Engine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -71,7 +71,7 @@ def make_bert(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def lora_dir(base_dir: Path, out: Path, rank: int, targets: list[str], seed: int, alpha: float | None = None,
+def lora_dir(base_dir: Path, out: Path, rank: int, targets: list[str], seed: int, alpha: int | None = None,
              task: str = "CAUSAL_LM", num_labels: int = 0, **extra: Any) -> Path:
     """Save a PEFT LoRA adapter with random non-zero weights (also A and B) and return its directory."""
     from peft import LoraConfig, get_peft_model
@@ -91,7 +91,7 @@ def lora_dir(base_dir: Path, out: Path, rank: int, targets: list[str], seed: int
                 param.normal_(0, 0.3 / rank ** 0.5)
             elif "modules_to_save" in name and param.requires_grad:
                 param.normal_(0, 0.5)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 
@@ -103,8 +103,8 @@ def prompt_dir(base_dir: Path, out: Path, n_virtual: int, seed: int) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual))
     with torch.no_grad():
-        model.prompt_encoder["default"].embedding.weight.normal_()
-    model.save_pretrained(out)
+        cast(torch.nn.Embedding, model.prompt_encoder["default"].embedding).weight.normal_()
+    model.save_pretrained(str(out))
     return out
 
 

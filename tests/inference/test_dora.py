@@ -6,7 +6,7 @@ and the stored version loads in PEFT unchanged."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def dora_dir(base_dir: Path, out: Path, rank: int, targets: list[str], seed: int
                 param.normal_(0, 0.3 / rank ** 0.5)
             elif "lora_magnitude_vector" in name:
                 param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 
@@ -134,12 +134,12 @@ def test_static_decoder_equals_dynamic_decoder(dora_zoo: Registry) -> None:
 
 
 def test_the_stored_version_loads_in_peft_unchanged(dora_zoo: Registry) -> None:
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
     _, path = dora_zoo.verified_path("dora", "tiny")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dora_zoo.base("tiny").path), path)
-    assert model.peft_config["default"].use_dora
+    assert cast(LoraConfig, model.peft_config["default"]).use_dora
     magnitudes = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
     assert len(magnitudes) == 2 * 3  # two layers × three targets
 

@@ -69,7 +69,7 @@ def test_public_surface(zoo: Registry) -> None:
     engine.set_mode("swap")
     assert engine.merged is None
     with pytest.raises(ConfigError):
-        engine.set_mode("fast")  # type: ignore[arg-type]
+        engine.set_mode("fast")
     with pytest.raises(ConfigError, match="max_new_tokens"):
         engine.generate([Request(prompt="x", sampling=SamplingParams(max_new_tokens=0))])
     stats = engine.stats()

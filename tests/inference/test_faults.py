@@ -182,7 +182,7 @@ def test_parameters_outside_the_ranges_are_refused(zoo: Registry, params: dict[s
     Request(prompt=[1, 2.5]),  # type: ignore[list-item]
     Request(prompt=b"bytes"),  # type: ignore[arg-type]
     Request(prompt="a", messages=[{"role": "user", "content": "b"}]), Request(),
-    Request(messages=[{"role": "user"}]),  # type: ignore[list-item]
+    Request(messages=[{"role": "user"}]),
     Request(prompt="a", adapter=""), Request(prompt="a", adapter=3),  # type: ignore[arg-type]
 ])
 def test_caller_mistakes_raise_the_projects_errors(zoo: Registry, request_: Request) -> None:

@@ -32,11 +32,11 @@ def peft_dir(base_dir: Path, out: Path, seed: int, **config: Any) -> Path:
                 param.normal_(0, 0.5)
             elif "modules_to_save" in name:
                 param.add_(torch.randn_like(param))
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 
-KINDS = {
+KINDS: dict[str, dict[str, Any]] = {
     "emb": {"target_modules": ["embed_tokens", "q_proj"]},
     "tokens": {"target_modules": ["v_proj"], "trainable_token_indices": [18, 19, 21, 40]},
     "head": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},

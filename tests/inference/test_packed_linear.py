@@ -141,7 +141,8 @@ def _tied_llama(path: Path) -> Any:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model: torch.nn.Module = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
 
 
 def test_pack_linears_keeps_tied_weights_tied(tmp_path: Path) -> None:

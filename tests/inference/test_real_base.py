@@ -19,9 +19,10 @@ def test_smollm2_chat_generation_matches_peft(registry: Registry, tmp_path: Path
 
     record = registry.add_base("smollm2", str(smollm2_base.path))
     torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(record.path),
-                                LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path / "lora")
+    peft_model: PeftModel = get_peft_model(AutoModelForCausalLM.from_pretrained(record.path),
+                                            LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "lora"))
     registry.register_adapter("chatty", tmp_path / "lora", "smollm2", CardInfo(task_type="causal_lm"))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(record.path), tmp_path / "lora")
     engine = Engine(registry, "smollm2")

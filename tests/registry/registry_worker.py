@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 
 from adapterhub_local.errors import AdapterHubError
 from adapterhub_local.registry import CardInfo, Registry
@@ -23,7 +24,7 @@ NAMES = ("alpha", "beta", "gamma")
 
 
 def main(argv: list[str]) -> None:
-    root, source, seed, ops = argv[0], argv[1], int(argv[2]), int(argv[3])
+    root, source, seed, ops = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
     rng = random.Random(seed)
     registry = ObjectStoreRegistry(root, create=False) if is_remote(root) else Registry.open(root)
     done = 0

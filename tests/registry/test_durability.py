@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import NotImplementedType
 from typing import Any
 
 import pytest
@@ -47,13 +48,23 @@ def _other_schema(path: Path) -> None:
     conn.close()
 
 
-DAMAGE: dict[str, Callable[[Path], None]] = {
+def _replaced_by_other_schema(path: Path) -> None:
+    path.unlink()
+    _other_schema(path)
+
+
+def _replaced_by_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+DAMAGE: dict[str, Callable[[Path], object]] = {
     "garbage bytes": lambda p: p.write_bytes(b"this is not a database" * 100),
     "truncated": lambda p: p.write_bytes(p.read_bytes()[:300]),
     "zeroed header": lambda p: p.write_bytes(b"\0" * 100 + p.read_bytes()[100:]),
-    "other schema": lambda p: (p.unlink(), _other_schema(p)),
+    "other schema": _replaced_by_other_schema,
     "missing": lambda p: p.unlink(),
-    "a directory": lambda p: (p.unlink(), p.mkdir()),
+    "a directory": _replaced_by_directory,
 }
 
 
@@ -252,7 +263,7 @@ def test_a_delete_that_succeeded_never_reports_failure(
             assert client.tags("x") == [("x", "prod", 1)]
 
 
-POST_COMMIT = {
+POST_COMMIT: dict[str, tuple[str, Exception | NotImplementedType]] = {
     "version deleted right after publish": ("index_row", NotImplemented),
     "index locked": ("upsert", sqlite3.OperationalError("database is locked")),
     "index corrupt": ("upsert", sqlite3.DatabaseError("database disk image is malformed")),

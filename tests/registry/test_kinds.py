@@ -22,7 +22,7 @@ def test_classifier_head_travels_with_the_adapter(registry: Registry, tiny_bert_
     config = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"],
                         init_lora_weights=False, task_type="SEQ_CLS")
     peft_model = get_peft_model(model, config).eval()
-    peft_model.save_pretrained(tmp_path / "cls")
+    peft_model.save_pretrained(str(tmp_path / "cls"))
     card = registry.register_adapter("cls", tmp_path / "cls", "bert", CardInfo(labels=["a", "b", "c"]))
     assert card.task_type == "sequence_classification" and "classifier" in card.modules_to_save
     out = export(registry, "cls", tmp_path / "out")

@@ -83,9 +83,10 @@ def test_a_damaged_full_version_is_refused_on_load(bert_base: Registry, tiny_ber
 
 def test_a_fine_tune_of_another_base_is_refused(bert_base: Registry, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    wider = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=48, intermediate_size=64,
-                                                     num_hidden_layers=2, num_attention_heads=4,
-                                                     max_position_embeddings=64, num_labels=2))
+    config = BertConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)
+    config.num_labels = 2  # a property, not a declared field of the config dataclass
+    wider = BertForSequenceClassification(config)
     wider.save_pretrained(str(tmp_path / "wider"))
     with pytest.raises(ShapeMismatchError, match="not a fine-tune of base 'bert'"):
         register_full(bert_base, "other", tmp_path / "wider", "bert", INFO)

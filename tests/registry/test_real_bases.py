@@ -22,7 +22,7 @@ def test_minilm_lora_round_trip(registry: Registry, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = get_peft_model(AutoModel.from_pretrained(record.path),
                            LoraConfig(r=8, target_modules=["query", "value"], init_lora_weights=False)).eval()
-    model.save_pretrained(tmp_path / "lora")
+    model.save_pretrained(str(tmp_path / "lora"))
     registry.register_adapter("sent", tmp_path / "lora", "minilm")
     out = export(registry, "sent", tmp_path / "out")
     again = PeftModel.from_pretrained(AutoModel.from_pretrained(record.path), out).eval()

@@ -45,10 +45,10 @@ def test_counts_match_a_known_sequence_and_labels_stay_bounded(served_registry: 
         for model, count in traffic.items():
             for k in range(count):
                 usage = complete(client, model, f"hi {k}")
-                rows = expected.setdefault(f"{model}@1", [0, 0, 0])
-                rows[0] += 1
-                rows[1] += usage["prompt_tokens"]
-                rows[2] += usage["completion_tokens"]
+                counts = expected.setdefault(f"{model}@1", [0, 0, 0])
+                counts[0] += 1
+                counts[1] += usage["prompt_tokens"]
+                counts[2] += usage["completion_tokens"]
         classified = client.post("/v1/classify", json={"model": "sentiment", "input": ["good", "bad"]}).json()
         expected["sentiment@1"] = [2, classified["usage"]["prompt_tokens"], 0]
         series = adapter_series(client.get("/metrics").text)

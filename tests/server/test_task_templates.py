@@ -75,7 +75,7 @@ def test_completion_prefix_is_stripped_whole_and_streamed(client: TestClient, te
                                         CardInfo(task="qa", task_type="causal_lm", extra={SPEC_KEY: spec.to_dict()}))
     whole = complete(client, model="qp", prompt="hello there")["choices"][0]["text"]
     assert whole == raw[2:]
-    pieces = []
+    pieces: list[str] = []
     with client.stream("POST", "/v1/completions", headers=HEADERS,
                        json={"model": "qp", "prompt": "hello there", "max_tokens": 24, "temperature": 0,
                              "stream": True}) as response:

@@ -281,7 +281,12 @@ def test_large_weights_get_their_top_singular_values_without_a_full_float64_svd(
     monkeypatch.setattr(amplification, "EXACT_SPECTRUM_SIDE", 100)  # 240 > 100: not the exact float64 path
     calls: list[int] = []
     original = torch.svd_lowrank
-    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **kw: calls.append(kw["q"]) or original(*a, **kw))
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        calls.append(kw["q"])
+        return original(*a, **kw)
+
+    monkeypatch.setattr(torch, "svd_lowrank", counted)
     before = torch.random.get_rng_state()
     top = amplification.top_singular_values(weight, 8)
     assert calls == [32] and torch.equal(torch.random.get_rng_state(), before)  # randomized, nobody's RNG consumed

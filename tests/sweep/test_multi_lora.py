@@ -168,7 +168,7 @@ def test_per_adapter_clipping_equals_clip_grad_norm_on_each_adapter_alone(tiny_l
         norm = torch.nn.utils.clip_grad_norm_(expected, 0.5)
         assert torch.allclose(norms[i], norm, rtol=1e-5)
         for got, want in zip(joint.gradients_of(i).values(), expected, strict=True):  # type: ignore[attr-defined]
-            assert torch.allclose(got, want.grad, rtol=1e-5, atol=1e-9)  # type: ignore[arg-type]
+            assert torch.allclose(got, want.grad, rtol=1e-5, atol=1e-9)
         assert float(norm) > 0.5  # the clip did something
 
 

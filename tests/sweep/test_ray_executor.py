@@ -185,8 +185,12 @@ def test_resume_from_local_to_ray_and_from_ray_to_local(cluster: Any, world: dic
     state = json.loads((runs / "sw-r2l" / "state.json").read_text())
     assert len(state["results"]) == 1  # one point recorded by the Ray run
     local_calls.clear()
-    monkeypatch.setattr(runner, "run", lambda recipe_, *a, **k: local_calls.append(recipe_.method.r)
-                        or real_run(recipe_, *a, **k))
+
+    def run_locally(recipe_: Recipe, *args: Any, **kwargs: Any) -> Any:
+        local_calls.append(recipe_.method.r)
+        return real_run(recipe_, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", run_locally)
     rows = _sweep(registry, recipe, "sw-r2l", [1, 4], "sequential", ExecutorOptions())
     assert len(local_calls) <= 1  # at most the point whose Ray task was cancelled; never the recorded one
     for rank in (1, 4):

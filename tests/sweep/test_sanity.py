@@ -3,6 +3,8 @@ generators (the classifier flags are exercised through the report in test_report
 
 from __future__ import annotations
 
+from typing import Any
+
 from adapterhub_local.sweep.sanity import flags_of, majority_share
 
 
@@ -18,7 +20,7 @@ def test_a_diverged_run_is_flagged() -> None:
 
 
 def test_generations_below_copy_baseline_or_never_stopping_are_flagged() -> None:
-    record = {"hypothesis": ["a", "b", "c"], "stopped": [0, 0, 1]}
+    record: dict[str, list[Any]] = {"hypothesis": ["a", "b", "c"], "stopped": [0, 0, 1]}
     assert flags_of({"bleu": 3.0, "baseline_bleu": 5.0}, record, {}, "bleu") == ["below_baseline", "never_stops"]
     assert flags_of({"bleu": 30.0, "baseline_bleu": 5.0}, {**record, "stopped": [1, 1, 0]}, {}, "bleu") == []
     assert flags_of({"bleu": 30.0}, {"hypothesis": ["same"] * 3, "stopped": [1] * 3}, {}, "bleu") == ["collapsed"]

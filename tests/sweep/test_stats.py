@@ -135,7 +135,7 @@ def test_seed_spread_reports_std_and_range() -> None:
 
 
 def test_loss_per_token_is_rebuilt_from_per_example_sums() -> None:
-    record = {"test_nll": [2.0, 9.0, 1.0], "test_tokens": [1, 3, 1]}
+    record: dict[str, list[float]] = {"test_nll": [2.0, 9.0, 1.0], "test_tokens": [1, 3, 1]}
     found = stats.per_example_matrix("test_loss", record)
     assert found is not None
     matrix, statistic = found

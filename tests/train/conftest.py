@@ -29,7 +29,7 @@ def save_tokenizer(path: Path) -> None:
     vocab = {token: i for i, token in enumerate([*specials, *WORDS, ",", "[", "]", "."])}
     assert len(vocab) <= 96
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
                                    cls_token="[CLS]", sep_token="[SEP]", eos_token="</s>")
     fast.save_pretrained(str(path))

@@ -4,6 +4,7 @@ run that equals the eager one (and resumes exactly)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -77,8 +78,10 @@ def test_recipe_refuses_other_compile_values() -> None:
 
 
 def test_repeated_blocks_finds_the_transformer_layers(tiny_llama: torch.nn.Module) -> None:
+    from transformers import LlamaForCausalLM
+
     blocks = repeated_blocks(tiny_llama)
-    assert blocks and blocks == list(tiny_llama.model.layers)  # type: ignore[union-attr]
+    assert blocks and blocks == list(cast(LlamaForCausalLM, tiny_llama).model.layers)
     assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
     mixed = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2)])
     assert repeated_blocks(torch.nn.Sequential(mixed)) == []

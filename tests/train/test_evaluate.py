@@ -6,11 +6,12 @@ copy-the-input baseline come with every generation evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from adapterhub_local.train.evaluate import forgetting, generate, generate_with_stops, generation_eval, loss_eval
 from adapterhub_local.train.tasks import GenerationPrompt
@@ -55,7 +56,7 @@ def test_prompt_tuned_generation_is_plain_greedy_decoding(tiny: tuple[torch.nn.M
     torch.manual_seed(0)
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
     with torch.no_grad():
-        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1)  # type: ignore[index]
+        cast(torch.nn.Embedding, peft_model.prompt_encoder["default"].embedding).weight.normal_(0, 1)
     prompt = "the good movie was very"
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])  # type: ignore[operator]
     with torch.no_grad():
@@ -68,12 +69,13 @@ def test_prompt_tuned_generation_is_plain_greedy_decoding(tiny: tuple[torch.nn.M
 
 def _always(model: torch.nn.Module, token: int) -> torch.nn.Module:
     """Make ``model`` predict ``token`` at every position (a biased, weightless LM head)."""
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)  # type: ignore[union-attr]
+    lm_head = cast(torch.nn.Linear, model.lm_head)
+    head = torch.nn.Linear(lm_head.in_features, lm_head.out_features, bias=True)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-10.0)
         head.bias[token] = 10.0
-    model.lm_head = head  # type: ignore[assignment]
+    model.lm_head = head
     return model.eval()
 
 
@@ -150,7 +152,7 @@ def test_validation_loss_through_the_labelled_positions_is_the_full_forwards(
         cut = max(1, n // 2)
         examples.append(Example(ids, [-100] * cut + ids[cut:]))
     head_rows: list[int] = []
-    hook = base.get_output_embeddings().register_forward_hook(
+    hook = cast(PreTrainedModel, base).get_output_embeddings().register_forward_hook(
         lambda _m, args, _o: head_rows.append(int(args[0].reshape(-1, args[0].shape[-1]).shape[0])))
     with runtime.autocast(precision):
         fast, fast_counts = ev.token_nll_per_example(model, examples, 4, 0)
@@ -205,7 +207,12 @@ def test_bf16_generation_packs_the_base_for_the_call_only_and_changes_no_token(
     modules = dict(peft_model.named_modules())
     calls: list[int] = []
     real = packed_linear._packed_call
-    monkeypatch.setattr(packed_linear, "_packed_call", lambda x, w, b: calls.append(1) or real(x, w, b))
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        calls.append(1)
+        return real(x, w, b)
+
+    monkeypatch.setattr(packed_linear, "_packed_call", counted)
     packed = generate_with_stops(peft_model, tokenizer, PROMPTS, 6, 4, num_beams)
     assert calls  # the base linears (and the head) answered from packed copies ...
     assert dict(peft_model.named_modules()) == modules  # ... and the model holds its own modules again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
@@ -16,7 +18,8 @@ def _llama(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype)
+    model: torch.nn.Module = LlamaForCausalLM(config)
+    return model.to(dtype)
 
 
 def _gpt2() -> torch.nn.Module:
@@ -93,7 +96,7 @@ def test_models_whose_forward_is_more_than_backbone_and_head_keep_their_own_loss
     prompt = get_peft_model(_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert not lm_loss.supports(prompt, batch)
     capped = _llama()
-    capped.config.final_logit_softcapping = 30.0
+    cast(LlamaConfig, capped.config).final_logit_softcapping = 30.0
     assert not lm_loss.supports(capped, batch)
     assert not lm_loss.supports(_llama(), {"labels": torch.zeros(4, dtype=torch.long)})  # a class label each
     with pytest.raises(ValueError, match="own forward"):

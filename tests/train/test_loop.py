@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -148,13 +149,13 @@ class _TinyClassifier(torch.nn.Module):
 def test_each_epoch_uses_its_own_batch_order(tmp_path: Path) -> None:
     from adapterhub_local.config import TrainConfig
     from adapterhub_local.train.loop import train_loop
-    from adapterhub_local.train.tasks import Example, collate_classification
+    from adapterhub_local.train.tasks import Batch, Example, collate_classification
 
     torch.manual_seed(0)
     examples = [Example([i % 9 + 1, 3], i % 2) for i in range(16)]
     seen: list[list[int]] = []
 
-    def recording_collate(batch: list[Example]) -> object:
+    def recording_collate(batch: Sequence[Example]) -> Batch:
         seen.append(sorted(examples.index(ex) for ex in batch))
         return collate_classification(batch, 0)
 

@@ -28,7 +28,7 @@ def test_a_dora_recipe_trains_registers_and_serves_exactly(tmp_path: Path, llama
     with torch.no_grad():
         trained = result.model.eval()(input_ids=torch.tensor([ids])).logits[0].float()
     for mode in ("swap", "merge"):
-        engine = Engine(llama_tok_registry, "tllama", mode=mode)  # type: ignore[arg-type]
+        engine = Engine(llama_tok_registry, "tllama", mode=mode)
         got = engine.logits([Request(prompt=ids, adapter=result.card.ref)])[0].logits
         torch.testing.assert_close(got, trained, atol=1e-5, rtol=0)
 
@@ -56,7 +56,7 @@ def test_each_init_is_stored_on_the_unchanged_base_and_reproduces_the_trained_mo
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=torch.tensor([ids])).logits[0], trained, atol=1e-5, rtol=0)
     for mode in ("swap", "merge"):
-        engine = Engine(llama_tok_registry, "tllama", mode=mode)  # type: ignore[arg-type]
+        engine = Engine(llama_tok_registry, "tllama", mode=mode)
         got = engine.logits([Request(prompt=ids, adapter=result.card.ref)])[0].logits
         torch.testing.assert_close(got, trained, atol=1e-5, rtol=0)
 
@@ -105,7 +105,7 @@ def test_a_concurrent_sweep_refuses_what_its_joint_plain_lora_cannot_train(
         run_sweep(llama_tok_registry, recipe, config, progress=False, log=lambda _: None)
 
 
-EMBEDDING_RECIPES = {
+EMBEDDING_RECIPES: dict[str, dict[str, object]] = {
     "embedding LoRA": {"target_modules": ["q_proj", "embed_tokens"]},
     "trainable tokens": {"trainable_tokens": [5, 6, 7, 8, 20, 30]},
     "lm_head copy": {"modules_to_save": ["lm_head"]},

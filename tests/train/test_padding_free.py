@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -27,7 +27,8 @@ def _llama(ours: bool = True, dtype: torch.dtype = torch.float32) -> Any:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(config).to(dtype)
+    llama: torch.nn.Module = LlamaForCausalLM(config)
+    model = cast(LlamaForCausalLM, llama.to(dtype))
     if ours:
         assert use_decode_attention(model)
     return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -169,10 +170,14 @@ def _train(tmp_path: Path, model: Any, setting: str, steps: int = 3) -> list[str
 
 def test_a_run_trains_padding_free_by_default_and_ends_where_the_padded_run_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+    calls: list[int] = []
     real = segment_attention.segment_attention
-    monkeypatch.setattr("adapterhub_local.decode_attention.segment_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr("adapterhub_local.decode_attention.segment_attention", counted)
     unpadded, padded = _llama(), _llama()
     _train(tmp_path, unpadded, "auto")
     assert len(calls) == 3 * 2  # 3 steps × 2 layers

@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -42,6 +42,8 @@ def _peer(rank: int, port: int, out: Any) -> None:
                        "WORLD_SIZE": str(WORLD), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     torch.distributed.init_process_group("gloo")
     try:
+        from torch.distributed.tensor import DTensor
+
         from adapterhub_local.train import sharding
         from adapterhub_local.train.methods import load_trainable_state, trainable_state
 
@@ -49,9 +51,9 @@ def _peer(rank: int, port: int, out: Any) -> None:
         before = trainable_state(model)
         total = sum(p.numel() for p in model.parameters())
         blocks = sharding.shard(model)
-        local = torch.tensor([sum(p.to_local().numel() for p in model.parameters())])  # type: ignore[operator]
+        local = torch.tensor([sum(cast(DTensor, p).to_local().numel() for p in model.parameters())])
         torch.distributed.all_reduce(local)
-        owned = sum(p.to_local().numel() for p in model.parameters())  # type: ignore[operator]
+        owned = sum(cast(DTensor, p).to_local().numel() for p in model.parameters())
         sharded = all(sharding.is_sharded(p) for p in model.parameters())
         after = trainable_state(model)  # gathered: a collective
         same_state = after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
