@@ -11,7 +11,9 @@ batches) and ``ours_bf16_compiled_torch_loss`` (the default with torch's cross e
 The first four (and ``ours_bf16_compiled_padded``) use the same padded batches, so they compare like for like;
 padding-free batches hold the same examples and compute the same loss without the padding positions. Each side
 runs in its own subprocess so its peak memory is its own (CUDA: max allocated; CPU: the process's max RSS), with the
-thread count pinned; sides are interleaved over ``--rounds`` rounds and each reports its best and median.
+thread count pinned; sides are interleaved over ``--rounds`` rounds and each reports its best and median,
+and its ratio to each Trainer side round by round (the median of those is the figure least moved by the host's
+drift between rounds).
 
 "% of bound": the GEMM FLOP/s of the side's compute dtype (a square matmul measured in the same run, each round)
 over the model FLOPs a trained token needs (frozen base: forward 2·P plus activation backward 2·P for the P
@@ -340,10 +342,10 @@ def main() -> None:
     write_report(args.name, meta, results)
 
 
-def paired_ratios(side: dict[str, Any], ref: dict[str, Any]) -> list[float]:
-    """``side``'s tokens/s over ``ref``'s, round by round: the two ran minutes apart in each round, so the
+def paired_ratios(entry: dict[str, Any], ref: dict[str, Any]) -> list[float]:
+    """``entry``'s tokens/s over ``ref``'s, round by round: the two ran minutes apart in each round, so the
     machine's drift between rounds (±15 % on a shared 2-core host) cancels out of each ratio."""
-    return [a / b for a, b in zip(side["tokens_per_s_rounds"], ref["tokens_per_s_rounds"], strict=True)]
+    return [a / b for a, b in zip(entry["tokens_per_s_rounds"], ref["tokens_per_s_rounds"], strict=True)]
 
 
 def write_report(name: str, meta: dict[str, Any], results: dict[str, Any]) -> None:
@@ -351,12 +353,12 @@ def write_report(name: str, meta: dict[str, Any], results: dict[str, Any]) -> No
     for ref in ("trainer_fp32", "trainer_bf16"):
         if ref not in results:
             continue
-        for side in results.values():
-            side[f"x_{ref}"] = side["tokens_per_s_best"] / results[ref]["tokens_per_s_best"]
-            side[f"x_{ref}_median"] = side["tokens_per_s_median"] / results[ref]["tokens_per_s_median"]
-            side[f"x_{ref}_rounds"] = paired_ratios(side, results[ref])
-            side[f"x_{ref}_rounds_median"] = statistics.median(side[f"x_{ref}_rounds"])
-            side[f"peak_memory_x_{ref}"] = side["peak_memory_mb"] / results[ref]["peak_memory_mb"]
+        for entry in results.values():
+            entry[f"x_{ref}"] = entry["tokens_per_s_best"] / results[ref]["tokens_per_s_best"]
+            entry[f"x_{ref}_median"] = entry["tokens_per_s_median"] / results[ref]["tokens_per_s_median"]
+            entry[f"x_{ref}_rounds"] = paired_ratios(entry, results[ref])
+            entry[f"x_{ref}_rounds_median"] = statistics.median(entry[f"x_{ref}_rounds"])
+            entry[f"peak_memory_x_{ref}"] = entry["peak_memory_mb"] / results[ref]["peak_memory_mb"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     ref_names = [r for r in ("trainer_fp32", "trainer_bf16") if r in results]
